@@ -1,0 +1,39 @@
+# Every target sets itself up: a fresh clone needs only `make demo` or `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SHARED_DATA := $(abspath ../shared/data)
+
+# Offline by default; the shared data folder beside the repo is the default data when present.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export KDKIT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),$(HOME)/.cache/kdkit/data)
+export KDKIT_CACHE_DIR ?= $(abspath .cache)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch 2.14.1 + torchvision 0.29.1 together (timm needs torchvision; pip takes both from a local disk where one exists).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/kdkit demo
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/kdkit bench throughput
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,1 @@
+"""kdkit: knowledge and dataset distillation."""

@@ -1,0 +1,1 @@
+"""Benchmarks: each writes one results JSON; leaderboards are generated from those files."""

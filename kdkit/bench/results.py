@@ -1,0 +1,57 @@
+"""Result files: one JSON per benchmark run, with the hardware, the command and the git commit that made it."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "leaderboards" / "results"
+
+
+def hardware() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": _cpu_name(), "device": "cpu"}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=RESULTS_DIR.parent.parent, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_result(kind: str, record: dict, directory: Path | None = None) -> Path:
+    """Write `record` (plus hardware, command, commit, time) as results/<kind>/<stamp>.json."""
+    directory = Path(directory or RESULTS_DIR / kind)
+    directory.mkdir(parents=True, exist_ok=True)
+    full = {"kind": kind, "command": "kdkit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("kdkit")
+            else " ".join(sys.argv), "git_commit": git_commit(), "hardware": hardware(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
+    path = directory / f"{time.strftime('%Y%m%d-%H%M%S')}-{full['hardware']['device'].replace(' ', '_')}.json"
+    path.write_text(json.dumps(full, indent=1))
+    return path
+
+
+def read_results(kind: str, directory: Path | None = None) -> list[dict]:
+    directory = Path(directory or RESULTS_DIR / kind)
+    return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]

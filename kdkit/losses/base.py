@@ -1,0 +1,37 @@
+"""The loss contract: a module that reads student/teacher `Outputs` (and labels) and declares what it needs."""
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+from ..models.outputs import Outputs
+
+
+class DistillLoss(nn.Module, metaclass=abc.ABCMeta):
+    """Base of every loss in the zoo.
+
+    Subclasses set what they read so the trainer can tap it: `student_taps` / `teacher_taps`
+    (module paths) and `needs_labels`. Parameters a loss owns (projectors) are trained with the
+    student. `setup` is called once with example outputs before training, so lazily sized
+    parameters (a projector from student to teacher channels) can be built and shapes checked.
+    """
+
+    student_taps: tuple[str, ...] = ()
+    teacher_taps: tuple[str, ...] = ()
+    needs_labels: bool = False
+    needs_teacher: bool = True
+
+    epoch: float = 0.0
+
+    def set_epoch(self, epoch: float) -> None:
+        """The trainer reports progress (fractional epochs) before each step, for warm-ups and schedules."""
+        self.epoch = float(epoch)
+
+    def setup(self, student: Outputs, teacher: Outputs | None) -> None:
+        """Build shape-dependent parameters; the default loss has none."""
+
+    @abc.abstractmethod
+    def forward(self, student: Outputs, teacher: Outputs | None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Return a scalar loss (already weighted by the loss's own scale such as T^2, not by the recipe weight)."""

@@ -1,0 +1,64 @@
+"""ConvNet-D of the dataset-distillation literature (Zhao & Bilen's DC/DSA/DM, Cazenavette et al.'s MTT).
+
+`depth` blocks of conv3x3(`width`, with bias) -> norm -> ReLU -> 2x2 average pool, then a linear
+classifier ``fc`` on the flattened ``width x (s/2^depth)^2`` map. ``norm="instancenorm"`` is
+GroupNorm(width, width, affine) exactly as MTT implements it; ``"batchnorm"`` and ``"none"`` are the usual
+ablations. Weights keep PyTorch's default init, as in the reference. Blocks are ``layer1..layer<depth>``.
+
+`im_size` is the input side in pixels; 28 (MNIST-like) is padded to 32 by the first conv, as in MTT.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ...errors import ConfigError
+from ...registry import MODELS
+
+NORMS = ("instancenorm", "batchnorm", "none")
+
+
+def _norm(kind: str, width: int) -> list[nn.Module]:
+    if kind == "instancenorm":
+        return [nn.GroupNorm(width, width, affine=True)]
+    if kind == "batchnorm":
+        return [nn.BatchNorm2d(width)]
+    return []
+
+
+class ConvNet(nn.Module):
+    def __init__(self, num_classes: int = 10, width: int = 128, depth: int = 3, norm: str = "instancenorm",
+                 im_size: int = 32, in_channels: int = 3):
+        super().__init__()
+        if norm not in NORMS:
+            raise ConfigError(f"convnet norm must be one of {', '.join(NORMS)}, got '{norm}'")
+        if depth < 1:
+            raise ConfigError(f"convnet depth must be >= 1, got {depth}")
+        side = 32 if im_size == 28 else im_size
+        if side % (2 ** depth) != 0:
+            raise ConfigError(f"convnet input side {im_size} is not divisible by 2^depth = {2 ** depth}")
+        cin = in_channels
+        for d in range(depth):
+            pad = 3 if (d == 0 and im_size == 28) else 1
+            self.add_module(f"layer{d + 1}", nn.Sequential(
+                nn.Conv2d(cin, width, kernel_size=3, padding=pad),
+                *_norm(norm, width),
+                nn.ReLU(),
+                nn.AvgPool2d(kernel_size=2, stride=2),
+            ))
+            cin = width
+        self.depth = depth
+        self.fc = nn.Linear(width * (side // 2 ** depth) ** 2, num_classes)
+        self.stages: list[str] = [f"layer{d + 1}" for d in range(depth)]
+
+    def forward(self, x):
+        for d in range(self.depth):
+            x = getattr(self, f"layer{d + 1}")(x)
+        return self.fc(x.flatten(1))
+
+
+def convnet3(num_classes: int = 10, width: int = 128, depth: int = 3, norm: str = "instancenorm",
+             im_size: int = 32, in_channels: int = 3) -> ConvNet:
+    return ConvNet(num_classes, width=width, depth=depth, norm=norm, im_size=im_size, in_channels=in_channels)
+
+
+MODELS.register("convnet3", convnet3)

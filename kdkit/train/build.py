@@ -1,0 +1,117 @@
+"""Recipe -> models, losses, data -> Distiller: what `kdkit train` and `kdkit distill` run."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from ..config import ConfigError, Recipe, dump
+from ..data import load_dataset_by_name
+from ..data.subsets import balanced_subset
+from ..losses import LOSSES
+from ..models import CachedTeacher, Teacher, build_model
+from . import checkpoint as ckpt
+from .distiller import Distiller, use_cpu
+
+Mode = Literal["train", "distill"]
+
+
+def check_mode(recipe: Recipe, mode: Mode) -> None:
+    """`train` has no teacher and no distillation losses; `distill` has both. Fail before any work."""
+    t = recipe.teacher
+    has_teacher = bool(t.model or t.checkpoint or t.cache)
+    losses = {k: v for k, v in recipe.losses.items() if v is not None}
+    if mode == "train" and (has_teacher or losses):
+        raise ConfigError("`kdkit train` trains without a teacher (teachers and no-teacher baselines); this recipe "
+                          f"sets {'teacher' if has_teacher else 'losses ' + ', '.join(losses)}: use `kdkit distill`, "
+                          "or override teacher.model=null teacher.checkpoint=null losses={}")
+    if mode == "distill":
+        if not has_teacher:
+            raise ConfigError("`kdkit distill` needs a teacher: set teacher.checkpoint=PATH (a run folder or "
+                              "model.safetensors from `kdkit train`) or teacher.cache=PATH (stored logits)")
+        if not t.cache and not t.checkpoint:
+            raise ConfigError(f"teacher.model={t.model} has no weights: set teacher.checkpoint=PATH (a randomly "
+                              "initialised teacher teaches nothing)")
+        if not losses:
+            raise ConfigError(f"`kdkit distill` needs at least one loss, e.g. losses.kd.weight=0.9; "
+                              f"choices: {', '.join(LOSSES.names())}")
+
+
+def model_file(path: str | Path) -> Path:
+    """A run folder or a weights file -> the weights file."""
+    p = Path(path)
+    return p / "model.safetensors" if p.is_dir() else p
+
+
+def build_teacher(recipe: Recipe, num_classes: int):
+    t = recipe.teacher
+    if t.cache:
+        return CachedTeacher.load(t.cache)
+    weights = model_file(t.checkpoint)
+    _, meta = ckpt.read_safetensors(weights)
+    name = t.model or meta.get("model")
+    if not name:
+        raise ConfigError(f"teacher.model is not set and {weights} does not record its architecture")
+    options = t.options or json.loads(meta.get("options", "{}"))
+    model = build_model(name, num_classes=num_classes, **options)
+    ckpt.load_model(model, weights, expect={"model": name, "num_classes": num_classes})
+    return Teacher(model)
+
+
+def build_losses(recipe: Recipe) -> dict:
+    out = {}
+    for name, entry in recipe.losses.items():
+        if entry is None:
+            continue
+        opts = {k: v for k, v in entry.items() if k not in ("type", "weight")}
+        out[name] = (float(entry.get("weight", 1.0)), LOSSES.build(entry.get("type", name), **opts))
+    return out
+
+
+def run_name(recipe: Recipe, recipe_name: str | None) -> str:
+    """The run folder's name, the same on every process of a multi-process launch."""
+    if recipe.name:
+        return recipe.name
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    name = [f"{recipe_name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if PartialState(cpu=use_cpu(recipe)).num_processes > 1:
+        broadcast_object_list(name)
+    return name[0]
+
+
+def build_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = None, on_step=None) -> Distiller:
+    """Everything a run needs, built and checked: data, student, teacher, losses, run folder."""
+    from accelerate import PartialState
+    from accelerate.utils import set_seed
+
+    check_mode(recipe, mode)
+    state = PartialState(cpu=use_cpu(recipe))
+    run_dir = Path(recipe.output_dir) / run_name(recipe, recipe_name)
+    with state.main_process_first():
+        train = load_dataset_by_name(recipe.data.name, "train")
+        test = load_dataset_by_name(recipe.data.name, "test")
+    indices = None
+    if recipe.data.train_per_class is not None:
+        indices = balanced_subset(train.labels, recipe.data.train_per_class, seed=recipe.trainer.seed)
+    num_classes = len(train.classes)
+    set_seed(recipe.trainer.seed)
+    student = build_model(recipe.student.model, num_classes=num_classes, **recipe.student.options)
+    if recipe.student.checkpoint:
+        ckpt.load_model(student, model_file(recipe.student.checkpoint))
+    teacher = build_teacher(recipe, num_classes) if mode == "distill" else None
+    losses = build_losses(recipe)
+    distiller = Distiller(student, teacher, losses, train, test, recipe, run_dir, train_indices=indices,
+                          model_meta={"model": recipe.student.model, "num_classes": num_classes,
+                                      "options": json.dumps(recipe.student.options), "dataset": recipe.data.name},
+                          on_step=on_step)
+    if state.is_main_process:
+        dump(recipe, run_dir / "config.yaml")
+    if recipe.resume:
+        where = run_dir if recipe.resume == "auto" else Path(recipe.resume)
+        found = distiller.resume(where)
+        if not found and recipe.resume != "auto":
+            raise ConfigError(f"resume={recipe.resume}: no checkpoint found there")
+    return distiller

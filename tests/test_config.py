@@ -1,0 +1,60 @@
+"""Recipes: typed defaults, nested overrides, base inheritance, and errors that name the key and the choices."""
+import pytest
+
+from kdkit.config import ConfigError, list_recipes, load_recipe, parse_overrides
+
+
+def test_recipe_inherits_base_and_applies_overrides():
+    r = load_recipe("kd-resnet32x4-resnet8x4", ["trainer.epochs=10", "losses.kd.T=2", "optim.weight_decay=1e-4",
+                                                 "scheduler.milestones=[5,8]"])
+    assert r.trainer.epochs == 10 and r.scheduler.milestones == [5, 8]
+    assert r.losses["kd"] == {"weight": 0.9, "T": 2.0}
+    assert r.optim.lr == 0.05 and r.optim.weight_decay == pytest.approx(1e-4)  # base value kept, YAML "1e-4" read
+    assert r.student.model == "resnet8x4" and r.teacher.model == "resnet32x4"
+    assert r.data.batch_size == 64
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]", "e=null", "f=true"]) == \
+        {"a": {"b": 1, "c": "x"}, "d": [1, 2], "e": None, "f": True}
+
+
+@pytest.mark.parametrize("override, message", [
+    (["trainer.epoch=3"], "unknown key 'trainer.epoch'. Did you mean 'trainer.epochs'?"),
+    (["trainer.epochs=ten"], "trainer.epochs: expected an integer, got 'ten'"),
+    (["trainer.epochs=2.5"], "trainer.epochs: expected an integer"),
+    (["optim.name=adam"], "optim.name: 'adam' is not allowed; choose one of 'sgd', 'adamw'"),
+    (["trainer.mixed_precision=fp8"], "choose one of 'no', 'fp16', 'bf16'"),
+    (["data.augment=maybe"], "data.augment: expected true or false"),
+    (["losses.kd.T=hot"], "losses.kd.T: expected a number, got 'hot'"),
+    (["losses.kd.temperature=2"], "unknown option 'losses.kd.temperature' for loss 'kd'"),
+    (["losses.kdd.weight=1"], "losses.kdd: unknown loss 'kdd'. Did you mean kd"),
+    (["scheduler.milestones=[a]"], "scheduler.milestones[0]: expected an integer"),
+    (["bogus=1"], "unknown key 'bogus'"),
+    (["trainer=3"], "'trainer' must be a mapping"),
+    (["noequals"], "not key=value"),
+])
+def test_bad_overrides_fail_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_recipe("kd-resnet32x4-resnet8x4", override)
+    assert message in str(e.value)
+
+
+def test_unknown_recipe_lists_choices():
+    with pytest.raises(ConfigError, match="unknown recipe 'kd-resnet32x4'.*Available:.*kd-resnet32x4-resnet8x4"):
+        load_recipe("kd-resnet32x4")
+
+
+def test_every_shipped_recipe_validates():
+    names = list_recipes()
+    assert {"kd-resnet32x4-resnet8x4", "dkd-resnet32x4-resnet8x4", "fitnet-resnet32x4-resnet8x4",
+            "demo-teacher", "demo-kd", "demo-baseline"} <= set(names)
+    for name in names:
+        load_recipe(name)
+
+
+def test_a_loss_can_be_added_and_removed_by_override():
+    r = load_recipe("kd-resnet32x4-resnet8x4", ["losses.fitnet.weight=100", "losses.kd=null"])
+    assert r.losses["fitnet"] == {"weight": 100.0} and r.losses["kd"] is None
+    r = load_recipe("kd-resnet32x4-resnet8x4", ["losses.hint2.type=fitnet", "losses.hint2.student_layer=layer1"])
+    assert r.losses["hint2"]["type"] == "fitnet"

@@ -1,0 +1,193 @@
+"""The Distiller on real CIFAR-10: it learns, KD beats the no-teacher student, resume is exact, bad input is refused."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdkit.cli import main
+from kdkit.config import load_recipe
+from kdkit.errors import CheckpointError, ConfigError, MissingDatasetError, ShapeMismatchError
+from kdkit.losses import FitNetLoss, KDLoss
+from kdkit.models import build_model
+from kdkit.train.build import build_distiller
+from kdkit.train.distiller import Distiller
+
+SMALL = ["trainer.progress=false", "data.test_limit=2000", "data.eval_batch_size=500"]
+
+
+def recipe(tmp_path, name="cifar10-240ep", *overrides):
+    return load_recipe(name, [f"output_dir={tmp_path}", *SMALL, *overrides])
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory):
+    """A small ConvNet teacher trained with `kdkit train` on 20,000 real CIFAR-10 images (shared by tests)."""
+    out = tmp_path_factory.mktemp("teacher")
+    rc = main(["train", "recipe=cifar10-240ep", f"output_dir={out}", "name=teacher", *SMALL,
+               "student.model=convnet3", "student.options={width: 32}", "data.train_per_class=2000",
+               "data.batch_size=128", "trainer.epochs=3", "scheduler.name=cosine", "optim.lr=0.05",
+               "optim.weight_decay=5e-4"])
+    assert rc == 0
+    return out / "teacher"
+
+
+def test_teacher_run_folder_is_complete_and_it_learned(teacher_run):
+    for f in ("config.yaml", "metrics.json", "model.safetensors", "curves.png", "train.log"):
+        assert (teacher_run / f).is_file(), f
+    assert list((teacher_run / "logs").rglob("events.out.tfevents.*")), "no TensorBoard log"
+    metrics = json.loads((teacher_run / "metrics.json").read_text())
+    hist = metrics["history"]
+    assert len(hist) == 3 and hist[-1]["train_ce"] < hist[0]["train_ce"]  # the loss went down
+    assert metrics["summary"]["final_acc"] > 40.0  # far above chance (10%) after 60k samples seen
+
+
+def _student_runs(tmp_path, teacher_run, seed):
+    common = [f"trainer.seed={seed}", "student.model=convnet3", "student.options={width: 16}",
+              "data.train_per_class=50", "data.batch_size=50", "trainer.epochs=12", "scheduler.name=cosine",
+              "optim.lr=0.05"]
+    kd = build_distiller(recipe(tmp_path, "cifar10-240ep", *common, f"name=kd{seed}",
+                                f"teacher.checkpoint={teacher_run}", "ce_weight=0.1", "losses.kd.weight=0.9",
+                                "losses.kd.T=4"), "distill").fit()
+    alone = build_distiller(recipe(tmp_path, "cifar10-240ep", *common, f"name=alone{seed}"), "train").fit()
+    return kd["final_acc"], alone["final_acc"], kd["teacher_acc"]
+
+
+def test_kd_student_beats_the_same_student_without_teacher(tmp_path, teacher_run):
+    """500 labelled images: the student with KD from the teacher beats the same student trained alone."""
+    results = [_student_runs(tmp_path, teacher_run, seed) for seed in (0, 1)]
+    kd = sum(r[0] for r in results) / 2
+    alone = sum(r[1] for r in results) / 2
+    print(f"KD {kd:.2f}  alone {alone:.2f}  teacher {results[0][2]:.2f}")
+    assert kd > alone + 2.0, (kd, alone)
+
+
+def _tiny_distiller(tmp_path, cifar, teacher, on_step=None, **over):
+    train, test = cifar
+    cfg = recipe(tmp_path, "cifar10-240ep", "data.batch_size=32", "trainer.epochs=2", "trainer.grad_accum=2",
+                 "trainer.save_every_steps=2", "trainer.keep_checkpoints=10", "data.test_limit=64",
+                 *[f"{k}={v}" for k, v in over.items()])
+    torch.manual_seed(0)
+    student = build_model("convnet3", width=8)
+    losses = {"kd": (0.9, KDLoss(T=4.0)),
+              "fitnet": (10.0, FitNetLoss(student_layer="layer2", teacher_layer="layer2"))}
+    from kdkit.data.subsets import balanced_subset
+
+    return Distiller(student, teacher, losses, train, test, cfg, tmp_path / "run",
+                     train_indices=balanced_subset(train.labels, 20), on_step=on_step)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_crash_mid_epoch_gives_identical_weights(tmp_path, cifar):
+    torch.manual_seed(1)
+    teacher = build_model("convnet3", width=16)  # random weights are enough to test resume exactness
+    full = _tiny_distiller(tmp_path / "a", cifar, teacher)
+    full.fit()
+
+    def crash(d, step):
+        if step == 9:  # mid-epoch 2 (6 steps per epoch), after the step-8 checkpoint
+            raise Crash
+
+    broken = _tiny_distiller(tmp_path / "b", cifar, teacher, on_step=crash)
+    with pytest.raises(Crash):
+        broken.fit()
+    resumed = _tiny_distiller(tmp_path / "b", cifar, teacher)
+    assert resumed.resume(tmp_path / "b" / "run")
+    assert resumed.state["epoch"] == 1 and resumed.state["step_in_epoch"] == 2
+    resumed.fit()
+    a = full.raw.state_dict()
+    b = resumed.raw.state_dict()
+    assert a.keys() == b.keys() and any(k.startswith("losses.fitnet.") for k in a)  # projector restored too
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full.state["history"][-1]["test_acc"] == resumed.state["history"][-1]["test_acc"]
+
+
+def test_corrupt_checkpoint_is_refused_by_name(tmp_path, cifar):
+    teacher = build_model("convnet3", width=16)
+    d = _tiny_distiller(tmp_path, cifar, teacher, **{"trainer.epochs": 1})
+    d.fit()
+    ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
+    target = ckpt / "student.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-10] ^= 0xFF
+    target.write_bytes(bytes(data))
+    fresh = _tiny_distiller(tmp_path, cifar, teacher)
+    with pytest.raises(CheckpointError, match="student.safetensors is corrupt"):
+        fresh.resume(ckpt)
+
+
+def test_teacher_weights_truncated_or_for_another_model(tmp_path, teacher_run):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes((teacher_run / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or not a safetensors file"):
+        build_distiller(recipe(tmp_path, "kd-resnet32x4-resnet8x4", f"teacher.checkpoint={bad}"), "distill")
+    with pytest.raises(CheckpointError, match="holds model=convnet3, but the recipe asks for resnet32x4"):
+        build_distiller(recipe(tmp_path, "kd-resnet32x4-resnet8x4", f"teacher.checkpoint={teacher_run}"), "distill")
+
+
+def test_feature_tap_shape_mismatch_is_a_clear_error(tmp_path, teacher_run):
+    # student layer1 is 16x16, teacher layer3 is 4x4: no projector maps one onto the other
+    r = recipe(tmp_path, "cifar10-240ep", "student.model=convnet3", "student.options={width: 8}",
+               f"teacher.checkpoint={teacher_run}", "losses.fitnet.student_layer=layer1",
+               "losses.fitnet.teacher_layer=layer3")
+    with pytest.raises(ShapeMismatchError) as e:
+        build_distiller(r, "distill")
+    assert "16" in str(e.value) and "4" in str(e.value)
+
+
+def test_unknown_tap_path_lists_modules(tmp_path, teacher_run):
+    r = recipe(tmp_path, "cifar10-240ep", "student.model=convnet3", f"teacher.checkpoint={teacher_run}",
+               "losses.fitnet.student_layer=layer9")
+    with pytest.raises(KeyError, match="no submodule 'layer9'.*layer1"):
+        build_distiller(r, "distill")
+
+
+def test_mode_checks(tmp_path):
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        build_distiller(recipe(tmp_path), "distill")
+    with pytest.raises(ConfigError, match="has no weights"):
+        build_distiller(recipe(tmp_path, "kd-resnet32x4-resnet8x4"), "distill")
+    with pytest.raises(ConfigError, match="trains without a teacher"):
+        build_distiller(recipe(tmp_path, "kd-resnet32x4-resnet8x4"), "train")
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
+    assert main(["train", "recipe=baseline-resnet8x4", "trainer.epoch=1"]) == 2
+    assert "unknown key 'trainer.epoch'. Did you mean 'trainer.epochs'?" in capsys.readouterr().err
+    assert main(["distill", "recipe=nope"]) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().err
+    assert main(["train", "recipe=baseline-resnet8x4", "student.model=resnet9"]) == 2
+    assert "unknown model 'resnet9'" in capsys.readouterr().err
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    monkeypatch.setenv("KDKIT_DATA_DIR", str(empty))
+    monkeypatch.setenv("KDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["train", "recipe=baseline-resnet8x4", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "KDKIT_DATA_DIR" in err
+
+
+def test_help_on_every_verb(capsys):
+    for verb in ([], ["distill"], ["train"], ["recipes"], ["demo"], ["bench"]):
+        with pytest.raises(SystemExit) as e:
+            main([*verb, "--help"])
+        assert e.value.code == 0
+        assert "usage: kdkit" in capsys.readouterr().out
+
+
+def test_recipes_lists_descriptions(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "kd-resnet32x4-resnet8x4" in out and "Hinton KD" in out and "resnet32x4" in out
+
+
+def test_dry_run_prints_resolved_recipe(capsys):
+    assert main(["distill", "recipe=dkd-resnet32x4-resnet8x4", "losses.dkd.beta=2", "teacher.checkpoint=x",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "beta: 2.0" in out and "epochs: 240" in out
