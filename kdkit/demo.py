@@ -34,7 +34,9 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo") -> dict:
         console.rule(f"[bold]{label}[/]: kdkit {mode} recipe={name}")
         distiller = build_distiller(recipe, mode, name)
         summary = distiller.fit()
-        results[label] = {"recipe": name, "model": recipe.student.model, **summary}
+        opts = ", ".join(f"{k}={v}" for k, v in recipe.student.options.items())
+        results[label] = {"recipe": name, "model": f"{recipe.student.model}({opts})" if opts else
+                          recipe.student.model, **summary}
         if mode == "train" and label == "teacher":
             teacher_dir = distiller.run_dir
     minutes = (time.perf_counter() - t0) / 60

@@ -23,3 +23,22 @@ def cifar():
     from kdkit.data import load_cifar10
 
     return load_cifar10("train"), load_cifar10("test")
+
+
+SMALL = ["trainer.progress=false", "data.test_limit=2000", "data.eval_batch_size=500"]
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory):
+    """A small ConvNet teacher trained with `kdkit train` on 20,000 real CIFAR-10 images (shared by tests)."""
+    from kdkit.cli import main
+
+    out = tmp_path_factory.mktemp("teacher")
+    rc = main(["train", "recipe=cifar10-240ep", f"output_dir={out}", "name=teacher", *SMALL,
+               "student.model=convnet3", "student.options={width: 32}", "data.train_per_class=2000",
+               "data.batch_size=128", "trainer.epochs=3", "scheduler.name=cosine", "optim.lr=0.05",
+               "optim.weight_decay=5e-4"])
+    assert rc == 0
+    return out / "teacher"
+
+

@@ -14,23 +14,11 @@ from kdkit.models import build_model
 from kdkit.train.build import build_distiller
 from kdkit.train.distiller import Distiller
 
-SMALL = ["trainer.progress=false", "data.test_limit=2000", "data.eval_batch_size=500"]
+from conftest import SMALL
 
 
 def recipe(tmp_path, name="cifar10-240ep", *overrides):
     return load_recipe(name, [f"output_dir={tmp_path}", *SMALL, *overrides])
-
-
-@pytest.fixture(scope="session")
-def teacher_run(tmp_path_factory):
-    """A small ConvNet teacher trained with `kdkit train` on 20,000 real CIFAR-10 images (shared by tests)."""
-    out = tmp_path_factory.mktemp("teacher")
-    rc = main(["train", "recipe=cifar10-240ep", f"output_dir={out}", "name=teacher", *SMALL,
-               "student.model=convnet3", "student.options={width: 32}", "data.train_per_class=2000",
-               "data.batch_size=128", "trainer.epochs=3", "scheduler.name=cosine", "optim.lr=0.05",
-               "optim.weight_decay=5e-4"])
-    assert rc == 0
-    return out / "teacher"
 
 
 def test_teacher_run_folder_is_complete_and_it_learned(teacher_run):

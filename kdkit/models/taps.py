@@ -60,7 +60,9 @@ class FeatureTaps:
                 value = value[0]
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"tap '{tap.name}' caught a {type(value).__name__}, not a tensor")
-            self.features[tap.name] = value
+            # A clone, so an in-place op later in the forward (timm's `x += shortcut`, ReLU(inplace=True))
+            # cannot silently change the tapped value; clone is differentiable, gradients still flow.
+            self.features[tap.name] = value.clone()
 
         return hook
 

@@ -85,11 +85,14 @@ class CachedTeacher(nn.Module):
 
         from ..train.checkpoint import atomic_path
 
+        was = teacher.training
+        teacher.eval()  # eval-mode logits; batch-norm statistics must not move
         parts = []
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size]
             x = transform(x) if transform is not None else x
             parts.append(logits_of(teacher(x)).float().cpu())
+        teacher.train(was)
         logits = torch.cat(parts)
         with atomic_path(Path(path)) as tmp:
             save_file({"logits": logits.contiguous()}, str(tmp))

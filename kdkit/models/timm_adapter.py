@@ -55,11 +55,11 @@ def _check_name(timm, name: str) -> None:
         raise KeyError(f"unknown timm model '{name}'.{hint} See timm.list_models() for all names")
 
 
-def _cached_weights(timm, name: str, kwargs: dict) -> tuple[bool, str]:
-    """Whether pretrained weights for `name` can be loaded without the network, and what was looked for."""
+def _cached_weights(name: str, kwargs: dict) -> tuple[bool, str, str]:
+    """Whether pretrained weights for `name` load without the network, what was looked for, and its HF repo."""
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     if overlay.get("file") or overlay.get("state_dict") is not None or name.startswith("local-dir:"):
-        return True, "a local file"
+        return True, "a local file", ""
     from huggingface_hub import try_to_load_from_cache
 
     if name.startswith(("hf-hub:", "hf_hub:")):
@@ -69,20 +69,20 @@ def _cached_weights(timm, name: str, kwargs: dict) -> tuple[bool, str]:
 
         cfg = get_pretrained_cfg(name)
         if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-            return False, f"pretrained weights for '{name}' (timm lists none)"
+            return False, f"pretrained weights for '{name}' (timm lists none)", ""
         if cfg.file:
-            return True, cfg.file
+            return True, cfg.file, ""
         if not cfg.hf_hub_id:
             from timm.models._hub import check_cached_file  # old-style url weights in the torch hub cache
 
-            return bool(check_cached_file(cfg.url)), cfg.url
+            return bool(check_cached_file(cfg.url)), cfg.url, ""
         repo = cfg.hf_hub_id
         files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _WEIGHT_FILES
     repo = repo.split("@", 1)[0]
     for f in files:
         if isinstance(try_to_load_from_cache(repo, f), str):
-            return True, repo
-    return False, f"Hugging Face repo '{repo}'"
+            return True, repo, repo
+    return False, f"Hugging Face repo '{repo}'", repo
 
 
 def timm_stage_paths(model: nn.Module) -> list[str]:
@@ -109,12 +109,13 @@ def build_timm(name: str, num_classes: int = 10, pretrained: bool = False, **kwa
     timm = _import_timm()
     _check_name(timm, name)
     if pretrained and _offline():
-        ok, what = _cached_weights(timm, name, kwargs)
+        ok, what, repo = _cached_weights(name, kwargs)
         if not ok:
             raise KdkitError(
-                f"timm:{name} with pretrained=True needs {what}, which is not in the local Hugging Face cache, "
+                f"timm:{name} with pretrained=True needs {what}, which is not in the local cache, "
                 f"and HF_HUB_OFFLINE=1 forbids downloading it. Fetch it once with network access "
-                f"(HF_HUB_OFFLINE=0 kdkit ..., or `hf download <repo>`), or use pretrained=False.")
+                f"(HF_HUB_OFFLINE=0 kdkit ...{', or `hf download ' + repo + '`' if repo else ''}), "
+                f"or use pretrained=False.")
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:

@@ -17,7 +17,7 @@ class RunLog:
     def progress(self, total: int, desc: str, initial: int = 0, enabled: bool = True):
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True,
+        return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
                     disable=not (enabled and self.acc.is_main_process))
 
     def line(self, text: str) -> None:
