@@ -30,7 +30,7 @@ demo: install
 	$(BIN)/kdkit demo
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=10 tests
 
 bench: install
 	$(BIN)/kdkit bench throughput

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, SMALL
-from kdkit import CachedTeacher, KDLoss, Student, Teacher, build_model, kd_loss
+from kdkit import CachedTeacher, KDLoss, KdkitError, Student, Teacher, build_model, kd_loss
 from kdkit.config import load_recipe
 from kdkit.train.build import build_distiller
 
@@ -75,14 +75,15 @@ def test_cached_teacher_serves_stored_logits_and_trains(tmp_path, cifar, teacher
     recipe = load_recipe("cifar10-240ep", [f"teacher.checkpoint={teacher_run}"])
     live = build_teacher(recipe, 10)
     subset = balanced_subset(train.labels, 50, seed=0)  # the images the recipe below trains on
-    images = torch.zeros_like(train.images)
-    images[subset] = train.images[subset]
-    cache = CachedTeacher.build(live.model, images, tmp_path / "logits.safetensors", batch_size=250,
-                                transform=lambda x: to_float_normalized(x, train.mean, train.std))
+    cache = CachedTeacher.build(live.model, train.images, tmp_path / "logits.safetensors", batch_size=250,
+                                transform=lambda x: to_float_normalized(x, train.mean, train.std), indices=subset)
     loaded = CachedTeacher.load(tmp_path / "logits.safetensors")
     x = to_float_normalized(train.images[subset[:8]], train.mean, train.std)
     assert torch.allclose(loaded(x, index=subset[:8]).logits, live(x).logits, atol=1e-5)
-    assert torch.equal(loaded.logits, cache.logits)
+    assert torch.equal(loaded.logits.nan_to_num(), cache.logits.nan_to_num())
+    uncached = torch.tensor([i for i in range(3) if i not in set(subset.tolist())])
+    with pytest.raises(KdkitError, match="no logits for sample indices"):
+        loaded(x[:1], index=uncached[:1])
     r = load_recipe("cifar10-240ep", [f"output_dir={tmp_path}", "name=cached", *SMALL,
                                       f"teacher.cache={tmp_path / 'logits.safetensors'}", "losses.kd.weight=1.0",
                                       "student.model=convnet3", "student.options={width: 8}",

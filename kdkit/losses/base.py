@@ -13,7 +13,7 @@ class DistillLoss(nn.Module, metaclass=abc.ABCMeta):
     """Base of every loss in the zoo.
 
     Subclasses set what they read so the trainer can tap it: `student_taps` / `teacher_taps`
-    (module paths) and `needs_labels`. Parameters a loss owns (projectors) are trained with the
+    (module paths), `needs_labels`, `needs_index`. Parameters a loss owns (projectors) are trained with the
     student. `setup` is called once with example outputs before training, so lazily sized
     parameters (a projector from student to teacher channels) can be built and shapes checked.
     """
@@ -22,6 +22,9 @@ class DistillLoss(nn.Module, metaclass=abc.ABCMeta):
     teacher_taps: tuple[str, ...] = ()
     needs_labels: bool = False
     needs_teacher: bool = True
+    # True: forward also receives `index=` (the batch's dataset sample indices), for losses that keep
+    # per-sample state (CRD's memory bank, PS-KD's prediction cache).
+    needs_index: bool = False
 
     epoch: float = 0.0
 

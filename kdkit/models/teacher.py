@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, KdkitError
 from .outputs import Outputs, logits_of
 from .taps import FeatureTaps, Tap
 
@@ -79,21 +79,29 @@ class CachedTeacher(nn.Module):
     @staticmethod
     @torch.no_grad()
     def build(teacher: nn.Module, images: torch.Tensor, path: str | Path, batch_size: int = 512,
-              transform=None) -> "CachedTeacher":
-        """Run `teacher` once over `images` (in dataset order) and store its logits with safetensors."""
+              transform=None, indices: torch.Tensor | None = None) -> "CachedTeacher":
+        """Run `teacher` once over `images` (or only `images[indices]`) and store its logits with safetensors.
+
+        Rows are dataset sample indices; rows not computed are NaN, and asking for them is an error.
+        The logits are of the un-augmented images: a cached teacher trades augmentation-exact targets for
+        no teacher forward at all.
+        """
         from safetensors.torch import save_file
 
         from ..train.checkpoint import atomic_path
 
+        rows = torch.arange(len(images)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         was = teacher.training
         teacher.eval()  # eval-mode logits; batch-norm statistics must not move
         parts = []
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size]
+        for i in range(0, len(rows), batch_size):
+            x = images[rows[i : i + batch_size]]
             x = transform(x) if transform is not None else x
             parts.append(logits_of(teacher(x)).float().cpu())
         teacher.train(was)
-        logits = torch.cat(parts)
+        part = torch.cat(parts)
+        logits = torch.full((len(images), part.shape[1]), float("nan"))
+        logits[rows] = part
         with atomic_path(Path(path)) as tmp:
             save_file({"logits": logits.contiguous()}, str(tmp))
         return CachedTeacher(logits)
@@ -101,4 +109,9 @@ class CachedTeacher(nn.Module):
     def forward(self, *args, index: torch.Tensor, **kwargs) -> Outputs:
         if index is None:
             raise ValueError("CachedTeacher needs the batch's sample indices (index=...)")
-        return Outputs(self.logits[index.to(self.logits.device)])
+        logits = self.logits[index.to(self.logits.device)]
+        missing = torch.isnan(logits).any(dim=1)
+        if missing.any():
+            raise KdkitError(f"the teacher cache has no logits for sample indices "
+                           f"{index[missing.cpu()][:8].tolist()}; build it over the samples you train on")
+        return Outputs(logits)

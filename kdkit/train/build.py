@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import ConfigError, Recipe, dump
+from ..errors import CheckpointError
 from ..data import load_dataset_by_name
 from ..data.subsets import balanced_subset
 from ..losses import LOSSES
@@ -53,6 +54,9 @@ def build_teacher(recipe: Recipe, num_classes: int):
     name = t.model or meta.get("model")
     if not name:
         raise ConfigError(f"teacher.model is not set and {weights} does not record its architecture")
+    if meta.get("model", name) != name:
+        raise CheckpointError(f"checkpoint {weights} holds model={meta['model']}, but the recipe asks for {name} "
+                              f"(set teacher.model={meta['model']} or leave teacher.model unset)")
     options = t.options or json.loads(meta.get("options", "{}"))
     model = build_model(name, num_classes=num_classes, **options)
     ckpt.load_model(model, weights, expect={"model": name, "num_classes": num_classes})

@@ -39,13 +39,15 @@ class DistillModule(nn.Module):
         self.weights = {name: float(w) for name, (w, _) in losses.items()}
         self.ce_weight = float(ce_weight)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, teacher: Outputs | None):
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, teacher: Outputs | None,
+                index: torch.Tensor | None = None):
         out = self.student(images)
         terms = {}
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(out.logits.float(), labels)
         for name, loss in self.losses.items():
-            terms[name] = self.weights[name] * loss(out, teacher, labels)
+            extra = {"index": index} if loss.needs_index else {}
+            terms[name] = self.weights[name] * loss(out, teacher, labels, **extra)
         return out.logits, terms
 
 
@@ -213,7 +215,7 @@ class Distiller:
                 sync = (step + 1) % accum == 0 or step + 1 == steps_per_epoch
                 ctx = acc.no_sync(self.module) if not sync else contextlib.nullcontext()
                 with ctx:
-                    _, terms = self.module(images, batch.labels, t_out)
+                    _, terms = self.module(images, batch.labels, t_out, batch.index)
                     loss = sum(terms.values())
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"loss is {loss.item()} at epoch {progress:.2f}: "
@@ -250,7 +252,7 @@ class Distiller:
                 record |= {"test_acc": ev["acc"], "test_loss": ev["loss"]}
                 self.state["best_acc"] = max(self.state["best_acc"], ev["acc"])
             self.state["history"].append(record)
-            acc.log({k: v for k, v in record.items() if k != "epoch"}, step=self.state["global_step"])
+            acc.log({f"epoch/{k}": v for k, v in record.items() if k != "epoch"}, step=self.state["global_step"])
             self.log.epoch(record)
             self.save()
         return self.finish()
