@@ -32,10 +32,6 @@ def measure(teacher: str | None, student: str, batch: int, steps: int, warmup: i
     from ..models import build_model
     from ..train.distiller import Distiller
 
-    from accelerate.state import AcceleratorState
-
-    # Variants change mixed precision, which accelerate fixes once per process; this is one process.
-    AcceleratorState._reset_state(reset_partial_state=True)
     per_class = math.ceil((steps + warmup) * batch / 10)
     recipe = load_recipe("cifar10-240ep", [f"data.batch_size={batch}", f"data.train_per_class={per_class}",
                                            "data.test_limit=64", "trainer.epochs=1", "trainer.progress=false",

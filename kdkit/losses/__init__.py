@@ -1,11 +1,17 @@
-"""The loss zoo: loss functions of tensors, `DistillLoss` modules around them, and their registry names."""
+"""The loss zoo: loss functions of tensors, `DistillLoss` modules around them; each file registers its own names."""
 import inspect
 
 from ..errors import ConfigError
 from ..registry import LOSSES
 from .base import DistillLoss
-from .features import ConvRegressor, FitNetLoss, fitnet_loss
-from .logits import DKDLoss, KDLoss, dkd_loss, dkd_parts, kd_loss
+from .attention import MiniLMLoss, attention_kl_loss, split_heads, value_relation_loss
+from .crd import CRDLoss, crd_loss, nce_loss
+from .ensemble import DMLLoss, MultiTeacherKDLoss, PSKDLoss, dml_loss, mean_teacher_probs, multi_teacher_kd_loss, pskd_loss
+from .features import (ATLoss, ConvRegressor, FitNetLoss, RKDLoss, SPLoss, at_loss, attention_map, fitnet_loss,
+                       rkd_loss, sp_loss)
+from .logits import (DISTLoss, DKDLoss, JSDLoss, KDLoss, LabelFreeKDLoss, NKDLoss, RKLLoss, dist_loss, dkd_loss,
+                     dkd_parts, jsd_loss, kd_loss, label_free_kd_loss, nkd_loss, rkl_loss, standardize_logits)
+from .review import ABF, ReviewKDLoss, hcl_loss
 
 __all__ = [
     "DistillLoss",
@@ -19,11 +25,12 @@ __all__ = [
     "DKDLoss",
     "FitNetLoss",
     "ConvRegressor",
+    "ATLoss", "SPLoss", "RKDLoss", "CRDLoss", "MiniLMLoss", "ReviewKDLoss", "ABF", "MultiTeacherKDLoss",
+    "PSKDLoss", "DMLLoss", "at_loss", "attention_map", "sp_loss", "rkd_loss", "crd_loss", "nce_loss",
+    "attention_kl_loss", "value_relation_loss", "split_heads", "hcl_loss", "dml_loss", "mean_teacher_probs",
+    "multi_teacher_kd_loss", "pskd_loss", "DISTLoss", "JSDLoss", "LabelFreeKDLoss", "NKDLoss", "RKLLoss",
+    "dist_loss", "jsd_loss", "label_free_kd_loss", "nkd_loss", "rkl_loss", "standardize_logits",
 ]
-
-for _name, _cls in (("kd", KDLoss), ("dkd", DKDLoss), ("fitnet", FitNetLoss)):
-    if _name not in LOSSES:  # tolerate a re-import (importlib.reload)
-        LOSSES.register(_name, _cls)
 
 
 def build_loss(name: str, **kwargs) -> DistillLoss:

@@ -1,13 +1,20 @@
-"""Feature-matching losses: FitNets hints with RepDistiller's learned regressor from student to teacher shape."""
+"""Feature and relation losses: FitNets hints (with RepDistiller's learned regressor), attention transfer,
+similarity-preserving and relational KD, as functions of tensors plus thin `DistillLoss` modules."""
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ShapeMismatchError
+from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
+from ..registry import LOSSES
 from .base import DistillLoss
 
-__all__ = ["fitnet_loss", "ConvRegressor", "FitNetLoss"]
+__all__ = [
+    "fitnet_loss", "ConvRegressor", "FitNetLoss",
+    "attention_map", "at_loss", "ATLoss",
+    "sp_loss", "SPLoss",
+    "rkd_loss", "RKDLoss",
+]
 
 
 def _shape(shape) -> tuple[int, ...]:
@@ -123,3 +130,203 @@ class FitNetLoss(DistillLoss):
     def extra_repr(self) -> str:
         return (f"student_layer={self.student_layer!r}, teacher_layer={self.teacher_layer!r}, "
                 f"projector={self.use_projector}")
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _float(*ts: Tensor) -> list[Tensor]:
+    """Upcast to >= float32 (float64 stays float64), as every loss here computes."""
+    dtype = torch.float32
+    for t in ts:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return [t.to(dtype) for t in ts]
+
+
+def _need_teacher(name: str, teacher: Outputs | None) -> Outputs:
+    if teacher is None:
+        raise ValueError(f"{name} needs the teacher's outputs, but none were passed")
+    return teacher
+
+
+def _layers(option: str, value: str) -> tuple[str, ...]:
+    paths = tuple(p.strip() for p in str(value).split(",") if p.strip())
+    if not paths:
+        raise ConfigError(f"{option} must name at least one module path (comma-separated), got {value!r}")
+    return paths
+
+
+# ---------------------------------------------------------------- AT (Zagoruyko & Komodakis 2017)
+
+
+def attention_map(feat: Tensor, p: float = 2.0) -> Tensor:
+    """Zagoruyko & Komodakis, ICLR 2017, "Paying More Attention to Attention": L2-normalised mean_c |f|^p, [B, H*W]."""
+    if feat.dim() != 4:
+        raise ShapeMismatchError(f"attention_map: expected a conv feature [B, C, H, W], got {_shape(feat.shape)}")
+    (f,) = _float(feat)
+    return F.normalize(f.abs().pow(p).mean(1).flatten(1), dim=1)
+
+
+def at_loss(student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0) -> Tensor:
+    """Zagoruyko & Komodakis, ICLR 2017, "Paying More Attention to Attention": mean squared attention-map difference.
+
+    One layer pair (RepDistiller's ``Attention.at_loss``); the batch sizes and spatial sizes must match
+    (channels may differ). Sum it over layer pairs and weight it (beta = 1000 in RepDistiller).
+    """
+    if student_feat.dim() != 4 or teacher_feat.dim() != 4:
+        raise ShapeMismatchError(
+            f"at_loss: needs conv features [B, C, H, W], got student {_shape(student_feat.shape)} and teacher "
+            f"{_shape(teacher_feat.shape)}"
+        )
+    if student_feat.shape[0] != teacher_feat.shape[0] or student_feat.shape[2:] != teacher_feat.shape[2:]:
+        raise ShapeMismatchError(
+            f"at_loss: student feature {_shape(student_feat.shape)} and teacher feature "
+            f"{_shape(teacher_feat.shape)} must have the same batch and spatial size (H, W); tap layers of equal "
+            "resolution"
+        )
+    return (attention_map(student_feat, p) - attention_map(teacher_feat, p)).pow(2).mean()
+
+
+class ATLoss(DistillLoss):
+    """Zagoruyko & Komodakis, ICLR 2017, "Paying More Attention to Attention" (attention transfer, summed over pairs)."""
+
+    def __init__(self, *, student_layers: str = "layer1,layer2,layer3", teacher_layers: str = "layer1,layer2,layer3",
+                 p: float = 2.0):
+        super().__init__()
+        s, t = _layers("student_layers", student_layers), _layers("teacher_layers", teacher_layers)
+        if len(s) != len(t):
+            raise ConfigError(
+                f"at: student_layers {student_layers!r} ({len(s)} paths) and teacher_layers {teacher_layers!r} "
+                f"({len(t)} paths) must pair up one to one"
+            )
+        if not p > 0:
+            raise ConfigError(f"at: p must be > 0, got {p}")
+        self.student_layers, self.teacher_layers, self.p = s, t, float(p)
+        self.student_taps, self.teacher_taps = s, t
+
+    def _pairs(self, student: Outputs, teacher: Outputs | None):
+        teacher = _need_teacher("at", teacher)
+        for sl, tl in zip(self.student_layers, self.teacher_layers):
+            yield sl, tl, student.feature(sl, "student"), teacher.feature(tl, "teacher")
+
+    def setup(self, student: Outputs, teacher: Outputs | None) -> None:
+        for sl, tl, s, t in self._pairs(student, teacher):
+            if s.dim() != 4 or t.dim() != 4 or s.shape[2:] != t.shape[2:]:
+                raise ShapeMismatchError(
+                    f"at: student layer '{sl}' gives {_shape(s.shape)} and teacher layer '{tl}' gives "
+                    f"{_shape(t.shape)}; attention transfer needs conv features [B, C, H, W] of equal H, W"
+                )
+
+    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        total = None
+        for sl, tl, s, t in self._pairs(student, teacher):
+            try:
+                value = at_loss(s, t, self.p)
+            except ShapeMismatchError as e:
+                raise ShapeMismatchError(f"at: student layer '{sl}' vs teacher layer '{tl}': {e}") from None
+            total = value if total is None else total + value
+        return total
+
+    def extra_repr(self) -> str:
+        return (f"student_layers={','.join(self.student_layers)!r}, "
+                f"teacher_layers={','.join(self.teacher_layers)!r}, p={self.p}")
+
+
+# ---------------------------------------------------------------- SP (Tung & Mori 2019)
+
+
+def sp_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """Tung & Mori, ICCV 2019, "Similarity-Preserving Knowledge Distillation": ||norm(G_t) - norm(G_s)||_F^2 / B^2.
+
+    G = F F^T of the flattened ``[B, ...]`` features (a B x B Gram), rows L2-normalised; feature sizes may differ.
+    """
+    if student_feat.dim() < 2 or student_feat.shape[0] != teacher_feat.shape[0]:
+        raise ShapeMismatchError(
+            f"sp_loss: student feature {_shape(student_feat.shape)} and teacher feature "
+            f"{_shape(teacher_feat.shape)} must be [B, ...] with the same batch size B"
+        )
+    s, t = _float(student_feat.flatten(1), teacher_feat.flatten(1))
+    b = s.shape[0]
+    g_s = F.normalize(s @ s.t(), dim=1)
+    g_t = F.normalize(t @ t.t(), dim=1)
+    return (g_t - g_s).pow(2).sum() / (b * b)
+
+
+class SPLoss(DistillLoss):
+    """Tung & Mori, ICCV 2019, "Similarity-Preserving Knowledge Distillation" (batch similarity matrices)."""
+
+    def __init__(self, *, student_layer: str = "layer3", teacher_layer: str = "layer3"):
+        super().__init__()
+        self.student_layer, self.teacher_layer = student_layer, teacher_layer
+        self.student_taps, self.teacher_taps = (student_layer,), (teacher_layer,)
+
+    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        teacher = _need_teacher("sp", teacher)
+        s, t = student.feature(self.student_layer, "student"), teacher.feature(self.teacher_layer, "teacher")
+        return sp_loss(s, t)
+
+    def extra_repr(self) -> str:
+        return f"student_layer={self.student_layer!r}, teacher_layer={self.teacher_layer!r}"
+
+
+# ---------------------------------------------------------------- RKD (Park et al. 2019)
+
+
+def _pdist(e: Tensor, eps: float = 1e-12) -> Tensor:
+    """Euclidean distance matrix with a zero diagonal (RepDistiller's ``RKDLoss.pdist``: clamp(d^2, eps).sqrt())."""
+    sq = e.pow(2).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * e @ e.t()).clamp(min=eps).sqrt()
+    return d * (1 - torch.eye(len(e), dtype=d.dtype, device=d.device))
+
+
+def _rkd_distance(e: Tensor) -> Tensor:
+    d = _pdist(e)
+    return d / d[d > 0].mean()
+
+
+def _rkd_angle(e: Tensor) -> Tensor:
+    diff = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)  # [i, j] = unit(e_j - e_i)
+    return torch.bmm(diff, diff.transpose(1, 2)).flatten()
+
+
+def rkd_loss(student_feat: Tensor, teacher_feat: Tensor, w_d: float = 25.0, w_a: float = 50.0) -> Tensor:
+    """Park et al., CVPR 2019, "Relational Knowledge Distillation": w_d * distance-wise + w_a * angle-wise smooth L1.
+
+    Distances are divided by their mean over distinct pairs; the teacher side carries no gradient
+    (RepDistiller's ``RKDLoss``). Features ``[B, ...]`` are flattened; widths may differ; B >= 2.
+    """
+    if student_feat.dim() < 2 or student_feat.shape[0] != teacher_feat.shape[0] or student_feat.shape[0] < 2:
+        raise ShapeMismatchError(
+            f"rkd_loss: student feature {_shape(student_feat.shape)} and teacher feature "
+            f"{_shape(teacher_feat.shape)} must be [B, ...] with the same batch size B >= 2"
+        )
+    s, t = _float(student_feat.flatten(1), teacher_feat.flatten(1))
+    t = t.detach()
+    loss_d = F.smooth_l1_loss(_rkd_distance(s), _rkd_distance(t))
+    loss_a = F.smooth_l1_loss(_rkd_angle(s), _rkd_angle(t))
+    return w_d * loss_d + w_a * loss_a
+
+
+class RKDLoss(DistillLoss):
+    """Park et al., CVPR 2019, "Relational Knowledge Distillation" (distance + angle on penultimate embeddings)."""
+
+    def __init__(self, *, student_layer: str = "in:fc", teacher_layer: str = "in:fc", w_d: float = 25.0,
+                 w_a: float = 50.0):
+        super().__init__()
+        self.student_layer, self.teacher_layer = student_layer, teacher_layer
+        self.student_taps, self.teacher_taps = (student_layer,), (teacher_layer,)
+        self.w_d, self.w_a = float(w_d), float(w_a)
+
+    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        teacher = _need_teacher("rkd", teacher)
+        s, t = student.feature(self.student_layer, "student"), teacher.feature(self.teacher_layer, "teacher")
+        return rkd_loss(s, t, self.w_d, self.w_a)
+
+    def extra_repr(self) -> str:
+        return (f"student_layer={self.student_layer!r}, teacher_layer={self.teacher_layer!r}, "
+                f"w_d={self.w_d}, w_a={self.w_a}")
+
+
+for _name, _cls in (("fitnet", FitNetLoss), ("at", ATLoss), ("sp", SPLoss), ("rkd", RKDLoss)):
+    if _name not in LOSSES:  # tolerate a re-import (importlib.reload)
+        LOSSES.register(_name, _cls)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
+from ..registry import LOSSES
 from .base import DistillLoss
 
 __all__ = ["kd_loss", "dkd_parts", "dkd_loss", "KDLoss", "DKDLoss"]
@@ -133,18 +134,24 @@ def _logits(outputs: Outputs | None, who: str, loss: str) -> Tensor:
 
 
 class KDLoss(DistillLoss):
-    """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network" (soft targets at temperature T, times T^2)."""
+    """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network" (soft targets at temperature T, times T^2).
 
-    def __init__(self, *, T: float = 4.0):
+    ``standardize=True`` z-scores both logits first (Sun et al., CVPR 2024, `standardize_logits`); the official
+    CIFAR-100 setting for that is T = 2 with KD weight 9 and CE weight 0.1.
+    """
+
+    def __init__(self, *, T: float = 4.0, standardize: bool = False):
         super().__init__()
         _check_T(T)
         self.T = float(T)
+        self.standardize = bool(standardize)
 
     def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
-        return kd_loss(_logits(student, "student", "kd"), _logits(teacher, "teacher", "kd"), self.T)
+        s, t = _pair(student, teacher, "kd", self.standardize)
+        return kd_loss(s, t, self.T)
 
     def extra_repr(self) -> str:
-        return f"T={self.T}"
+        return f"T={self.T}, standardize={self.standardize}"
 
 
 class DKDLoss(DistillLoss):
@@ -156,11 +163,16 @@ class DKDLoss(DistillLoss):
     epoch, so during its epoch e (kdkit epochs [e-1, e)) it uses e / warmup -- the value kdkit reaches at
     the end of that epoch; the two schedules differ by less than 1 / warmup and both reach 1 at the end of
     epoch ``warmup``. ``warmup=0`` disables the warm-up.
+
+    ``standardize=True`` z-scores both logits first (Sun et al., CVPR 2024, `standardize_logits`); the official
+    CIFAR-100 setting for that is T = 2 with alpha and beta both multiplied by 9.
     """
 
     needs_labels = True
 
-    def __init__(self, *, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup: int = 20):
+    def __init__(
+        self, *, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup: int = 20, standardize: bool = False
+    ):
         super().__init__()
         _check_T(T)
         if warmup < 0:
@@ -169,6 +181,7 @@ class DKDLoss(DistillLoss):
         self.beta = float(beta)
         self.T = float(T)
         self.warmup = warmup
+        self.standardize = bool(standardize)
 
     def warmup_factor(self) -> float:
         if self.warmup <= 0:
@@ -178,9 +191,318 @@ class DKDLoss(DistillLoss):
     def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
         if labels is None:
             raise ValueError("dkd needs the ground-truth labels (needs_labels=True), but none were passed")
-        s, t = _logits(student, "student", "dkd"), _logits(teacher, "teacher", "dkd")
+        s, t = _pair(student, teacher, "dkd", self.standardize)
         loss = dkd_loss(s, t, labels, self.alpha, self.beta, self.T)
         return self.warmup_factor() * loss
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, T={self.T}, warmup={self.warmup}"
+        return f"alpha={self.alpha}, beta={self.beta}, T={self.T}, warmup={self.warmup}, standardize={self.standardize}"
+
+
+# ---------------------------------------------------------------- standardisation, NKD, DIST, RKL, JSD, label-free
+
+__all__ += [
+    "standardize_logits",
+    "nkd_loss",
+    "dist_loss",
+    "rkl_loss",
+    "jsd_loss",
+    "label_free_kd_loss",
+    "NKDLoss",
+    "DISTLoss",
+    "RKLLoss",
+    "JSDLoss",
+    "LabelFreeKDLoss",
+]
+
+
+def standardize_logits(x: Tensor, eps: float = 1e-7) -> Tensor:
+    """Sun et al., CVPR 2024, "Logit Standardization in Knowledge Distillation": Z-score over the last dimension.
+
+    ``(x - mean) / (eps + std)`` with the unbiased (n - 1) standard deviation and eps added to the std, exactly as
+    the official ``normalize()`` (sunshangquan/logit-standardization-KD, ``mdistiller/distillers/KD.py``).
+    Computed in float32 (float64 for float64 input).
+    """
+    if x.dim() < 1 or x.shape[-1] < 2:
+        raise ShapeMismatchError(
+            f"standardize_logits needs logits [..., num_classes] with at least 2 classes (the std of one "
+            f"value is undefined), got {tuple(x.shape)}"
+        )
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    mean = x.mean(dim=-1, keepdim=True)
+    std = x.std(dim=-1, keepdim=True)  # unbiased, as torch.Tensor.std's default in the official code
+    return (x - mean) / (eps + std)
+
+
+def _flat_target(target: Tensor, n: int, c: int, shape, what: str) -> Tensor:
+    """Class indices, one per logit row, as a flat LongTensor; errors name the shapes."""
+    target = target.reshape(-1)
+    if target.numel() != n:
+        raise ShapeMismatchError(
+            f"{what}: target of shape {tuple(target.shape)} does not match logits {tuple(shape)}; "
+            "target must hold one class index per logit row (logits.shape[:-1])"
+        )
+    target = target.long()
+    if n and (int(target.min()) < 0 or int(target.max()) >= c):
+        raise ShapeMismatchError(f"{what}: target class indices must lie in [0, {c}), got {target.tolist()[:8]}")
+    return target
+
+
+def nkd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temp: float = 3.0, gamma: float = 3.5
+) -> Tensor:
+    """Yang et al., ICCV 2023, "From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with Normalized Loss and Customized Soft Labels": NKD.
+
+    ``-mean(t_gt * log s_gt) - gamma * temp^2 * mean(sum_{c != gt} q_t(c) log q_s(c))``: the target term at
+    temperature 1 with the teacher's target probability ``t_gt`` detached, plus the cross-entropy between the
+    *normalized* non-target distributions ``q`` (softmax over the non-target logits / temp). As the official
+    ``NKDLoss`` (yzd-v/cls_KD), whose values are cross-entropies (KL plus the teacher's constant entropy).
+    Defaults: the official CIFAR-100 config (temp 3, gamma 3.5); its ImageNet configs use temp 1, gamma 1.5.
+    """
+    _check_T(temp)
+    s, t = _flat_logits(student_logits, teacher_logits, "nkd_loss")
+    n, c = s.shape
+    if c < 2:
+        raise ShapeMismatchError(
+            f"nkd_loss needs at least 2 classes, got logits of shape {tuple(student_logits.shape)}"
+        )
+    target = _flat_target(target, n, c, student_logits.shape, "nkd_loss").to(s.device)
+    tgt = target[:, None]
+    log_s_gt = F.log_softmax(s, dim=-1).gather(1, tgt)
+    t_gt = F.softmax(t, dim=-1).gather(1, tgt).detach()
+    loss_t = -(t_gt * log_s_gt).mean()
+    # Non-target columns in class order: column j < gt is class j, column j >= gt is class j + 1.
+    cols = torch.arange(c - 1, device=s.device)[None, :]
+    idx = cols + (cols >= tgt).long()
+    s_non, t_non = s.gather(1, idx), t.gather(1, idx)
+    log_q_s = F.log_softmax(s_non / temp, dim=-1)
+    q_t = F.softmax(t_non / temp, dim=-1)
+    loss_non = -gamma * temp**2 * (q_t * log_q_s).sum(dim=-1).mean()
+    return loss_t + loss_non
+
+
+def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation of matching rows: DIST's ``cosine_similarity`` of centred rows, eps in the denominator."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_loss(
+    student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0, gamma: float = 1.0, tau: float = 4.0
+) -> Tensor:
+    """Huang et al., NeurIPS 2022, "Knowledge Distillation from A Stronger Teacher": DIST.
+
+    ``tau^2 * (beta * (1 - mean_i pearson(p_s[i, :], p_t[i, :])) + gamma * (1 - mean_c pearson(p_s[:, c], p_t[:, c])))``
+    with ``p = softmax(logits / tau)``: inter-class relations per sample plus intra-class relations per class
+    across the batch (for ``[..., C]`` logits, across all leading positions). As the official ``DIST``
+    (hunto/image_classification_sota ``lib/models/losses/dist_kd.py``). Default tau = 4: the repo's CIFAR-100
+    setting (``kd: dist_t4`` in ``dist_cifar.yaml``, with ``kd_loss_weight: 2``); ImageNet uses tau = 1.
+    """
+    _check_T(tau)
+    s, t = _flat_logits(student_logits, teacher_logits, "dist_loss")
+    if s.shape[0] < 2 and gamma != 0:
+        raise ShapeMismatchError(
+            f"dist_loss: the intra-class term (gamma={gamma}) correlates each class across the batch and needs at "
+            f"least 2 logit rows, got logits of shape {tuple(student_logits.shape)}"
+        )
+    if s.shape[1] < 2:
+        raise ShapeMismatchError(
+            f"dist_loss needs at least 2 classes, got logits of shape {tuple(student_logits.shape)}"
+        )
+    p_s = F.softmax(s / tau, dim=-1)
+    p_t = F.softmax(t / tau, dim=-1)
+    inter = 1 - _pearson_rows(p_s, p_t).mean()
+    intra = 1 - _pearson_rows(p_s.t(), p_t.t()).mean()
+    return tau**2 * (beta * inter + gamma * intra)
+
+
+def rkl_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0) -> Tensor:
+    """Reverse KL distillation (as in Gu et al., ICLR 2024, "MiniLLM"; Agarwal et al., ICLR 2024, GKD): T^2 * KL(softmax(s/T) || softmax(t/T)).
+
+    Averaged over all leading positions (``batchmean`` for ``[B, C]``); mode-seeking where KD is mode-covering.
+    Classes both models put at -inf contribute nothing.
+    """
+    _check_T(T)
+    s, t = _flat_logits(student_logits, teacher_logits, "rkl_loss")
+    log_p_s = F.log_softmax(s / T, dim=-1)
+    log_p_t = F.log_softmax(t / T, dim=-1)
+    return _kl_rows(log_p_s, log_p_t).mean() * (T**2)
+
+
+def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, T: float = 1.0) -> Tensor:
+    """Agarwal et al., ICLR 2024, "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes" (GKD): generalized JSD.
+
+    ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with ``m = beta * p_t + (1 - beta) * p_s`` and
+    ``p = softmax(logits / T)``, averaged over all leading positions; no T^2 factor. Same convention as TRL's
+    ``GKDTrainer.generalized_jsd_loss``, including its end points: ``beta = 0`` gives the forward KL(p_t || p_s)
+    and ``beta = 1`` the reverse KL(p_s || p_t) (the limits of JSD(beta) / beta and / (1 - beta)). TRL's
+    ``batchmean`` divides ``[B, L, V]`` sums by B only; kdkit averages over all B * L positions.
+    """
+    _check_T(T)
+    if not 0.0 <= beta <= 1.0:
+        raise ConfigError(f"jsd beta must be in [0, 1], got {beta}")
+    s, t = _flat_logits(student_logits, teacher_logits, "jsd_loss")
+    log_p_s = F.log_softmax(s / T, dim=-1)
+    log_p_t = F.log_softmax(t / T, dim=-1)
+    if beta == 0.0:
+        return _kl_rows(log_p_t, log_p_s).mean()
+    if beta == 1.0:
+        return _kl_rows(log_p_s, log_p_t).mean()
+    # Classes both put at -inf: use 0 for both logs, so the mixture's logsumexp (and its gradient) stays finite;
+    # they then contribute 1 * (0 - 0) = 0 to both KL terms, as they should.
+    both = torch.isneginf(log_p_s) & torch.isneginf(log_p_t)
+    ls, lt = torch.where(both, 0.0, log_p_s), torch.where(both, 0.0, log_p_t)
+    log_m = torch.logsumexp(torch.stack([ls + math.log1p(-beta), lt + math.log(beta)]), dim=0)
+    kl_t = _kl_rows(lt, log_m)
+    kl_s = _kl_rows(ls, log_m)
+    return (beta * kl_t + (1 - beta) * kl_s).mean()
+
+
+def label_free_kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0) -> Tensor:
+    """Shen & Savvides 2020, "MEAL V2: Boosting Vanilla ResNet-50 to 80%+ Top-1 Accuracy on ImageNet without Tricks": soft-label cross-entropy.
+
+    ``-T^2 * mean(sum_c softmax(t/T)_c * log_softmax(s/T)_c)``, as MEAL V2's ``KLLoss`` (its value is the
+    cross-entropy, i.e. the KL plus the teacher's entropy, a constant: gradients equal those of `kd_loss`).
+    """
+    _check_T(T)
+    s, t = _flat_logits(student_logits, teacher_logits, "label_free_kd_loss")
+    log_p_s = F.log_softmax(s / T, dim=-1)
+    p_t = F.softmax(t / T, dim=-1)
+    # Skip classes the teacher gives probability 0 (0 * -inf would be nan).
+    return -(torch.where(p_t > 0, p_t * log_p_s, 0.0)).sum(dim=-1).mean() * (T**2)
+
+
+def _pair(student: Outputs, teacher: Outputs | None, loss: str, standardize: bool) -> tuple[Tensor, Tensor]:
+    """Student and teacher logits, z-scored (`standardize_logits`) when ``standardize``."""
+    s, t = _logits(student, "student", loss), _logits(teacher, "teacher", loss)
+    if standardize:
+        if s.shape != t.shape:  # say it before standardize_logits, which would work on each alone
+            _flat_logits(s, t, loss)
+        s, t = standardize_logits(s), standardize_logits(t)
+    return s, t
+
+
+class NKDLoss(DistillLoss):
+    """Yang et al., ICCV 2023, "From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with Normalized Loss and Customized Soft Labels" (NKD).
+
+    Official CIFAR-100 setting (yzd-v/cls_KD ``configs/distillers/cifar100``): temp 3, gamma 3.5, added to CE
+    (weight 1) with weight 1. ``standardize=True`` z-scores both logits first (`standardize_logits`).
+    """
+
+    needs_labels = True
+
+    def __init__(self, *, temp: float = 3.0, gamma: float = 3.5, standardize: bool = False):
+        super().__init__()
+        _check_T(temp)
+        self.temp = float(temp)
+        self.gamma = float(gamma)
+        self.standardize = bool(standardize)
+
+    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        if labels is None:
+            raise ValueError("nkd needs the ground-truth labels (needs_labels=True), but none were passed")
+        s, t = _pair(student, teacher, "nkd", self.standardize)
+        return nkd_loss(s, t, labels, self.temp, self.gamma)
+
+    def extra_repr(self) -> str:
+        return f"temp={self.temp}, gamma={self.gamma}, standardize={self.standardize}"
+
+
+class DISTLoss(DistillLoss):
+    """Huang et al., NeurIPS 2022, "Knowledge Distillation from A Stronger Teacher" (DIST: inter- + intra-class Pearson relations).
+
+    The official CIFAR-100 setting: tau 4, beta 1, gamma 1, loss weight 2 with CE weight 1. The intra-class term
+    correlates across the batch, so the value depends on the batch. ``standardize=True`` z-scores both logits first.
+    """
+
+    def __init__(self, *, beta: float = 1.0, gamma: float = 1.0, tau: float = 4.0, standardize: bool = False):
+        super().__init__()
+        _check_T(tau)
+        self.beta = float(beta)
+        self.gamma = float(gamma)
+        self.tau = float(tau)
+        self.standardize = bool(standardize)
+
+    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        s, t = _pair(student, teacher, "dist", self.standardize)
+        return dist_loss(s, t, self.beta, self.gamma, self.tau)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, gamma={self.gamma}, tau={self.tau}, standardize={self.standardize}"
+
+
+class RKLLoss(DistillLoss):
+    """Reverse-KL distillation, T^2 * KL(student || teacher) at temperature T (Gu et al., ICLR 2024, "MiniLLM").
+
+    ``standardize=True`` z-scores both logits first (`standardize_logits`).
+    """
+
+    def __init__(self, *, T: float = 4.0, standardize: bool = False):
+        super().__init__()
+        _check_T(T)
+        self.T = float(T)
+        self.standardize = bool(standardize)
+
+    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        s, t = _pair(student, teacher, "rkl", self.standardize)
+        return rkl_loss(s, t, self.T)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, standardize={self.standardize}"
+
+
+class JSDLoss(DistillLoss):
+    """Agarwal et al., ICLR 2024, "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes" (generalized JSD, TRL's convention).
+
+    ``standardize=True`` z-scores both logits first (`standardize_logits`).
+    """
+
+    def __init__(self, *, beta: float = 0.5, T: float = 1.0, standardize: bool = False):
+        super().__init__()
+        _check_T(T)
+        if not 0.0 <= beta <= 1.0:
+            raise ConfigError(f"jsd beta must be in [0, 1], got {beta}")
+        self.beta = float(beta)
+        self.T = float(T)
+        self.standardize = bool(standardize)
+
+    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        s, t = _pair(student, teacher, "jsd", self.standardize)
+        return jsd_loss(s, t, self.beta, self.T)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, T={self.T}, standardize={self.standardize}"
+
+
+class LabelFreeKDLoss(DistillLoss):
+    """Label-free KD as in SSLD (Cui et al. 2021, "Beyond Self-Supervision: A Simple Yet Effective Network Distillation Alternative to Improve Backbones") and MEAL V2 (Shen & Savvides 2020): teacher soft labels only.
+
+    The student learns only from the teacher's soft labels at T = 1 (`label_free_kd_loss`); there is no
+    hard-label term, so the recipe must set ``ce_weight: 0``. MEAL V2's discriminator is not included.
+    """
+
+    def __init__(self, *, T: float = 1.0):
+        super().__init__()
+        _check_T(T)
+        self.T = float(T)
+
+    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        s, t = _logits(student, "student", "label_free"), _logits(teacher, "teacher", "label_free")
+        return label_free_kd_loss(s, t, self.T)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}"
+
+
+for _name, _cls in (
+    ("nkd", NKDLoss),
+    ("kd", KDLoss),
+    ("dkd", DKDLoss),
+    ("dist", DISTLoss),
+    ("rkl", RKLLoss),
+    ("jsd", JSDLoss),
+    ("label_free", LabelFreeKDLoss),
+):
+    if _name not in LOSSES:  # tolerate a re-import (importlib.reload)
+        LOSSES.register(_name, _cls)

@@ -18,25 +18,31 @@ from .distiller import Distiller, use_cpu
 Mode = Literal["train", "distill"]
 
 
+def _needs_teacher(entry: dict, name: str) -> bool:
+    return getattr(LOSSES.get(entry.get("type", name)), "needs_teacher", True)
+
+
 def check_mode(recipe: Recipe, mode: Mode) -> None:
-    """`train` has no teacher and no distillation losses; `distill` has both. Fail before any work."""
+    """`train` has no teacher (teachers, baselines, self-distillation losses such as PS-KD); `distill` has
+    distillation losses and a teacher when any of them needs one. Fail before any work."""
     t = recipe.teacher
     has_teacher = bool(t.model or t.checkpoint or t.cache)
     losses = {k: v for k, v in recipe.losses.items() if v is not None}
-    if mode == "train" and (has_teacher or losses):
+    need = sorted(k for k, v in losses.items() if _needs_teacher(v, k))
+    if mode == "train" and (has_teacher or need):
         raise ConfigError("`kdkit train` trains without a teacher (teachers and no-teacher baselines); this recipe "
-                          f"sets {'teacher' if has_teacher else 'losses ' + ', '.join(losses)}: use `kdkit distill`, "
+                          f"sets {'teacher' if has_teacher else 'losses ' + ', '.join(need)}: use `kdkit distill`, "
                           "or override teacher.model=null teacher.checkpoint=null losses={}")
     if mode == "distill":
-        if not has_teacher:
-            raise ConfigError("`kdkit distill` needs a teacher: set teacher.checkpoint=PATH (a run folder or "
-                              "model.safetensors from `kdkit train`) or teacher.cache=PATH (stored logits)")
-        if not t.cache and not t.checkpoint:
-            raise ConfigError(f"teacher.model={t.model} has no weights: set teacher.checkpoint=PATH (a randomly "
-                              "initialised teacher teaches nothing)")
         if not losses:
             raise ConfigError(f"`kdkit distill` needs at least one loss, e.g. losses.kd.weight=0.9; "
                               f"choices: {', '.join(LOSSES.names())}")
+        if need and not has_teacher:
+            raise ConfigError(f"losses {', '.join(need)} need a teacher: set teacher.checkpoint=PATH (a run folder or "
+                              "model.safetensors from `kdkit train`) or teacher.cache=PATH (stored logits)")
+        if has_teacher and not t.cache and not t.checkpoint:
+            raise ConfigError(f"teacher.model={t.model} has no weights: set teacher.checkpoint=PATH (a randomly "
+                              "initialised teacher teaches nothing)")
 
 
 def model_file(path: str | Path) -> Path:
@@ -63,13 +69,20 @@ def build_teacher(recipe: Recipe, num_classes: int):
     return Teacher(model)
 
 
-def build_losses(recipe: Recipe) -> dict:
+def build_losses(recipe: Recipe, run: dict | None = None) -> dict:
+    """Loss modules with their weights. Options a loss accepts but the recipe leaves unset default to the
+    run's own values (`run`: epochs, num_samples, num_classes), so per-sample state and schedules fit the run."""
+    from ..config import loss_params
+
     out = {}
     for name, entry in recipe.losses.items():
         if entry is None:
             continue
+        kind = entry.get("type", name)
         opts = {k: v for k, v in entry.items() if k not in ("type", "weight")}
-        out[name] = (float(entry.get("weight", 1.0)), LOSSES.build(entry.get("type", name), **opts))
+        accepted = loss_params(LOSSES.get(kind))
+        opts |= {k: v for k, v in (run or {}).items() if k in accepted and k not in opts}
+        out[name] = (float(entry.get("weight", 1.0)), LOSSES.build(kind, **opts))
     return out
 
 
@@ -105,8 +118,9 @@ def build_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = None, 
     student = build_model(recipe.student.model, num_classes=num_classes, **recipe.student.options)
     if recipe.student.checkpoint:
         ckpt.load_model(student, model_file(recipe.student.checkpoint))
-    teacher = build_teacher(recipe, num_classes) if mode == "distill" else None
-    losses = build_losses(recipe)
+    teacher = build_teacher(recipe, num_classes) if recipe.teacher.checkpoint or recipe.teacher.cache else None
+    losses = build_losses(recipe, {"epochs": recipe.trainer.epochs, "num_samples": len(train.labels),
+                                   "num_classes": num_classes})
     distiller = Distiller(student, teacher, losses, train, test, recipe, run_dir, train_indices=indices,
                           model_meta={"model": recipe.student.model, "num_classes": num_classes,
                                       "options": json.dumps(recipe.student.options), "dataset": recipe.data.name},

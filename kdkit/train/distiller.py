@@ -69,6 +69,7 @@ class Distiller:
         self.run_dir = Path(run_dir)
         if self.tcfg.threads:
             torch.set_num_threads(self.tcfg.threads)
+        _match_accelerator_state(self.tcfg.mixed_precision)
         self.accelerator = acc = Accelerator(
             cpu=use_cpu(cfg), mixed_precision=self.tcfg.mixed_precision, log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
@@ -293,6 +294,20 @@ class Distiller:
         acc.wait_for_everyone()
         acc.end_training()  # last: it may tear down the process group
         return summary
+
+
+def _match_accelerator_state(mixed_precision: str) -> None:
+    """accelerate fixes mixed precision once per process; a later Distiller in the same (single) process
+    with another setting (a notebook, a benchmark) gets a fresh state instead of accelerate's error."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is None or current == mixed_precision:
+        return
+    if PartialState().num_processes > 1:
+        raise ConfigError(f"this process already trains with mixed_precision={current}; under a multi-process "
+                          f"launch every run must use the same trainer.mixed_precision (got {mixed_precision})")
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def use_cpu(cfg: Recipe) -> bool:
