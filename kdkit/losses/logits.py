@@ -133,12 +133,11 @@ def _logits(outputs: Outputs | None, who: str, loss: str) -> Tensor:
     return outputs.logits
 
 
-class KDLoss(DistillLoss):
-    """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network" (soft targets at temperature T, times T^2).
+class _TemperatureLoss(DistillLoss):
+    """A divergence `fn(student_logits, teacher_logits, T)` at temperature T, optionally on standardised logits."""
 
-    ``standardize=True`` z-scores both logits first (Sun et al., CVPR 2024, `standardize_logits`); the official
-    CIFAR-100 setting for that is T = 2 with KD weight 9 and CE weight 0.1.
-    """
+    fn = staticmethod(kd_loss)
+    loss_name = "kd"
 
     def __init__(self, *, T: float = 4.0, standardize: bool = False):
         super().__init__()
@@ -147,11 +146,19 @@ class KDLoss(DistillLoss):
         self.standardize = bool(standardize)
 
     def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
-        s, t = _pair(student, teacher, "kd", self.standardize)
-        return kd_loss(s, t, self.T)
+        s, t = _pair(student, teacher, self.loss_name, self.standardize)
+        return type(self).fn(s, t, self.T)
 
     def extra_repr(self) -> str:
         return f"T={self.T}, standardize={self.standardize}"
+
+
+class KDLoss(_TemperatureLoss):
+    """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network" (soft targets at temperature T, times T^2).
+
+    ``standardize=True`` z-scores both logits first (Sun et al., CVPR 2024, `standardize_logits`); the official
+    CIFAR-100 setting for that is T = 2 with KD weight 9 and CE weight 0.1.
+    """
 
 
 class DKDLoss(DistillLoss):
@@ -432,24 +439,14 @@ class DISTLoss(DistillLoss):
         return f"beta={self.beta}, gamma={self.gamma}, tau={self.tau}, standardize={self.standardize}"
 
 
-class RKLLoss(DistillLoss):
+class RKLLoss(_TemperatureLoss):
     """Reverse-KL distillation, T^2 * KL(student || teacher) at temperature T (Gu et al., ICLR 2024, "MiniLLM").
 
     ``standardize=True`` z-scores both logits first (`standardize_logits`).
     """
 
-    def __init__(self, *, T: float = 4.0, standardize: bool = False):
-        super().__init__()
-        _check_T(T)
-        self.T = float(T)
-        self.standardize = bool(standardize)
-
-    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
-        s, t = _pair(student, teacher, "rkl", self.standardize)
-        return rkl_loss(s, t, self.T)
-
-    def extra_repr(self) -> str:
-        return f"T={self.T}, standardize={self.standardize}"
+    fn = staticmethod(rkl_loss)
+    loss_name = "rkl"
 
 
 class JSDLoss(DistillLoss):
