@@ -16,17 +16,18 @@ from kdkit.models import Student, Teacher, build_model
 from kdkit.models.outputs import Outputs
 from kdkit.registry import LOSSES
 
+from mathref import close
+
+
+def _close(a, b, rel=1e-5, abs_=1e-7):
+    close(a, b, rel, abs_)
+
 torch.set_num_threads(1)
 
 # Reference numbers below come from RepDistiller (github.com/HobbitLong/RepDistiller, commit
 # b84f547c5db6a35318d4671d7d5c4de74c822403): distiller_zoo/AT.py `Attention`, distiller_zoo/SP.py `Similarity`,
 # distiller_zoo/RKD.py `RKDLoss`, crd/criterion.py `CRDLoss` + crd/memory.py `ContrastMemory` (AliasMethod.cuda
 # stubbed out to run on CPU), run in float32 on the seeded inputs rebuilt by the tests below.
-
-
-def _close(a, b, rel=1e-5, abs_=1e-7):
-    a = float(a.detach()) if isinstance(a, torch.Tensor) else float(a)
-    assert a == pytest.approx(b, rel=rel, abs=abs_), (a, b)
 
 
 def _all_close(got, want, rel=1e-5, abs_=1e-7):
@@ -408,17 +409,6 @@ def test_losses_on_zoo_models(zoo_pair, name, options):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s_model.layer1.parameters())
     if name == "crd":
         assert loss.embed_student.linear.in_features == 256 and loss.embed_teacher.linear.in_features == 256
-
-
-@pytest.mark.parametrize("name", ["at", "sp", "rkd", "crd"])
-def test_registered_with_simple_keyword_options(name):
-    cls = LOSSES.get(name)
-    assert issubclass(cls, DistillLoss) and cls.__doc__.strip()
-    for p in inspect.signature(cls).parameters.values():
-        assert p.kind is inspect.Parameter.KEYWORD_ONLY, (name, p)
-        assert p.annotation in (int, float, str, bool), (name, p)
-        assert p.default is not inspect.Parameter.empty and isinstance(p.default, p.annotation), (name, p)
-    cls()
 
 
 def test_paper_defaults():

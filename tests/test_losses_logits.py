@@ -30,23 +30,12 @@ from kdkit.losses.logits import (
 )
 from kdkit.models.outputs import Outputs
 
+from mathref import close as _close, kl as _kl, softmax as _softmax
+
 torch.set_num_threads(1)
 
 
-def _close(a, b, rel=1e-5, abs_=1e-8):
-    a = float(a.detach()) if isinstance(a, torch.Tensor) else float(a)
-    assert a == pytest.approx(b, rel=rel, abs=abs_), (a, b)
 
-
-def _softmax(xs):
-    m = max(xs)
-    e = [math.exp(x - m) for x in xs]
-    z = sum(e)
-    return [v / z for v in e]
-
-
-def _kl(p, q):
-    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q) if pi > 0)
 
 
 def _pearson(a, b, eps=1e-8):

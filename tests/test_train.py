@@ -240,3 +240,15 @@ def test_pskd_self_distillation_runs_and_fills_its_cache(tmp_path):
     assert torch.equal(written, seen)
     assert torch.allclose(loss.cache.latest[seen].sum(1), torch.ones(100))  # stored softmax rows
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in d.state["history"])
+
+
+def test_diverging_run_stops_with_a_clear_error(tmp_path, cifar):
+    train, test = cifar
+    cfg = recipe(tmp_path, "cifar10-240ep", "optim.lr=1e30", "scheduler.name=constant", "data.batch_size=20",
+                 "trainer.epochs=1", "trainer.log_every=2", "data.test_limit=100")
+    from kdkit.data.subsets import balanced_subset
+
+    d = Distiller(build_model("convnet3", width=8, norm="none"), None, {}, train, test, cfg, tmp_path / "nan",
+                  train_indices=balanced_subset(train.labels, 10))
+    with pytest.raises(FloatingPointError, match="non-finite loss in epoch 1.*lower optim.lr"):
+        d.fit()

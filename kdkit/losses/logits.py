@@ -21,8 +21,9 @@ __all__ = ["kd_loss", "dkd_parts", "dkd_loss", "KDLoss", "DKDLoss"]
 _NCKD_MASK = 1000.0
 
 
-def _flat_logits(student_logits: Tensor, teacher_logits: Tensor, what: str) -> tuple[Tensor, Tensor]:
-    """Check shapes, upcast to >= float32, flatten ``[..., C]`` to ``[N, C]``."""
+def _flat_logits(student_logits: Tensor, teacher_logits: Tensor, what: str,
+                 min_classes: int = 1) -> tuple[Tensor, Tensor]:
+    """Check shapes (and at least `min_classes` classes), upcast to >= float32, flatten ``[..., C]`` to ``[N, C]``."""
     if student_logits.shape != teacher_logits.shape:
         raise ShapeMismatchError(
             f"{what}: student logits {tuple(student_logits.shape)} and teacher logits "
@@ -30,6 +31,9 @@ def _flat_logits(student_logits: Tensor, teacher_logits: Tensor, what: str) -> t
         )
     if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
         raise ShapeMismatchError(f"{what}: logits must be [..., num_classes], got {tuple(student_logits.shape)}")
+    if student_logits.shape[-1] < min_classes:
+        raise ShapeMismatchError(
+            f"{what} needs at least {min_classes} classes, got logits of shape {tuple(student_logits.shape)}")
     dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
     c = student_logits.shape[-1]
     return student_logits.to(dtype).reshape(-1, c), teacher_logits.to(dtype).reshape(-1, c)
@@ -86,12 +90,8 @@ def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, T:
     precise where probabilities underflow.
     """
     _check_T(T)
-    s, t = _flat_logits(student_logits, teacher_logits, "dkd_loss")
+    s, t = _flat_logits(student_logits, teacher_logits, "dkd_loss", min_classes=2)
     n, c = s.shape
-    if c < 2:
-        raise ShapeMismatchError(
-            f"dkd_loss needs at least 2 classes, got logits of shape {tuple(student_logits.shape)}"
-        )
     target = target.reshape(-1)
     if target.numel() != n:
         raise ShapeMismatchError(
@@ -267,12 +267,8 @@ def nkd_loss(
     Defaults: the official CIFAR-100 config (temp 3, gamma 3.5); its ImageNet configs use temp 1, gamma 1.5.
     """
     _check_T(temp)
-    s, t = _flat_logits(student_logits, teacher_logits, "nkd_loss")
+    s, t = _flat_logits(student_logits, teacher_logits, "nkd_loss", min_classes=2)
     n, c = s.shape
-    if c < 2:
-        raise ShapeMismatchError(
-            f"nkd_loss needs at least 2 classes, got logits of shape {tuple(student_logits.shape)}"
-        )
     target = _flat_target(target, n, c, student_logits.shape, "nkd_loss").to(s.device)
     tgt = target[:, None]
     log_s_gt = F.log_softmax(s, dim=-1).gather(1, tgt)

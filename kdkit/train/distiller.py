@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -201,7 +202,7 @@ class Distiller:
             epoch = self.state["epoch"]
             self.train_loader.set_epoch(epoch)
             self.module.train()
-            sums: dict[str, float] = {}
+            running, names, means = None, [], {}  # per-term sums stay on the device: no sync per step
             count, seen, t0 = 0, 0, time.perf_counter()
             bar = self.log.progress(steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}",
                                     initial=self.state["step_in_epoch"], enabled=t.progress)
@@ -218,25 +219,26 @@ class Distiller:
                 with ctx:
                     _, terms = self.module(images, batch.labels, t_out, batch.index)
                     loss = sum(terms.values())
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss.item()} at epoch {progress:.2f}: "
-                                                 f"terms {_items(terms)}; lower optim.lr or check the data")
                     acc.backward(loss / accum)
                 if sync:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 self.state["step_in_epoch"] = step + 1
                 self.state["global_step"] += 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                names = [*terms, "loss"]
+                values = torch.stack([v.detach().float() for v in terms.values()] + [loss.detach().float()])
+                running = values if running is None else running + values
                 count += 1
                 seen += batch.labels.numel() * acc.num_processes
                 bar.update(1)
-                bar.set_postfix({k: f"{v / count:.3f}" for k, v in sums.items()})
-                if self.state["global_step"] % t.log_every == 0:
-                    acc.log({f"train/{k}": float(v.detach()) for k, v in terms.items()}
-                            | {"train/loss": float(loss.detach()), "lr": lr}, step=self.state["global_step"])
+                if self.state["global_step"] % t.log_every == 0 or step + 1 == steps_per_epoch:
+                    means = dict(zip(names, (running / count).tolist()))  # the one sync every log_every steps
+                    if not all(math.isfinite(v) for v in means.values()):
+                        raise FloatingPointError(f"non-finite loss in epoch {epoch + 1} (mean terms so far: "
+                                                 f"{means}); lower optim.lr or check the data")
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
+                    acc.log({f"train/{k}": v for k, v in zip(names, values.tolist())} | {"lr": lr},
+                            step=self.state["global_step"])
                 if sync and t.save_every_steps and self.state["global_step"] % t.save_every_steps == 0:
                     self.save()
                 if self.on_step is not None:
@@ -247,7 +249,7 @@ class Distiller:
             self.state["epoch"] += 1
             self.state["step_in_epoch"] = 0
             record = {"epoch": self.state["epoch"], "lr": lr, "images_per_s": seen / max(seconds, 1e-9)}
-            record |= {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
+            record |= {f"train_{k}": v for k, v in means.items()}
             if self.state["epoch"] % t.eval_every == 0 or self.state["epoch"] == t.epochs:
                 ev = self.evaluate()
                 record |= {"test_acc": ev["acc"], "test_loss": ev["loss"]}
@@ -332,10 +334,6 @@ def _flat_scalars(d: dict, prefix: str = "") -> dict:
         elif isinstance(v, list):
             out[key] = str(v)
     return out
-
-
-def _items(terms: dict) -> dict:
-    return {k: float(v.detach()) for k, v in terms.items()}
 
 
 def _mean(xs: list[float]) -> float | None:
