@@ -11,6 +11,7 @@ EPILOG = """examples:
   kdkit train recipe=train-resnet32x4
   kdkit distill recipe=kd-resnet32x4-resnet8x4 teacher.checkpoint=runs/train-resnet32x4-... trainer.epochs=240
   kdkit distill recipe=dkd-resnet32x4-resnet8x4 losses.dkd.beta=8 trainer.mixed_precision=bf16
+  kdkit bench classifier method=dkd pair=resnet32x4-resnet8x4 seeds=3
   accelerate launch --num_processes 2 -m kdkit.cli distill recipe=...   (several processes, DDP)
 """
 
@@ -73,11 +74,22 @@ def _demo(ns) -> int:
 
 
 def _bench(ns) -> int:
-    from .bench.throughput import run_throughput
+    if ns.what == "throughput":
+        from .bench.throughput import run_throughput
 
-    if ns.what != "throughput":
-        raise KdkitError(f"unknown benchmark '{ns.what}'; choices: throughput")
-    run_throughput(ns.settings)
+        run_throughput(ns.settings)
+    elif ns.what == "classifier":
+        from .bench.classifier import run_classifier
+
+        run_classifier(ns.settings)
+    elif ns.what == "classifier-table":
+        from .bench.classifier import write_markdown
+
+        if ns.settings:
+            raise KdkitError("`kdkit bench classifier-table` takes no settings")
+        print(f"wrote {write_markdown()}")
+    else:
+        raise KdkitError(f"unknown benchmark '{ns.what}'; choices: throughput, classifier, classifier-table")
     return 0
 
 
@@ -102,8 +114,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="a ~1-minute smoke version")
     s.set_defaults(func=_demo)
     s = sub.add_parser("bench", help="benchmarks that write results JSON",
-                       description="Benchmarks. `throughput`: KD training images/s (student alone vs with a teacher).")
-    s.add_argument("what", help="throughput")
+                       description="Benchmarks. `throughput`: KD training images/s (student alone, with a teacher, "
+                                   "and the plain PyTorch loop). `classifier`: one leaderboard row, e.g. method=dkd "
+                                   "pair=resnet32x4-resnet8x4 seeds=3 [epochs=240 jobs=1 teacher=PATH]. "
+                                   "`classifier-table`: regenerate leaderboards/classifier-cifar10.md.")
+    s.add_argument("what", help="throughput | classifier | classifier-table")
     s.add_argument("settings", nargs="*", metavar="key=value")
     s.set_defaults(func=_bench)
     return p

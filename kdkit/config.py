@@ -70,7 +70,9 @@ class TrainerConfig:
     save_every_steps: int = 0  # extra mid-epoch checkpoints (0 = only at epoch ends)
     keep_checkpoints: int = 2
     log_every: int = 20  # steps between scalar logs
-    compile: bool = False  # torch.compile the student step
+    compile: bool = False  # torch.compile the student step (and the teacher's forward)
+    compile_mode: str | None = None  # torch.compile mode: None (default), "reduce-overhead", "max-autotune", ...
+    data_on_device: bool = True  # keep the uint8 image tensors on the GPU (150 MB for CIFAR-10): no per-batch copy
     channels_last: bool = False
     cpu: bool = False  # force CPU even when a GPU is present
     progress: bool = True

@@ -32,6 +32,11 @@ def _cpu_name() -> str:
 
 
 def git_commit() -> str | None:
+    """The checkout's short commit; KDKIT_GIT_COMMIT where the tree has no .git (a copied working tree)."""
+    import os
+
+    if os.environ.get("KDKIT_GIT_COMMIT"):
+        return os.environ["KDKIT_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=RESULTS_DIR.parent.parent, timeout=10)

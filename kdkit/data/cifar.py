@@ -15,7 +15,6 @@ import hashlib
 import io
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,16 +177,12 @@ def _decode_all(raw: list, paths: list) -> np.ndarray:
         _RAW = None
 
 
-def _decode_dataset(ds) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode a `datasets.Dataset` with columns `img` (Image) and `label` into uint8 [N,3,H,W] and int64 [N].
+def _decode_table(table) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode an Arrow table with columns `img` (struct{bytes, path}) and `label` into uint8 [N,3,H,W] and int64 [N].
 
-    The `img` column is cast to `datasets.Image(decode=False)` and read as Arrow, and the encoded bytes are
-    decoded with PIL, exactly as `datasets.Image` decodes a row, but without a PIL object per row kept alive.
+    The encoded bytes are decoded with PIL, exactly as `datasets.Image` decodes a row, but without a PIL
+    object per row kept alive.
     """
-    import datasets
-
-    ds = ds.cast_column("img", datasets.Image(decode=False))
-    table = ds.with_format("arrow")[:]
     img = table.column("img").combine_chunks()
     raw = img.field("bytes").to_pylist()
     paths = img.field("path").to_pylist()
@@ -201,27 +196,24 @@ def _decode_dataset(ds) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def _decode_parquet(local: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load `local` with `datasets.load_dataset("parquet")` into a throw-away datasets cache and decode it.
-
-    A private, fresh datasets cache means a replaced file can never be served from a stale Arrow copy
-    (datasets keys local files by mtime only), and no ~100 MB Arrow duplicate is left behind.
-    """
+def _decode_dataset(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a `datasets.Dataset` (the Hub copy) with columns `img` (Image) and `label`."""
     import datasets
 
-    tmp_root = cache_dir() / "tmp"
+    ds = ds.cast_column("img", datasets.Image(decode=False))
+    return _decode_table(ds.with_format("arrow")[:])
+
+
+def _decode_parquet(local: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read the local parquet file straight with pyarrow: no datasets cache (which keys local files by
+    mtime only, so a replaced file could be served stale) and no ~100 MB Arrow duplicate left behind."""
+    import pyarrow.parquet as pq
+
     try:
-        tmp_root.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix="cifar10-", dir=tmp_root)
-    except OSError:
-        tmp = tempfile.mkdtemp(prefix="kdkit-cifar10-")
-    try:
-        ds = datasets.load_dataset("parquet", data_files={split: str(local)}, split=split, cache_dir=tmp)
-        images, labels = _decode_dataset(ds)
-        del ds
-        return images, labels
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        table = pq.read_table(local, columns=["img", "label"])
+    except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{local} is not a readable CIFAR-10 parquet file with columns img, label: {e}") from e
+    return _decode_table(table)
 
 
 def _result(images: torch.Tensor, labels: torch.Tensor, split: str) -> ImageTensors:

@@ -12,6 +12,13 @@ from .features import (ATLoss, ConvRegressor, FitNetLoss, RKDLoss, SPLoss, at_lo
 from .logits import (DISTLoss, DKDLoss, JSDLoss, KDLoss, LabelFreeKDLoss, NKDLoss, RKLLoss, dist_loss, dkd_loss,
                      dkd_parts, jsd_loss, kd_loss, label_free_kd_loss, nkd_loss, rkl_loss, standardize_logits)
 from .review import ABF, ReviewKDLoss, hcl_loss
+from .self_distill import BYOTHead, BYOTLoss, byot_loss
+from .bdkd import BDKDLoss, bdkd_loss, entropy_balance
+from .wrappers import AuxHead, DualHeadLoss, WeightedLoss, teacher_sample_weights, weighted_mean
+from .logits import BinaryKLLoss, BinaryKLNormLoss, binary_kl_loss, binary_kl_norm_loss
+from .ofa import ConvBranch, OFALoss, TokenBranch, ofa_loss
+from .projection import VkDLoss, orthogonal_projector, pool_features, standardize_features, vkd_loss
+from .norm_direction import NDLoss, NDProjector, load_class_centres, nd_loss, save_class_centres, teacher_class_centres
 
 __all__ = [
     "DistillLoss",
@@ -30,6 +37,12 @@ __all__ = [
     "attention_kl_loss", "value_relation_loss", "split_heads", "hcl_loss", "dml_loss", "mean_teacher_probs",
     "multi_teacher_kd_loss", "pskd_loss", "DISTLoss", "JSDLoss", "LabelFreeKDLoss", "NKDLoss", "RKLLoss",
     "dist_loss", "jsd_loss", "label_free_kd_loss", "nkd_loss", "rkl_loss", "standardize_logits",
+    "VkDLoss", "vkd_loss", "orthogonal_projector", "pool_features", "standardize_features",
+    "NDLoss", "NDProjector", "nd_loss", "teacher_class_centres", "save_class_centres", "load_class_centres",
+    "OFALoss", "ofa_loss", "ConvBranch", "TokenBranch",
+    "BYOTLoss", "BYOTHead", "byot_loss", "BDKDLoss", "bdkd_loss", "entropy_balance", "WeightedLoss", "DualHeadLoss",
+    "AuxHead", "teacher_sample_weights", "weighted_mean", "BinaryKLLoss", "BinaryKLNormLoss", "binary_kl_loss",
+    "binary_kl_norm_loss",
 ]
 
 

@@ -3,6 +3,12 @@
 Every function computes in float32 (or float64 if given float64) whatever the input dtype, so bf16/fp16
 logits give float32 losses. Logits may have any number of leading dimensions (``[..., C]``, e.g.
 ``[B, L, V]`` for language models); the loss is averaged over all leading positions.
+
+Per-sample values: the row-wise losses (KD, reverse KL, JSD, DKD, NKD, label-free, BinaryKL(-Norm)) take
+``reduction="none"`` (one value per logit row, shaped like ``logits.shape[:-1]``; ``"mean"``, the default, averages
+them), and their modules have ``per_sample(student, teacher, labels)``, whose mean is exactly the module's scalar
+value. That is what per-sample weighting (`kdkit.losses.wrappers.WeightedLoss`) builds on. DIST relates samples
+across the batch, so it has no per-sample form.
 """
 import math
 
@@ -53,16 +59,29 @@ def _check_T(T: float) -> None:
         raise ConfigError(f"temperature T must be > 0, got {T}")
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0) -> Tensor:
+_REDUCTIONS = ("mean", "none")
+
+
+def _reduce(rows: Tensor, reduction: str, lead: torch.Size) -> Tensor:
+    """``rows`` ([N], one value per logit row) averaged (``"mean"``) or shaped back to ``lead`` (``"none"``)."""
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "none":
+        return rows.reshape(lead)
+    raise ConfigError(f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, got {reduction!r}")
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0, reduction: str = "mean") -> Tensor:
     """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network": T^2 * KL(softmax(t/T) || softmax(s/T)).
 
-    Averaged over the batch (``batchmean``; for ``[..., C]`` logits, over all leading positions).
+    Averaged over the batch (``batchmean``; for ``[..., C]`` logits, over all leading positions); per row with
+    ``reduction="none"``.
     """
     _check_T(T)
     s, t = _flat_logits(student_logits, teacher_logits, "kd_loss")
     log_p_s = F.log_softmax(s / T, dim=-1)
     log_p_t = F.log_softmax(t / T, dim=-1)
-    return _kl_rows(log_p_t, log_p_s).mean() * (T**2)
+    return _reduce(_kl_rows(log_p_t, log_p_s) * (T**2), reduction, student_logits.shape[:-1])
 
 
 def _log_binary(z: Tensor, target: Tensor, gt_mask: Tensor) -> Tensor:
@@ -80,8 +99,10 @@ def _log_binary(z: Tensor, target: Tensor, gt_mask: Tensor) -> Tensor:
     return torch.stack([log_gt, log_other], dim=-1)
 
 
-def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, T: float = 4.0) -> tuple[Tensor, Tensor]:
-    """Decoupled KD (Zhao et al., CVPR 2022) split into ``(tckd, nckd)``, each batch-averaged and times T^2.
+def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, T: float = 4.0,
+              reduction: str = "mean") -> tuple[Tensor, Tensor]:
+    """Decoupled KD (Zhao et al., CVPR 2022) split into ``(tckd, nckd)``, each batch-averaged (per row with
+    ``reduction="none"``) and times T^2.
 
     TCKD is the KL between the binary distributions [p_target, 1 - p_target] of teacher and student;
     NCKD is the KL between the distributions over the non-target classes, obtained as in mdistiller by
@@ -105,12 +126,12 @@ def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, T:
     # TCKD: binary distribution [p_gt, 1 - p_gt], in log space.
     log_b_s = _log_binary(s, target, gt_mask)
     log_b_t = _log_binary(t, target, gt_mask)
-    tckd = _kl_rows(log_b_t, log_b_s).mean() * (T**2)
+    tckd = _reduce(_kl_rows(log_b_t, log_b_s) * (T**2), reduction, student_logits.shape[:-1])
 
     # NCKD: distribution over the non-target classes.
     log_p_s2 = F.log_softmax(s - _NCKD_MASK * gt_mask, dim=-1)
     log_p_t2 = F.log_softmax(t - _NCKD_MASK * gt_mask, dim=-1)
-    nckd = _kl_rows(log_p_t2, log_p_s2).mean() * (T**2)
+    nckd = _reduce(_kl_rows(log_p_t2, log_p_s2) * (T**2), reduction, student_logits.shape[:-1])
     return tckd, nckd
 
 
@@ -121,9 +142,10 @@ def dkd_loss(
     alpha: float = 1.0,
     beta: float = 8.0,
     T: float = 4.0,
+    reduction: str = "mean",
 ) -> Tensor:
     """Decoupled KD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD`` (see `dkd_parts`)."""
-    tckd, nckd = dkd_parts(student_logits, teacher_logits, target, T)
+    tckd, nckd = dkd_parts(student_logits, teacher_logits, target, T, reduction)
     return alpha * tckd + beta * nckd
 
 
@@ -148,6 +170,11 @@ class _TemperatureLoss(DistillLoss):
     def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
         s, t = _pair(student, teacher, self.loss_name, self.standardize)
         return type(self).fn(s, t, self.T)
+
+    def per_sample(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        """One value per logit row (``logits.shape[:-1]``); its mean is `forward`'s value."""
+        s, t = _pair(student, teacher, self.loss_name, self.standardize)
+        return type(self).fn(s, t, self.T, reduction="none")
 
     def extra_repr(self) -> str:
         return f"T={self.T}, standardize={self.standardize}"
@@ -196,10 +223,14 @@ class DKDLoss(DistillLoss):
         return min(max(self.epoch, 0.0) / self.warmup, 1.0)
 
     def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        return self.per_sample(student, teacher, labels).mean()
+
+    def per_sample(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        """One value per logit row, warm-up factor included; its mean is `forward`'s value."""
         if labels is None:
             raise ValueError("dkd needs the ground-truth labels (needs_labels=True), but none were passed")
         s, t = _pair(student, teacher, "dkd", self.standardize)
-        loss = dkd_loss(s, t, labels, self.alpha, self.beta, self.T)
+        loss = dkd_loss(s, t, labels, self.alpha, self.beta, self.T, reduction="none")
         return self.warmup_factor() * loss
 
     def extra_repr(self) -> str:
@@ -256,7 +287,8 @@ def _flat_target(target: Tensor, n: int, c: int, shape, what: str) -> Tensor:
 
 
 def nkd_loss(
-    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temp: float = 3.0, gamma: float = 3.5
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temp: float = 3.0, gamma: float = 3.5,
+    reduction: str = "mean",
 ) -> Tensor:
     """Yang et al., ICCV 2023, "From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with Normalized Loss and Customized Soft Labels": NKD.
 
@@ -273,15 +305,17 @@ def nkd_loss(
     tgt = target[:, None]
     log_s_gt = F.log_softmax(s, dim=-1).gather(1, tgt)
     t_gt = F.softmax(t, dim=-1).gather(1, tgt).detach()
-    loss_t = -(t_gt * log_s_gt).mean()
+    loss_t = -(t_gt * log_s_gt).squeeze(1)
     # Non-target columns in class order: column j < gt is class j, column j >= gt is class j + 1.
     cols = torch.arange(c - 1, device=s.device)[None, :]
     idx = cols + (cols >= tgt).long()
     s_non, t_non = s.gather(1, idx), t.gather(1, idx)
     log_q_s = F.log_softmax(s_non / temp, dim=-1)
     q_t = F.softmax(t_non / temp, dim=-1)
-    loss_non = -gamma * temp**2 * (q_t * log_q_s).sum(dim=-1).mean()
-    return loss_t + loss_non
+    loss_non = -gamma * temp**2 * (q_t * log_q_s).sum(dim=-1)
+    if reduction == "mean":  # as the official code: two means, added
+        return loss_t.mean() + loss_non.mean()
+    return _reduce(loss_t + loss_non, reduction, student_logits.shape[:-1])
 
 
 def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
@@ -320,7 +354,7 @@ def dist_loss(
     return tau**2 * (beta * inter + gamma * intra)
 
 
-def rkl_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0) -> Tensor:
+def rkl_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0, reduction: str = "mean") -> Tensor:
     """Reverse KL distillation (as in Gu et al., ICLR 2024, "MiniLLM"; Agarwal et al., ICLR 2024, GKD): T^2 * KL(softmax(s/T) || softmax(t/T)).
 
     Averaged over all leading positions (``batchmean`` for ``[B, C]``); mode-seeking where KD is mode-covering.
@@ -330,10 +364,11 @@ def rkl_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0) -> 
     s, t = _flat_logits(student_logits, teacher_logits, "rkl_loss")
     log_p_s = F.log_softmax(s / T, dim=-1)
     log_p_t = F.log_softmax(t / T, dim=-1)
-    return _kl_rows(log_p_s, log_p_t).mean() * (T**2)
+    return _reduce(_kl_rows(log_p_s, log_p_t) * (T**2), reduction, student_logits.shape[:-1])
 
 
-def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, T: float = 1.0) -> Tensor:
+def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, T: float = 1.0,
+             reduction: str = "mean") -> Tensor:
     """Agarwal et al., ICLR 2024, "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes" (GKD): generalized JSD.
 
     ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with ``m = beta * p_t + (1 - beta) * p_s`` and
@@ -348,10 +383,11 @@ def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, 
     s, t = _flat_logits(student_logits, teacher_logits, "jsd_loss")
     log_p_s = F.log_softmax(s / T, dim=-1)
     log_p_t = F.log_softmax(t / T, dim=-1)
+    lead = student_logits.shape[:-1]
     if beta == 0.0:
-        return _kl_rows(log_p_t, log_p_s).mean()
+        return _reduce(_kl_rows(log_p_t, log_p_s), reduction, lead)
     if beta == 1.0:
-        return _kl_rows(log_p_s, log_p_t).mean()
+        return _reduce(_kl_rows(log_p_s, log_p_t), reduction, lead)
     # Classes both put at -inf: use 0 for both logs, so the mixture's logsumexp (and its gradient) stays finite;
     # they then contribute 1 * (0 - 0) = 0 to both KL terms, as they should.
     both = torch.isneginf(log_p_s) & torch.isneginf(log_p_t)
@@ -359,10 +395,11 @@ def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, 
     log_m = torch.logsumexp(torch.stack([ls + math.log1p(-beta), lt + math.log(beta)]), dim=0)
     kl_t = _kl_rows(lt, log_m)
     kl_s = _kl_rows(ls, log_m)
-    return (beta * kl_t + (1 - beta) * kl_s).mean()
+    return _reduce(beta * kl_t + (1 - beta) * kl_s, reduction, lead)
 
 
-def label_free_kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0) -> Tensor:
+def label_free_kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0,
+                       reduction: str = "mean") -> Tensor:
     """Shen & Savvides 2020, "MEAL V2: Boosting Vanilla ResNet-50 to 80%+ Top-1 Accuracy on ImageNet without Tricks": soft-label cross-entropy.
 
     ``-T^2 * mean(sum_c softmax(t/T)_c * log_softmax(s/T)_c)``, as MEAL V2's ``KLLoss`` (its value is the
@@ -373,7 +410,8 @@ def label_free_kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float 
     log_p_s = F.log_softmax(s / T, dim=-1)
     p_t = F.softmax(t / T, dim=-1)
     # Skip classes the teacher gives probability 0 (0 * -inf would be nan).
-    return -(torch.where(p_t > 0, p_t * log_p_s, 0.0)).sum(dim=-1).mean() * (T**2)
+    rows = -(torch.where(p_t > 0, p_t * log_p_s, 0.0)).sum(dim=-1) * (T**2)
+    return _reduce(rows, reduction, student_logits.shape[:-1])
 
 
 def _pair(student: Outputs, teacher: Outputs | None, loss: str, standardize: bool) -> tuple[Tensor, Tensor]:
@@ -403,10 +441,14 @@ class NKDLoss(DistillLoss):
         self.standardize = bool(standardize)
 
     def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        return self.per_sample(student, teacher, labels).mean()
+
+    def per_sample(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        """One value per logit row; its mean is `forward`'s value."""
         if labels is None:
             raise ValueError("nkd needs the ground-truth labels (needs_labels=True), but none were passed")
         s, t = _pair(student, teacher, "nkd", self.standardize)
-        return nkd_loss(s, t, labels, self.temp, self.gamma)
+        return nkd_loss(s, t, labels, self.temp, self.gamma, reduction="none")
 
     def extra_repr(self) -> str:
         return f"temp={self.temp}, gamma={self.gamma}, standardize={self.standardize}"
@@ -464,6 +506,11 @@ class JSDLoss(DistillLoss):
         s, t = _pair(student, teacher, "jsd", self.standardize)
         return jsd_loss(s, t, self.beta, self.T)
 
+    def per_sample(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        """One value per logit row; its mean is `forward`'s value."""
+        s, t = _pair(student, teacher, "jsd", self.standardize)
+        return jsd_loss(s, t, self.beta, self.T, reduction="none")
+
     def extra_repr(self) -> str:
         return f"beta={self.beta}, T={self.T}, standardize={self.standardize}"
 
@@ -484,11 +531,85 @@ class LabelFreeKDLoss(DistillLoss):
         s, t = _logits(student, "student", "label_free"), _logits(teacher, "teacher", "label_free")
         return label_free_kd_loss(s, t, self.T)
 
+    def per_sample(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+        """One value per logit row; its mean is `forward`'s value."""
+        s, t = _logits(student, "student", "label_free"), _logits(teacher, "teacher", "label_free")
+        return label_free_kd_loss(s, t, self.T, reduction="none")
+
     def extra_repr(self) -> str:
         return f"T={self.T}"
 
 
+# ---------------------------------------------------------------- BinaryKL, BinaryKL-Norm (Yang et al. 2024)
+
+__all__ += ["binary_kl_loss", "binary_kl_norm_loss", "BinaryKLLoss", "BinaryKLNormLoss"]
+
+
+def binary_kl_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 2.0, reduction: str = "mean") -> Tensor:
+    """Yang et al. 2024, "Dual-Head Knowledge Distillation: Enhancing Logits Utilization with an Auxiliary Head": BinaryKL.
+
+    ``T^2 * sum_c KL(Bernoulli(sigmoid(t_c / T)) || Bernoulli(sigmoid(s_c / T)))`` per row, averaged over rows: each
+    class is its own binary problem, so the loss sees logit values softmax would hide (a shift of all logits).
+    As the official ``BinaryKL`` (penghui-yang/DHKD ``distiller_zoo/BinaryKL.py``), computed in log space with
+    ``logsigmoid`` where the official clamps probabilities to [1e-8, 1 - 1e-8] (same values for |logit / T| < 18).
+    """
+    _check_T(T)
+    s, t = _flat_logits(student_logits, teacher_logits, "binary_kl_loss")
+    s, t = s / T, t / T
+    log_t, log_1mt = F.logsigmoid(t), F.logsigmoid(-t)
+    p_t = log_t.exp()
+    rows = (p_t * (log_t - F.logsigmoid(s)) + (1 - p_t) * (log_1mt - F.logsigmoid(-s))).sum(dim=-1)
+    return _reduce(rows * (T**2), reduction, student_logits.shape[:-1])
+
+
+def binary_kl_norm_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 2.0,
+                        reduction: str = "mean") -> Tensor:
+    """Yang et al. 2024, "Dual-Head Knowledge Distillation: Enhancing Logits Utilization with an Auxiliary Head": BinaryKL-Norm.
+
+    ``T^2 * sum_c KL(Bernoulli(1/2) || Bernoulli(sigmoid((s_c - t_c) / T)))`` per row, averaged over rows, as the
+    official ``BinaryKLNorm`` (penghui-yang/DHKD ``distiller_zoo/BinaryKLNorm.py``, the loss of its ``dhkd`` mode).
+    In closed form each class contributes ``log cosh((s_c - t_c) / (2T))``: a smooth logit-matching loss, zero
+    exactly when the logits agree; computed so (the official clamps sigmoid to [1e-8, 1 - 1e-8]: same values for
+    |s - t| / T < 18). Default T = 2, the official ``--BinaryKL_T``.
+    """
+    _check_T(T)
+    s, t = _flat_logits(student_logits, teacher_logits, "binary_kl_norm_loss")
+    half = (s - t) / (2 * T)
+    rows = (torch.logaddexp(half, -half) - math.log(2.0)).sum(dim=-1)  # log cosh, stable for any size
+    return _reduce(rows * (T**2), reduction, student_logits.shape[:-1])
+
+
+class BinaryKLLoss(_TemperatureLoss):
+    """Yang et al. 2024, "Dual-Head Knowledge Distillation: Enhancing Logits Utilization with an Auxiliary Head" (BinaryKL, a logit-level loss).
+
+    On the student's own head it conflicts with the cross-entropy (the paper's motivating failure); use it through
+    ``dual_head`` (an auxiliary head). ``standardize=True`` z-scores both logits first (`standardize_logits`).
+    """
+
+    fn = staticmethod(binary_kl_loss)
+    loss_name = "binary_kl"
+
+    def __init__(self, *, T: float = 2.0, standardize: bool = False):
+        super().__init__(T=T, standardize=standardize)
+
+
+class BinaryKLNormLoss(_TemperatureLoss):
+    """Yang et al. 2024, "Dual-Head Knowledge Distillation: Enhancing Logits Utilization with an Auxiliary Head" (BinaryKL-Norm, DHKD's logit-level loss).
+
+    Meant for the auxiliary head of ``dual_head`` (its default inner loss), not the student's own head.
+    ``standardize=True`` z-scores both logits first (`standardize_logits`).
+    """
+
+    fn = staticmethod(binary_kl_norm_loss)
+    loss_name = "binary_kl_norm"
+
+    def __init__(self, *, T: float = 2.0, standardize: bool = False):
+        super().__init__(T=T, standardize=standardize)
+
+
 for _name, _cls in (
+    ("binary_kl", BinaryKLLoss),
+    ("binary_kl_norm", BinaryKLNormLoss),
     ("nkd", NKDLoss),
     ("kd", KDLoss),
     ("dkd", DKDLoss),

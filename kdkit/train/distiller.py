@@ -93,14 +93,22 @@ class Distiller:
                                   "a cached teacher only has logits")
         self.teacher = teacher.to(acc.device) if teacher is not None else None
         student.to(acc.device)
+        if isinstance(self.teacher, Teacher):
+            if self.tcfg.channels_last:
+                self.teacher.to(memory_format=torch.channels_last)
+            if self.tcfg.compile:
+                self.teacher.model.compile(mode=self.tcfg.compile_mode)
 
         dev = acc.device
+        if dev.type == "cuda" and self.tcfg.data_on_device:  # GPU-resident data: augmentation runs there too
+            train = _on_device(train, dev)
+            test = _on_device(test, dev)
         seed = self.tcfg.seed
         test_idx = torch.arange(len(test.labels))
         if cfg.data.test_limit is not None and cfg.data.test_limit < len(test.labels):
             # class-balanced: the stored test split may be sorted by label
             n_classes = int(test.labels.max()) + 1
-            test_idx = balanced_subset(test.labels, max(1, cfg.data.test_limit // n_classes), seed=0).sort().values
+            test_idx = balanced_subset(test.labels.cpu(), max(1, cfg.data.test_limit // n_classes), seed=0).sort().values
         try:
             self.train_loader = TensorLoader(
                 train.images, train.labels, cfg.data.batch_size, shuffle=True, augment=cfg.data.augment,
@@ -120,7 +128,7 @@ class Distiller:
         if self.tcfg.channels_last:
             module.to(memory_format=torch.channels_last)
         if self.tcfg.compile:
-            module = torch.compile(module)
+            module = torch.compile(module, mode=self.tcfg.compile_mode)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg.optim)
         self.module, self.optimizer = acc.prepare(module, optimizer)
@@ -315,6 +323,13 @@ def _match_accelerator_state(mixed_precision: str) -> None:
 def use_cpu(cfg: Recipe) -> bool:
     """CPU unless asked otherwise and CUDA is present; accelerate then runs several processes over gloo."""
     return cfg.trainer.cpu or not torch.cuda.is_available()
+
+
+def _on_device(data, device):
+    """A shallow copy of an `ImageTensors` with images and labels moved to `device`."""
+    import dataclasses
+
+    return dataclasses.replace(data, images=data.images.to(device), labels=data.labels.to(device))
 
 
 def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

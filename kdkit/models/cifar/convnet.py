@@ -62,3 +62,17 @@ def convnet3(num_classes: int = 10, width: int = 128, depth: int = 3, norm: str 
 
 
 MODELS.register("convnet3", convnet3)
+
+
+def _convnet3_width(width: int):
+    """A named ConvNet-3 of fixed width, so CPU-scale teacher->student pairs can be named like the zoo's."""
+
+    def factory(num_classes: int = 10, norm: str = "instancenorm", im_size: int = 32, in_channels: int = 3) -> ConvNet:
+        return ConvNet(num_classes, width=width, depth=3, norm=norm, im_size=im_size, in_channels=in_channels)
+
+    factory.__name__ = f"convnet3_w{width}"
+    return factory
+
+
+for _w in (8, 16, 32, 64):
+    MODELS.register(f"convnet3_w{_w}", _convnet3_width(_w))

@@ -1,0 +1,223 @@
+"""`kdkit bench classifier`: one command per leaderboard row (a method on a teacher->student pair, N seeds).
+
+Each seed is a real `kdkit train` / `kdkit distill` run in its own process (several at once with `jobs=N`, so a
+GPU is shared by small runs); each writes one result file, `leaderboards/results/classifier-cifar10/*.json`,
+with its accuracy, protocol, teacher checkpoint hash and the command that reproduces the row.
+`epochs=E` (< 240) runs a *shorter protocol*: the LR milestones 150/180/210 and any loss warm-up are scaled by
+E/240, and the leaderboard shows such rows in their own table, never extrapolated.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..config import list_recipes, load_recipe, parse_overrides
+from ..errors import ConfigError, KdkitError
+from .results import RESULTS_DIR, git_commit, hardware
+
+KIND = "classifier-cifar10"
+STANDARD_EPOCHS = 240
+MILESTONES = (150, 180, 210)
+# CRD / mdistiller protocol: the light-weight students train with LR 0.01 instead of 0.05.
+STUDENT_LR = {"shufflenetv2": 0.01, "mobilenetv2": 0.01}
+SETTINGS = {"method": None, "pair": None, "seeds": 3, "seed0": 0, "epochs": STANDARD_EPOCHS, "jobs": 1,
+            "teacher": None, "fast": "auto", "runs": "runs/bench-classifier", "out": None}
+FAST = ["trainer.mixed_precision=bf16", "trainer.channels_last=true", "trainer.compile=true"]
+
+
+def parse_pair(pair: str) -> tuple[str, str]:
+    from ..models import model_names
+
+    parts = str(pair).split("-")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"pair must be TEACHER-STUDENT, e.g. resnet32x4-resnet8x4; got {pair!r}")
+    known = set(model_names())
+    for p in parts:
+        if p not in known:
+            raise ConfigError(f"unknown model {p!r} in pair {pair!r}; models: {', '.join(sorted(known))}")
+    return parts[0], parts[1]
+
+
+def protocol_overrides(epochs: int, recipe) -> list[str]:
+    """The standard protocol scaled to `epochs`: milestones and loss warm-ups times epochs/240."""
+    if epochs == STANDARD_EPOCHS:
+        return []
+    if epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    scale = epochs / STANDARD_EPOCHS
+    out = [f"trainer.epochs={epochs}",
+           "scheduler.milestones=[" + ",".join(str(max(1, round(m * scale))) for m in MILESTONES) + "]"]
+    for name, entry in recipe.losses.items():
+        if entry and "warmup" in entry:
+            out.append(f"losses.{name}.warmup={max(1, round(float(entry['warmup']) * scale))}")
+    return out
+
+
+def method_recipe(method: str, teacher: str, student: str) -> tuple[str, str, list[str]]:
+    """(kdkit verb, recipe name, overrides) for `method` on the pair: a pair-specific recipe
+    `{method}-{teacher}-{student}` when there is one, else the method's ResNet-32x4 -> ResNet-8x4 recipe with the
+    models swapped."""
+    names = set(list_recipes())
+    if method == "teacher":
+        name = f"train-{teacher}"
+        return "train", (name if name in names else "cifar10-240ep"), [f"student.model={teacher}"]
+    lr = [f"optim.lr={STUDENT_LR[student]}"] if student in STUDENT_LR else []
+    if method == "baseline":
+        name = f"baseline-{student}"
+        return "train", (name if name in names else "cifar10-240ep"), [f"student.model={student}", *lr]
+    for name in (f"{method}-{teacher}-{student}", f"{method}-resnet32x4-resnet8x4"):
+        if name in names:
+            return "distill", name, [f"teacher.model={teacher}", f"student.model={student}", *lr]
+    methods = sorted({n.rsplit("-", 2)[0] for n in names if n.endswith("-resnet32x4-resnet8x4")})
+    raise ConfigError(f"unknown method {method!r}; choices: teacher, baseline, {', '.join(methods)}")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def results_dir(out: str | None = None) -> Path:
+    return Path(out) if out else RESULTS_DIR / KIND
+
+
+def read_rows(out: str | None = None) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(results_dir(out).glob("*.json"))]
+
+
+def find_teacher(arch: str, out: str | None = None) -> dict | None:
+    """The newest teacher result for `arch` whose checkpoint still exists with the recorded hash."""
+    for row in sorted(read_rows(out), key=lambda r: r["time"], reverse=True):
+        if row["method"] == "teacher" and row["student"] == arch:
+            path = Path(row["checkpoint"]["path"])
+            if path.is_file() and sha256(path) == row["checkpoint"]["sha256"]:
+                return row
+    return None
+
+
+def bench_command(opts: dict) -> str:
+    keys = ["method", "pair", "seeds", "epochs"] + [k for k in ("seed0", "teacher") if opts.get(k) != SETTINGS[k]]
+    return "kdkit bench classifier " + " ".join([f"{k}={opts[k]}" for k in keys] + opts["overrides"])
+
+
+def _launch(cmd: list[str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+
+
+def run_classifier(settings: list[str]) -> list[dict]:
+    opts = dict(SETTINGS)
+    extra = [s for s in settings if "." in s.partition("=")[0]]  # recipe overrides, passed through verbatim
+    for key, value in parse_overrides([s for s in settings if s not in extra]).items():
+        if key not in SETTINGS:
+            raise ConfigError(f"unknown bench setting '{key}'; allowed: {', '.join(SETTINGS)} or recipe overrides "
+                              "like losses.dkd.beta=4")
+        opts[key] = value
+    opts["overrides"] = extra
+    if not opts["method"] or not opts["pair"]:
+        raise ConfigError("kdkit bench classifier needs method=NAME and pair=TEACHER-STUDENT")
+    t_arch, s_arch = parse_pair(opts["pair"])
+    epochs, seeds, jobs = int(opts["epochs"]), int(opts["seeds"]), max(1, int(opts["jobs"]))
+    verb, recipe_name, overrides = method_recipe(str(opts["method"]), t_arch, s_arch)
+    overrides += extra
+    recipe = load_recipe(recipe_name, overrides)
+    overrides += protocol_overrides(epochs, recipe)
+    import torch
+
+    fast = opts["fast"] == "auto" and torch.cuda.is_available() or opts["fast"] is True
+    if fast:
+        overrides += FAST
+    teacher_row = None
+    if verb == "distill":
+        if opts["teacher"]:
+            path = Path(str(opts["teacher"]))
+            path = path / "model.safetensors" if path.is_dir() else path
+            if not path.is_file():
+                raise ConfigError(f"teacher={opts['teacher']}: no such checkpoint")
+            teacher_row = {"checkpoint": {"path": str(path), "sha256": sha256(path)}, "final_acc": None,
+                           "epochs": None}
+        else:
+            teacher_row = find_teacher(t_arch, opts["out"])
+            if teacher_row is None:
+                raise KdkitError(f"no trained {t_arch} teacher recorded in {results_dir(opts['out'])}: run "
+                                 f"`kdkit bench classifier method=teacher pair={opts['pair']} seeds=1 "
+                                 f"epochs={epochs}` first, or pass teacher=PATH")
+        overrides.append(f"teacher.checkpoint={teacher_row['checkpoint']['path']}")
+
+    command = bench_command(opts)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    procs: list[tuple[int, str, subprocess.Popen]] = []
+    pending = list(range(int(opts["seed0"]), int(opts["seed0"]) + seeds))
+    rows = []
+    while pending or procs:
+        while pending and len(procs) < jobs:
+            seed = pending.pop(0)
+            name = f"{opts['method']}-{opts['pair']}-e{epochs}-s{seed}-{stamp}"
+            cmd = [sys.executable, "-m", "kdkit.cli", verb, f"recipe={recipe_name}", *overrides,
+                   f"trainer.seed={seed}", f"name={name}", f"output_dir={opts['runs']}", "trainer.progress=false"]
+            print(f"[seed {seed}] {' '.join(cmd[2:])}", flush=True)
+            procs.append((seed, name, _launch(cmd, Path(opts["runs"]) / f"{name}.log")))
+        time.sleep(2)
+        for item in list(procs):
+            seed, name, proc = item
+            if proc.poll() is None:
+                continue
+            procs.remove(item)
+            run_dir = Path(opts["runs"]) / name
+            if proc.returncode != 0:
+                print(f"[seed {seed}] FAILED (exit {proc.returncode}); log: {run_dir}.log", flush=True)
+                continue
+            rows.append(_record(opts, command, verb, recipe_name, overrides, seed, run_dir, t_arch, s_arch,
+                                epochs, fast, teacher_row))
+    if len(rows) != seeds:
+        raise KdkitError(f"{seeds - len(rows)} of {seeds} runs failed; see the logs in {opts['runs']}")
+    accs = [r["final_acc"] for r in rows]
+    print(f"{opts['method']} {opts['pair']} ({epochs} epochs): final test acc " +
+          ", ".join(f"{a:.2f}" for a in accs))
+    if not opts["out"]:
+        print(f"wrote {write_markdown()}")
+    return rows
+
+
+def _record(opts, command, verb, recipe_name, overrides, seed, run_dir: Path, t_arch, s_arch, epochs, fast,
+            teacher_row) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    summary = metrics["summary"]
+    weights = run_dir / "model.safetensors"
+    row = {
+        "kind": KIND, "method": opts["method"], "pair": opts["pair"], "teacher": t_arch,
+        "student": t_arch if opts["method"] == "teacher" else s_arch, "seed": seed, "epochs": epochs,
+        "shorter_protocol": epochs != STANDARD_EPOCHS, "fast": bool(fast),
+        "final_acc": summary["final_acc"], "best_acc": summary["best_acc"],
+        "teacher_acc": summary.get("teacher_acc"), "train_seconds": summary["train_seconds"],
+        "images_per_s": summary["images_per_s"], "run_dir": str(run_dir),
+        "checkpoint": {"path": str(weights), "sha256": sha256(weights)},
+        "teacher_checkpoint": teacher_row["checkpoint"] if teacher_row else None,
+        "teacher_epochs": teacher_row.get("epochs") if teacher_row else None,
+        "command": command, "run_command": f"kdkit {verb} recipe={recipe_name} " + " ".join(overrides) +
+        f" trainer.seed={seed}", "git_commit": git_commit(),
+        "hardware": hardware(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    out = results_dir(opts["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{opts['method']}__{opts['pair']}__e{epochs}__s{seed}.json").write_text(json.dumps(row, indent=1))
+    print(f"[seed {seed}] final {row['final_acc']:.2f}% best {row['best_acc']:.2f}% "
+          f"({row['train_seconds']:.0f} s, {row['images_per_s']:.0f} img/s)", flush=True)
+    return row
+
+
+def write_markdown(out: str | None = None, path: Path | None = None) -> Path:
+    from .classifier_table import render
+
+    path = path or RESULTS_DIR.parent / f"{KIND}.md"
+    path.write_text(render(read_rows(out)))
+    return path
