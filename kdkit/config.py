@@ -85,6 +85,10 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # several frozen teachers (multi-teacher losses get one `Outputs` per teacher, in this order)
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    # a second network trained jointly with the student (online distillation: DML, BD-KD); no teacher then
+    peer: ModelConfig | None = None
     ce_weight: float = 1.0  # weight of cross-entropy on hard labels
     # name -> {type: registry name (defaults to the key), weight: float, <loss options>}
     losses: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -157,7 +161,22 @@ def _raw_recipe(name: str, seen: tuple = ()) -> dict:
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), list) and all(str(i).isdigit() for i in v):
+            out[k] = _merge_list(out[k], v, k)  # teachers.1.checkpoint=PATH edits one element
+        else:
+            out[k] = v
+    return out
+
+
+def _merge_list(items: list, edits: dict, key: str) -> list:
+    out = list(items)
+    for i, v in edits.items():
+        i = int(i)
+        if not 0 <= i < len(out):
+            raise ConfigError(f"override {key}.{i}: '{key}' has {len(out)} element(s) (indices 0..{len(out) - 1})")
+        out[i] = _merge(out[i], v) if isinstance(v, dict) and isinstance(out[i], dict) else v
     return out
 
 
@@ -287,7 +306,13 @@ def validate_losses(losses: dict) -> None:
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"{key}: unknown loss '{kind}'.{hint} Choices: {', '.join(LOSSES.names())}")
         coerce(entry.get("weight", 1.0), float, f"{key}.weight")
-        params = loss_params(LOSSES.get(kind))
+        factory = LOSSES.get(kind)
+        params = loss_params(factory)
+        if "inner" in entry and hasattr(factory, "options_for"):  # a wrapper: its options + the inner loss's
+            inner = entry["inner"]
+            if inner not in LOSSES:
+                raise ConfigError(f"{key}.inner: unknown loss {inner!r}; choices: {', '.join(LOSSES.names())}")
+            params = factory.options_for(inner)
         for opt, value in entry.items():
             if opt in ("type", "weight"):
                 continue

@@ -5,6 +5,7 @@
 #   scripts/gpu-classifier.sh students EPOCHS PAIR...   baseline, KD, DKD x 3 seeds per pair, all concurrently
 #   scripts/gpu-classifier.sh pack                      results (+ small teacher weights) into $OUT
 # Needs KDKIT_DATA_DIR with cifar10/*.parquet. Small runs share the GPU as separate processes.
+# Not yet run on a GPU: the task that wrote it had no device lent (see the issue notes).
 set -uo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-2}
 export KDKIT_CACHE_DIR=${KDKIT_CACHE_DIR:-$PWD/.cache}

@@ -9,16 +9,24 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 from kdkit.errors import ConfigError, ShapeMismatchError
-from kdkit.losses.attention import MiniLMLoss, attention_kl_loss, split_heads, value_relation_loss
+from kdkit.losses.attention import (ATTENTION_MASK_KEY, MiniLMLoss, attention_kl_loss, split_heads,
+                                    value_relation_loss)
 from kdkit.losses.base import DistillLoss
-from kdkit.losses.review import ABF, ReviewKDLoss, hcl_loss
+from kdkit.losses.review import ABF, ReviewKDLoss, hcl_loss, reviewkd_taps
 from kdkit.models import Student, Teacher, build_model
 from kdkit.models.outputs import Outputs
 from kdkit.registry import LOSSES
 
 from mathref import close as _close, kl as _kl, softmax as _softmax
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def _closes(got, expected, rel=1e-5, abs_=1e-7):
@@ -197,11 +205,11 @@ def hf():
     return LlamaConfig, LlamaForCausalLM, BertConfig, BertForMaskedLM
 
 
-def _llama(hf, hidden, layers, heads=4, seed=0):
+def _llama(hf, hidden, layers, heads=4, seed=0, **extra):
     LlamaConfig, LlamaForCausalLM = hf[0], hf[1]
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads)
+                      num_attention_heads=heads, num_key_value_heads=heads, **extra)
     cfg._attn_implementation = "eager"
     return LlamaForCausalLM(cfg)
 
@@ -268,6 +276,102 @@ def test_minilm_head_count_mismatch_is_clear(hf):
     ids = torch.randint(0, 64, (1, 4))
     with pytest.raises(ShapeMismatchError, match=r"\(1, 2, 4, 4\).*\(1, 4, 4, 4\)"):
         loss.setup(student(ids), teacher(ids))
+
+
+# ================================================================ MiniLM: padded batches (attention_mask)
+
+
+def _bert(hf, hidden, layers, seed):
+    BertConfig, BertForMaskedLM = hf[2], hf[3]
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                     num_attention_heads=4, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+                     initializer_range=0.2)
+    cfg._attn_implementation = "eager"
+    return BertForMaskedLM(cfg)
+
+
+def _one_by_one(loss, student, teacher, ids, lengths):
+    """Mean over sequences of the loss on each sequence alone, unpadded (no mask at all)."""
+    values = []
+    for row, n in zip(ids, lengths):
+        x = row[None, :n]
+        values.append(float(loss(student(x), teacher(x)).detach()))
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_minilm_padded_batch_equals_unpadded_sequences(hf, arch):
+    if arch == "bert":
+        prefix_s, prefix_t = "bert.encoder.layer.0.attention.self", "bert.encoder.layer.1.attention.self"
+        taps = dict(student_attn=prefix_s + "[1]", teacher_attn=prefix_t + "[1]",
+                    student_values=prefix_s + ".value", teacher_values=prefix_t + ".value")
+        s_model, t_model = _bert(hf, 16, 1, 1), _bert(hf, 32, 2, 0)
+    else:
+        taps = dict(student_attn="model.layers.0.self_attn[1]", teacher_attn="model.layers.1.self_attn[1]",
+                    student_values="model.layers.0.self_attn.v_proj", teacher_values="model.layers.1.self_attn.v_proj")
+        s_model, t_model = _llama(hf, 16, 1, seed=1, initializer_range=0.2), _llama(hf, 32, 2, initializer_range=0.2)
+    loss = MiniLMLoss(**taps, heads=2)
+    student, teacher = Student(s_model, loss.student_taps), Teacher(t_model, loss.teacher_taps)
+    lengths = [6, 4, 2]
+    ids = torch.randint(1, 64, (3, 6), generator=torch.Generator().manual_seed(5))
+    mask = (torch.arange(6)[None, :] < torch.tensor(lengths)[:, None]).long()  # right padding
+    padded = ids.masked_fill(mask == 0, 0)
+    s_out, t_out = student(padded, attention_mask=mask), teacher(padded, attention_mask=mask)
+    expected = _one_by_one(loss, student, teacher, ids, lengths)
+    # The trainer's way: the mask under the reserved features key (on either side, or both).
+    s_out.features[ATTENTION_MASK_KEY] = mask
+    got = loss(s_out, t_out)
+    _close(got, expected, rel=1e-5)
+    del s_out.features[ATTENTION_MASK_KEY]
+    t_out.features[ATTENTION_MASK_KEY] = mask.bool()
+    _close(loss(s_out, t_out), expected, rel=1e-5)
+    s_out.features[ATTENTION_MASK_KEY] = mask
+    _close(loss(s_out, t_out), expected, rel=1e-5)
+    # Or explicitly; and without any mask the padded positions count: a different number.
+    del s_out.features[ATTENTION_MASK_KEY], t_out.features[ATTENTION_MASK_KEY]
+    _close(loss(s_out, t_out, attention_mask=mask), expected, rel=1e-5)
+    assert expected > 0.05 and abs(float(loss(s_out, t_out).detach()) - expected) > 0.01 * expected
+    got = loss(s_out, t_out, attention_mask=mask)
+    got.backward()
+    assert all(torch.isfinite(p.grad).all() for p in s_model.parameters() if p.grad is not None)
+
+
+def test_minilm_left_padded_llama_equals_unpadded_sequences(hf):
+    # Left padding (generation-style): fully masked query rows exist at the start; they are left out.
+    loss = MiniLMLoss(student_attn="model.layers.0.self_attn[1]", teacher_attn="model.layers.1.self_attn[1]",
+                      student_values="model.layers.0.self_attn.v_proj",
+                      teacher_values="model.layers.1.self_attn.v_proj", heads=2)
+    student = Student(_llama(hf, 16, 1, seed=1, initializer_range=0.2), loss.student_taps)
+    teacher = Teacher(_llama(hf, 32, 2, initializer_range=0.2), loss.teacher_taps)
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(6))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    pos = (mask.cumsum(1) - 1).clamp_min(0)  # positions restart at the first real token, as generate() does
+    s_out = student(ids, attention_mask=mask, position_ids=pos)
+    t_out = teacher(ids, attention_mask=mask, position_ids=pos)
+    s_out.features[ATTENTION_MASK_KEY] = mask
+    values = [float(loss(student(ids[:1]), teacher(ids[:1])).detach()),
+              float(loss(student(ids[1:, 2:]), teacher(ids[1:, 2:])).detach())]
+    _close(loss(s_out, t_out), sum(values) / 2, rel=1e-5)
+
+
+def test_minilm_mask_by_hand_and_errors():
+    # Module = the tensor functions with mask=: one head, sequence 1 has its last token padded.
+    t = torch.tensor([[[[0.6, 0.4, 0.0], [0.3, 0.7, 0.0], [0.2, 0.2, 0.6]]],
+                      [[[0.5, 0.25, 0.25], [0.2, 0.3, 0.5], [0.1, 0.1, 0.8]]]])
+    s = torch.tensor([[[[0.5, 0.5, 0.0], [0.9, 0.1, 0.0], [0.9, 0.05, 0.05]]],
+                      [[[0.4, 0.4, 0.2], [0.3, 0.3, 0.4], [0.2, 0.2, 0.6]]]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    seq0 = (_kl([0.6, 0.4], [0.5, 0.5]) + _kl([0.3, 0.7], [0.9, 0.1])) / 2
+    seq1 = sum(_kl(a, b) for a, b in zip(t[1, 0].tolist(), s[1, 0].tolist())) / 3
+    loss = MiniLMLoss(student_attn="a", teacher_attn="a")
+    got = loss(Outputs(None, {"a": s, ATTENTION_MASK_KEY: mask}), Outputs(None, {"a": t}))
+    _close(got, (seq0 + seq1) / 2, rel=1e-6)
+    with pytest.raises(ShapeMismatchError, match="padding masks .* differ"):
+        loss(Outputs(None, {"a": s, ATTENTION_MASK_KEY: mask}), Outputs(None, {"a": t, ATTENTION_MASK_KEY: 1 - mask}))
+    with pytest.raises(ShapeMismatchError, match="padding mask of shape"):
+        loss(Outputs(None, {"a": s, ATTENTION_MASK_KEY: torch.ones(2, 4)}), Outputs(None, {"a": t}))
+    assert ATTENTION_MASK_KEY == "attention_mask"
 
 
 # ================================================================ MiniLM: errors and options
@@ -433,6 +537,91 @@ def test_reviewkd_resnet32x4_to_resnet8x4():
     abfs = loss.abfs
     loss.setup(s_out, t_out)
     assert loss.abfs is abfs
+
+
+# Official ReviewKD CIFAR-100 code (dvlab-research/ReviewKD, CIFAR-100/model/reviewkd.py build_review_kd;
+# script/reviewKD.sh for the weights): student in_channels, teacher out_channels, student shapes (the residual
+# sizes, deepest first) and out_shapes (teacher sizes, deepest first), listed shallow -> deep below. The
+# reference's resnet `shapes = [1, 8, 16, 32, 32]` has one extra entry that its zip drops. vgg13 -> vgg8 has no
+# run in the official script; the weight is its (and mdistiller's) CIFAR default 5.0.
+_REVIEW_PAIRS = {
+    "reviewkd-resnet56-resnet20": dict(in_ch=[16, 32, 64, 64], out_ch=[16, 32, 64, 64], s_hw=[32, 16, 8, 1],
+                                       t_hw=[32, 16, 8, 1], weight=0.6),
+    "reviewkd-wrn_40_2-wrn_16_2": dict(in_ch=[32, 64, 128, 128], out_ch=[32, 64, 128, 128], s_hw=[32, 16, 8, 1],
+                                       t_hw=[32, 16, 8, 1], weight=5.0),
+    "reviewkd-vgg13-vgg8": dict(in_ch=[128, 256, 512, 512, 512], out_ch=[128, 256, 512, 512, 512],
+                                s_hw=[16, 8, 4, 4, 1], t_hw=[16, 8, 4, 4, 1], weight=5.0),
+    "reviewkd-resnet32x4-shufflenetv2": dict(in_ch=[116, 232, 464, 1024], out_ch=[64, 128, 256, 256],
+                                             s_hw=[16, 8, 4, 1], t_hw=[32, 16, 8, 1], weight=8.0),
+    "reviewkd-resnet32x4-resnet8x4": dict(in_ch=[64, 128, 256, 256], out_ch=[64, 128, 256, 256],
+                                          s_hw=[32, 16, 8, 1], t_hw=[32, 16, 8, 1], weight=5.0),
+}
+
+
+@pytest.mark.parametrize("name", list(_REVIEW_PAIRS))
+def test_reviewkd_recipes_on_every_zoo_pair(name):
+    from kdkit.config import load_recipe
+
+    ref = _REVIEW_PAIRS[name]
+    recipe = load_recipe(name)
+    opts = dict(recipe.losses["reviewkd"])
+    assert opts.pop("weight") == ref["weight"] and opts["warmup"] == 20
+    loss = LOSSES.build("reviewkd", **opts)
+    torch.manual_seed(0)
+    t_model = build_model(recipe.teacher.model, num_classes=100)
+    s_model = build_model(recipe.student.model, num_classes=100)
+    # The recipe's taps are the reference's: student stage outputs, teacher pre-activations, pooled features.
+    assert ",".join(loss.student_layers) == reviewkd_taps(s_model, preact=False)
+    assert ",".join(loss.teacher_layers) == reviewkd_taps(t_model, preact=True)
+    stages = tuple(t_model.stages)
+    teacher = Teacher(t_model, loss.teacher_taps + stages)
+    student = Student(s_model, loss.student_taps)
+    x = torch.randn(2, 3, 32, 32)
+    s_out, t_out = student(x), teacher(x)
+    loss.setup(s_out, t_out)
+    abfs = list(loss.abfs)[::-1]  # shallow -> deep
+    assert [a.conv1[0].in_channels for a in abfs] == ref["in_ch"]
+    assert [a.conv2[0].out_channels for a in abfs] == ref["out_ch"]
+    assert {a.conv1[0].out_channels for a in abfs} == {min(512, ref["in_ch"][-1])}  # mid_channel
+    assert [a.att_conv is not None for a in abfs] == [True] * (len(abfs) - 1) + [False]
+    s_maps = [s_out.features[p] for p in loss.student_layers]
+    t_maps = [t_out.features[p] for p in loss.teacher_layers]
+    assert [f.shape[-1] if f.dim() == 4 else 1 for f in s_maps] == ref["s_hw"]
+    assert [f.shape[-1] if f.dim() == 4 else 1 for f in t_maps] == ref["t_hw"]
+    # Teacher maps are pre-activations: they have negative entries, and the stage output follows from them
+    # (ResNet/VGG: ReLU of it; WRN: the stage output is what the tapped batch norm normalises).
+    for tap, stage in zip(loss.teacher_layers[:-1], stages):
+        pre, post = t_out.features[tap], t_out.features[stage]
+        assert (pre < 0).any()
+        if recipe.teacher.model.startswith("wrn"):
+            bn = dict(t_model.named_modules())[tap]
+            with torch.no_grad():
+                assert torch.allclose(bn(post), pre, atol=1e-5)
+        else:
+            assert torch.allclose(F.relu(pre), post)
+    if recipe.student.model.startswith(("resnet", "vgg")):
+        assert all((f >= 0).all() for f in s_maps)  # post-ReLU student features (STU_PREACT=False)
+    loss.set_epoch(20.0)
+    value = loss(s_out, t_out)
+    assert value.dim() == 0 and torch.isfinite(value) and float(value.detach()) > 0
+    # = HCL between the fused student maps and the teacher maps, computed level by level.
+    fused = loss.fused([m if m.dim() == 4 else m[:, :, None, None] for m in s_maps],
+                       [tuple(m.shape[-2:]) if m.dim() == 4 else (1, 1) for m in t_maps])
+    assert [tuple(f.shape[1:]) for f in fused] == [(c, h, h) for c, h in zip(ref["out_ch"], ref["t_hw"])]
+    value.backward()
+    assert all(p.grad is not None for p in loss.abfs.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s_model.parameters())
+
+
+def test_reviewkd_taps_helper():
+    assert reviewkd_taps(build_model("resnet56"), preact=True) == (
+        "in:layer1.8.relu2,in:layer2.8.relu2,in:layer3.8.relu2,in:fc")
+    assert reviewkd_taps(build_model("resnet32x4"), preact=True) == ",".join(ReviewKDLoss().teacher_layers)
+    assert reviewkd_taps(build_model("wrn_40_2"), preact=True) == "layer2.0.bn1,layer3.0.bn1,bn1,in:fc"
+    assert reviewkd_taps(build_model("vgg8"), preact=True) == "layer1.1,layer2.1,layer3.1,layer4.1,in:fc"
+    assert reviewkd_taps(build_model("shufflenetv2"), preact=False) == "layer1,layer2,layer3,in:fc"
+    with pytest.raises(ConfigError, match="CifarShuffleNetV2"):
+        reviewkd_taps(build_model("shufflenetv2"), preact=True)
 
 
 def test_reviewkd_errors():

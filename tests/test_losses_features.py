@@ -22,7 +22,14 @@ from mathref import close
 def _close(a, b, rel=1e-5, abs_=1e-7):
     close(a, b, rel, abs_)
 
-torch.set_num_threads(1)
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 
 # Reference numbers below come from RepDistiller (github.com/HobbitLong/RepDistiller, commit
 # b84f547c5db6a35318d4671d7d5c4de74c822403): distiller_zoo/AT.py `Attention`, distiller_zoo/SP.py `Similarity`,
@@ -338,6 +345,7 @@ def test_crd_forward_state_and_checkpoint():
     loss = CRDLoss(num_samples=30, feat_dim=4, nce_k=8)
     assert loss.needs_index and loss.student_taps == ("in:fc",) and CRDLoss.student_taps == ()
     loss.setup(so, to)
+    loss.set_dataset_labels(torch.arange(30) % 3)
     before = loss.memory_student.clone()
     index = torch.tensor([1, 2, 3, 29])
     value = loss(so, to, index=index)
@@ -349,8 +357,9 @@ def test_crd_forward_state_and_checkpoint():
     assert int(loss.step) == 1 and (loss.z > 0).all()
     # Buffers go into checkpoints and come back.
     state = loss.state_dict()
-    assert {"memory_student", "memory_teacher", "z", "step"} <= set(state)
-    other = CRDLoss(num_samples=30, feat_dim=4, nce_k=8)
+    assert {"memory_student", "memory_teacher", "z", "step", "dataset_labels"} <= set(state)
+    assert state["dataset_labels"].tolist() == [i % 3 for i in range(30)]
+    other = CRDLoss(num_samples=30, feat_dim=4, nce_k=8)  # no labels set: they come from the checkpoint
     other.setup(so, to)
     other.load_state_dict(state)
     # Same state, same step-seeded negatives: the same next value.
@@ -381,6 +390,158 @@ def test_crd_errors():
                  1.0, 1.0, 5)
 
 
+# ---------------------------------------------------------------- CRD negatives: mode="exact" (other classes)
+
+
+def _cls_negative(labels):
+    """RepDistiller dataset/cifar100.py CIFAR100InstanceSample: cls_positive / cls_negative, rebuilt on `labels`."""
+    n_cls = max(labels) + 1
+    cls_positive = [[i for i, y in enumerate(labels) if y == c] for c in range(n_cls)]
+    return [[i for j in range(n_cls) if j != c for i in cls_positive[j]] for c in range(n_cls)]
+
+
+def test_sample_negatives_exact_are_repdistillers_cls_negative():
+    labels = [2, 0, 1, 0, 2, 2, 1, 0, 0, 1, 2, 0]  # class sizes 5, 3, 4
+    neg_sets = _cls_negative(labels)
+    index = torch.tensor([0, 1, 2, 3, 6, 11])
+    lab = torch.tensor(labels)
+    for k in (3, 7):  # k <= every class's number of negatives (7, 9, 8): distinct, all from other classes
+        got = sample_negatives(index, 12, k, torch.Generator().manual_seed(k), labels=lab)
+        assert got.shape == (6, 1 + k) and got[:, 0].tolist() == index.tolist()
+        for row in got.tolist():
+            assert len(set(row[1:])) == k and set(row[1:]) <= set(neg_sets[labels[row[0]]])
+    # k = the class-0 anchors' number of negatives (7): every one of them, once.
+    got = sample_negatives(torch.tensor([1, 3, 7]), 12, 7, torch.Generator().manual_seed(0), labels=lab)
+    for row in got.tolist():
+        assert sorted(row[1:]) == sorted(neg_sets[0]) == [0, 2, 4, 5, 6, 9, 10]
+    # k above a class's negatives (class 0 has 7, k = 8): drawn with replacement, as np.random.choice(
+    # cls_negative[target], k, replace=True) does (8 draws of 7: a repeat); the class-1 row (9 others) stays distinct.
+    got = sample_negatives(torch.tensor([1, 2]), 12, 8, torch.Generator().manual_seed(1), labels=lab)
+    assert set(got[0, 1:].tolist()) <= set(neg_sets[0]) and len(set(got[0, 1:].tolist())) < 8
+    assert set(got[1, 1:].tolist()) <= set(neg_sets[1]) and len(set(got[1, 1:].tolist())) == 8
+    # Same generator seed, same draw; another seed, another draw.
+    a = sample_negatives(index, 12, 5, torch.Generator().manual_seed(3), labels=lab)
+    assert torch.equal(a, sample_negatives(index, 12, 5, torch.Generator().manual_seed(3), labels=lab))
+    assert not torch.equal(a, sample_negatives(index, 12, 5, torch.Generator().manual_seed(4), labels=lab))
+    with pytest.raises(ConfigError, match="only class"):
+        sample_negatives(index, 12, 3, labels=torch.zeros(12, dtype=torch.long))
+
+
+def test_sample_negatives_exact_is_uniform_over_other_classes():
+    # 4000 draws of k = 2 among the 6 other-class samples of anchor 0: each is picked with probability 2/6.
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    got = sample_negatives(torch.zeros(4000, dtype=torch.long), 10, 2, torch.Generator().manual_seed(0), labels=labels)
+    counts = torch.bincount(got[:, 1:].flatten(), minlength=10).tolist()
+    assert counts[:4] == [0, 0, 0, 0]
+    # Binomial(4000, 1/3): mean 1333, sd ~30; 5 sd bounds.
+    assert all(abs(c - 4000 / 3) < 150 for c in counts[4:]), counts
+
+
+def _crd_exact_setup(n=40, classes=4, k=20, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    so = Outputs(None, {"in:fc": torch.randn(batch, 6, generator=g)})
+    to = Outputs(None, {"in:fc": torch.randn(batch, 5, generator=g)})
+    labels = torch.randperm(n, generator=g) % classes
+    torch.manual_seed(seed)
+    loss = CRDLoss(num_samples=n, feat_dim=4, nce_k=k)
+    loss.setup(so, to)
+    loss.set_dataset_labels(labels)
+    index = torch.randperm(n, generator=g)[:batch]
+    return loss, so, to, labels, index
+
+
+def _record_sample_index(loss, monkeypatch):
+    seen = []
+    inner = loss.loss_on
+
+    def spy(s, t, sample_index):
+        seen.append(sample_index.clone())
+        return inner(s, t, sample_index)
+
+    monkeypatch.setattr(loss, "loss_on", spy)
+    return seen
+
+
+def test_crd_exact_negatives_never_share_the_anchor_class(monkeypatch):
+    loss, so, to, labels, index = _crd_exact_setup()
+    assert loss.mode == "exact"
+    seen = _record_sample_index(loss, monkeypatch)
+    for _ in range(3):
+        value = loss(so, to, labels[index], index=index)
+        value.backward()
+        assert torch.isfinite(value)
+    assert int(loss.step) == 3 and len(seen) == 3
+    for idx in seen:
+        assert idx.shape == (8, 21) and torch.equal(idx[:, 0], index)
+        neg_cls = labels[idx[:, 1:]]
+        assert (neg_cls != labels[index][:, None]).all()  # never the anchor's class
+        assert all(len(set(row)) == 20 for row in idx[:, 1:].tolist())  # distinct (30 other-class samples >= 20)
+    assert not torch.equal(seen[0], seen[1])  # a fresh draw each step (seeded by the step counter)
+    # The same draw as sample_negatives with the step-seeded generator and the dataset labels.
+    assert torch.equal(seen[1], sample_negatives(index, 40, 20, torch.Generator().manual_seed(1), labels=labels))
+    # Uniform mode over the same state draws from every class.
+    uni, so, to, labels, index = _crd_exact_setup()
+    uni.mode = "uniform"
+    seen = _record_sample_index(uni, monkeypatch)
+    uni(so, to, index=index)
+    assert (labels[seen[0][:, 1:]] == labels[index][:, None]).any()
+    assert torch.equal(seen[0], sample_negatives(index, 40, 20, torch.Generator().manual_seed(0)))
+
+
+def test_crd_exact_reproducible_and_resumable(monkeypatch):
+    a, so, to, labels, index = _crd_exact_setup(seed=3)
+    b, *_ = _crd_exact_setup(seed=3)
+    values_a = [float(a(so, to, labels[index], index=index).detach()) for _ in range(2)]
+    values_b = [float(b(so, to, labels[index], index=index).detach()) for _ in range(2)]
+    assert values_a == values_b  # same seed and state: the same negatives, the same losses
+    # A checkpoint carries memories, Z, step and the dataset labels; a fresh loss (no labels given) resumes
+    # from it and draws the negatives the original draws next.
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    assert state["dataset_labels"].tolist() == labels.tolist() and int(state["step"]) == 2
+    c = CRDLoss(num_samples=40, feat_dim=4, nce_k=20)
+    c.setup(so, to)
+    c.load_state_dict(state)
+    seen_a, seen_c = _record_sample_index(a, monkeypatch), _record_sample_index(c, monkeypatch)
+    _close(c(so, to, labels[index], index=index), float(a(so, to, labels[index], index=index).detach()), rel=1e-6)
+    assert torch.equal(seen_a[0], seen_c[0])
+    # A checkpoint written before mode="exact" existed (no dataset_labels) still loads; the labels given stay.
+    old = {k: v for k, v in state.items() if k != "dataset_labels"}
+    d = CRDLoss(num_samples=40, feat_dim=4, nce_k=20)
+    d.setup(so, to)
+    d.set_dataset_labels(labels)
+    d.load_state_dict(old)
+    assert torch.equal(d.dataset_labels, labels) and int(d.step) == 2
+
+
+def test_crd_exact_errors():
+    loss, so, to, labels, index = _crd_exact_setup()
+    fresh = CRDLoss(num_samples=40, feat_dim=4, nce_k=20)
+    fresh.setup(so, to)
+    with pytest.raises(RuntimeError, match=r"set_dataset_labels.*mode='uniform'"):
+        fresh(so, to, labels[index], index=index)
+    with pytest.raises(ValueError, match="batch labels differ"):
+        loss(so, to, (labels[index] + 1) % 4, index=index)
+    with pytest.raises(ShapeMismatchError, match="num_samples=40"):
+        loss.set_dataset_labels(torch.zeros(39, dtype=torch.long))
+    with pytest.raises(ConfigError, match="integer"):
+        loss.set_dataset_labels(torch.zeros(40))
+    with pytest.raises(ConfigError, match=">= 0"):
+        loss.set_dataset_labels(torch.full((40,), -1))
+    with pytest.raises(ConfigError, match="mode must be one of 'exact', 'uniform'"):
+        CRDLoss(num_samples=40, nce_k=20, mode="relax")
+    # Uniform mode needs no labels at all.
+    uni = CRDLoss(num_samples=40, feat_dim=4, nce_k=20, mode="uniform")
+    uni.setup(so, to)
+    assert torch.isfinite(uni(so, to, index=index))
+
+
+def test_crd_recipe_uses_exact_mode():
+    from kdkit.config import load_recipe
+
+    opts = {k: v for k, v in load_recipe("crd-resnet32x4-resnet8x4").losses["crd"].items() if k != "weight"}
+    assert LOSSES.build("crd", **opts).mode == "exact"
+
+
 # ---------------------------------------------------------------- zoo models, registry, signatures
 
 
@@ -401,6 +562,8 @@ def test_losses_on_zoo_models(zoo_pair, name, options):
     so, to = student(images), teacher(images)
     loss.setup(so, to)
     extra = {"index": torch.tensor([3, 97, 0, 50])} if loss.needs_index else {}
+    if name == "crd":
+        loss.set_dataset_labels(torch.arange(100) % 10)
     value = loss(so, to, **extra)
     assert value.dim() == 0 and torch.isfinite(value) and value > 0
     s_model.zero_grad()
@@ -419,6 +582,7 @@ def test_paper_defaults():
     assert (r.w_d, r.w_a, r.student_taps) == (25.0, 50.0, ("in:fc",))
     c = CRDLoss()
     assert (c.num_samples, c.feat_dim, c.nce_k, c.nce_t, c.nce_m) == (50000, 128, 16384, 0.07, 0.5)
+    assert c.mode == "exact"  # RepDistiller train_student.py --mode exact: negatives from other classes
     assert c.memory_student.shape == (50000, 128)
 
 

@@ -252,3 +252,73 @@ def test_diverging_run_stops_with_a_clear_error(tmp_path, cifar):
                   train_indices=balanced_subset(train.labels, 10))
     with pytest.raises(FloatingPointError, match="non-finite loss in epoch 1.*lower optim.lr"):
         d.fit()
+
+
+def _dml_recipe(tmp_path, name, *extra):
+    return recipe(tmp_path, "dml-resnet32x4-resnet8x4", "student.model=convnet3", "student.options={width: 8}",
+                  "peer.model=convnet3", "peer.options={width: 16}", "data.train_per_class=10", "data.batch_size=25",
+                  "trainer.epochs=2", "data.test_limit=100", "trainer.save_every_steps=1", "trainer.keep_checkpoints=20",
+                  f"name={name}", *extra)
+
+
+def test_dml_peer_is_trained_jointly_checkpointed_and_resumes_exactly(tmp_path):
+    """Online distillation: the peer's weights move with one optimiser, its accuracy is logged, its weights are
+    saved, and a run resumed after a crash ends bitwise equal to an uninterrupted one (student and peer)."""
+    torch.manual_seed(0)
+    full = build_distiller(_dml_recipe(tmp_path, "full"), "distill")
+    peer0 = {k: v.clone() for k, v in full.raw.peer.model.state_dict().items()}
+    summary = full.fit()
+    moved = [k for k, v in full.raw.peer.model.state_dict().items() if v.dtype.is_floating_point
+             and not torch.equal(v, peer0[k])]
+    assert moved, "the peer was not trained"
+    assert "peer_test_acc" in full.state["history"][-1] and summary["peer_final_acc"] is not None
+    assert (tmp_path / "full" / "peer.safetensors").is_file()
+
+    def crash(d, step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_distiller(_dml_recipe(tmp_path, "crash"), "distill", on_step=crash).fit()
+    resumed = build_distiller(_dml_recipe(tmp_path, "crash", "resume=auto"), "distill")
+    assert resumed.state["global_step"] == 3
+    resumed.fit()
+    for part in ("student", "peer"):
+        a = getattr(full.raw, part).model.state_dict()
+        b = getattr(resumed.raw, part).model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_dml_and_bdkd_refuse_a_frozen_teacher_too(tmp_path):
+    from kdkit.train.build import check_mode
+
+    with pytest.raises(ConfigError, match="either a frozen teacher"):
+        check_mode(recipe(tmp_path, "bdkd-resnet32x4-resnet8x4", "teacher.checkpoint=x"), "distill")
+    with pytest.raises(ConfigError, match="kdkit train.*peer"):
+        check_mode(recipe(tmp_path, "dml-resnet32x4-resnet8x4"), "train")
+
+
+def test_multi_teacher_run_gets_one_output_per_teacher(tmp_path, teacher_run):
+    """Two teachers (here the same checkpoint twice): the mean of their distributions is that teacher's, so the
+    multi-teacher term equals KD's on the same batch; a one-teacher loss is refused with a list of teachers."""
+    from kdkit.losses import kd_loss
+
+    common = ["student.model=convnet3", "student.options={width: 8}", "data.train_per_class=10",
+              "data.batch_size=25", "trainer.epochs=1", "data.test_limit=100",
+              f"teachers.0.checkpoint={teacher_run}", f"teachers.1.checkpoint={teacher_run}",
+              "teachers.0.model=convnet3", "teachers.1.model=convnet3", "teachers.0.options={width: 32}",
+              "teachers.1.options={width: 32}"]
+    d = build_distiller(recipe(tmp_path, "multi-teacher-resnet8x4", *common, "name=mt"), "distill")
+    assert isinstance(d.teacher, list) and len(d.teacher) == 2
+    assert d.raw.losses["multi_teacher"].num_teachers == 2  # filled from the run
+    batch = next(iter(d.train_loader))
+    outs = d._teacher_out(batch.images, batch.index)
+    assert len(outs) == 2
+    s = d.raw.student(batch.images)
+    got = d.raw.losses["multi_teacher"](s, outs, batch.labels)
+    torch.testing.assert_close(got, kd_loss(s.logits, outs[0].logits, T=4.0), rtol=1e-5, atol=1e-6)
+    summary = d.fit()
+    assert isinstance(summary["teacher_acc"], list) and summary["teacher_acc"][0] == summary["teacher_acc"][1]
+    with pytest.raises(ConfigError, match="takes one teacher.*2 teachers"):
+        build_distiller(recipe(tmp_path, "multi-teacher-resnet8x4", *common, "name=mt2", "losses.multi_teacher=null",
+                               "losses.kd.weight=0.9"), "distill")

@@ -5,6 +5,8 @@ per head and query position), averaged as in the MiniLM paper's Eq. 1: over head
 sequence (``1 / (A_h |x|)``), then over the batch. With a padding mask ``[B, L]`` (1/True = real token), padded
 keys are left out of every distribution and padded queries out of the average, so a sequence's loss is
 normalised by its own length (as Bloomberg's MiniLMv2 implementation does for right-padded batches).
+`MiniLMLoss` reads that mask from ``Outputs.features[ATTENTION_MASK_KEY]`` (``"attention_mask"``, the Hugging
+Face ``attention_mask`` of the batch) when the trainer puts it there.
 Inputs of any floating dtype give float32 (float64 for float64) losses.
 """
 import math
@@ -18,7 +20,11 @@ from ..models.outputs import Outputs
 from ..registry import LOSSES
 from .base import DistillLoss
 
-__all__ = ["attention_kl_loss", "value_relation_loss", "split_heads", "MiniLMLoss"]
+__all__ = ["attention_kl_loss", "value_relation_loss", "split_heads", "MiniLMLoss", "ATTENTION_MASK_KEY"]
+
+# Reserved `Outputs.features` key: the batch's padding mask [B, L] (1 = real token, 0 = padding), as the
+# Hugging Face ``attention_mask``; a trainer of padded token batches stores it here, losses read it.
+ATTENTION_MASK_KEY = "attention_mask"
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -142,6 +148,23 @@ def value_relation_loss(
     return _average_rows(rows, mask)
 
 
+def _padding_mask(student: Outputs, teacher: Outputs, explicit: Tensor | None) -> Tensor | None:
+    """The batch's padding mask: ``explicit`` or the reserved feature of either outputs; all given must agree."""
+    found = [("attention_mask=", explicit)] if explicit is not None else []
+    found += [(f"{who}.features[{ATTENTION_MASK_KEY!r}]", out.features[ATTENTION_MASK_KEY])
+              for who, out in (("student", student), ("teacher", teacher)) if ATTENTION_MASK_KEY in out.features]
+    if not found:
+        return None
+    (name, mask), rest = found[0], found[1:]
+    for other_name, other in rest:
+        if tuple(other.shape) != tuple(mask.shape) or not torch.equal(other.to(mask.device).bool(), mask.bool()):
+            raise ShapeMismatchError(
+                f"minilm: the padding masks {name} {_shape(mask)} and {other_name} {_shape(other)} differ; student "
+                "and teacher must see the same padded batch"
+            )
+    return mask
+
+
 class MiniLMLoss(DistillLoss):
     """Wang et al., NeurIPS 2020, "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of
     Pre-Trained Transformers" (attention-distribution KL plus value-relation KL of one layer pair).
@@ -155,8 +178,11 @@ class MiniLMLoss(DistillLoss):
     attention maps' head counts (MiniLM; they must be equal); ``heads=N`` uses N relation heads for both
     (MiniLMv2), which also suits grouped-query attention (set N to divide the key/value heads' width).
 
-    The module sees no padding mask: it averages over all positions. For padded batches call
-    `attention_kl_loss` / `value_relation_loss` with ``mask=`` directly.
+    Padding: the batch's ``[B, L]`` mask (1 = token, 0 = padding) is read from
+    ``student.features["attention_mask"]`` or ``teacher.features["attention_mask"]`` (`ATTENTION_MASK_KEY`; both,
+    if present, must agree) or passed as ``attention_mask=`` to the call. Padded keys are left out of every
+    distribution and padded queries out of the average, so a padded batch gives the mean of the sequences'
+    unpadded losses. Without a mask every position counts.
     """
 
     def __init__(
@@ -193,13 +219,15 @@ class MiniLMLoss(DistillLoss):
         self._check_paths()
         self(student, teacher)  # checks every shape on the example batch
 
-    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
         self._check_paths()
         if teacher is None:
             raise ValueError("minilm needs the teacher's outputs, but none were passed")
+        mask = _padding_mask(student, teacher, attention_mask)
         s_attn = student.feature(self.student_attn, "student")
         t_attn = teacher.feature(self.teacher_attn, "teacher")
-        loss = attention_kl_loss(s_attn, t_attn)
+        loss = attention_kl_loss(s_attn, t_attn, mask=mask)
         if self.student_values:
             h_s = self.heads or s_attn.shape[1]
             h_t = self.heads or t_attn.shape[1]
@@ -208,6 +236,7 @@ class MiniLMLoss(DistillLoss):
                 teacher.feature(self.teacher_values, "teacher"),
                 h_s,
                 h_t,
+                mask=mask,
             )
         return loss
 

@@ -25,6 +25,8 @@ class DistillLoss(nn.Module, metaclass=abc.ABCMeta):
     # True: forward also receives `index=` (the batch's dataset sample indices), for losses that keep
     # per-sample state (CRD's memory bank, PS-KD's prediction cache).
     needs_index: bool = False
+    # True: `teacher` is a list of `Outputs`, one per teacher of the recipe's `teachers:` (multi-teacher losses).
+    takes_teacher_list: bool = False
 
     epoch: float = 0.0
 

@@ -4,6 +4,11 @@ As RepDistiller's ``crd/`` (``CRDLoss``, ``ContrastMemory``, ``ContrastLoss``, `
 features are embedded (linear + L2 norm) into ``feat_dim``; each sample's embedding is scored against the
 *other* network's memory rows of its positive (its own dataset index) and K negatives; the scores
 exp(v . m / T) / Z are turned into NCE posteriors against a uniform noise distribution 1/N.
+
+Negatives: ``mode="exact"`` (the default, as RepDistiller's CIFAR-100 runs: ``train_student.py --mode exact``
+with ``dataset/cifar100.py`` ``CIFAR100InstanceSample``) draws them only from samples of *other classes*
+(``cls_negative``), so the loss needs every training sample's label: call `CRDLoss.set_dataset_labels` once
+before training. ``mode="uniform"`` draws them from every other sample and needs no labels.
 """
 import math
 
@@ -15,7 +20,11 @@ from ..models.outputs import Outputs
 from ..registry import LOSSES
 from .base import DistillLoss
 
-__all__ = ["nce_loss", "crd_scores", "crd_loss", "sample_negatives", "CRDEmbed", "CRDLoss"]
+__all__ = ["nce_loss", "crd_scores", "crd_loss", "sample_negatives", "CRDEmbed", "CRDLoss", "CRD_MODES"]
+
+# "exact": positive = the sample itself, negatives from other classes (RepDistiller's CIFAR default);
+# "uniform": negatives from all other samples.
+CRD_MODES = ("exact", "uniform")
 
 # RepDistiller's ContrastLoss adds this to the denominators.
 _EPS = 1e-7
@@ -83,21 +92,43 @@ def _check(v_s: Tensor, v_t: Tensor, m_s: Tensor, m_t: Tensor, idx: Tensor) -> N
         )
 
 
-def sample_negatives(index: Tensor, num_samples: int, k: int, generator: torch.Generator | None = None) -> Tensor:
+def sample_negatives(index: Tensor, num_samples: int, k: int, generator: torch.Generator | None = None,
+                     labels: Tensor | None = None) -> Tensor:
     """Tian et al., ICLR 2020, "Contrastive Representation Distillation": [B, 1+K] = positive, then K negatives.
 
-    The K negatives of each row are distinct dataset indices drawn uniformly from all ``num_samples``
-    except the row's positive (without replacement, as RepDistiller's ``np.random.choice``).
+    Without ``labels``, the K negatives of each row are distinct dataset indices drawn uniformly from all
+    ``num_samples`` except the row's positive. With ``labels`` (the ``[num_samples]`` class of every dataset
+    sample), they are drawn uniformly from the samples whose class differs from the positive's (RepDistiller's
+    ``cls_negative[target]``, ``mode='exact'``): distinct, or with replacement for a row whose class leaves fewer
+    than K other-class samples (as its ``np.random.choice(..., replace=k > len(cls_negative))``).
     """
     index = index.reshape(-1).long()
-    if k > num_samples - 1:
-        raise ConfigError(f"crd: nce_k={k} negatives need num_samples > nce_k, got num_samples={num_samples}")
     device = generator.device if generator is not None else index.device
-    # Top-k of uniform noise = a uniform k-subset of range(num_samples - 1); shift past the positive.
-    noise = torch.rand(index.shape[0], num_samples - 1, generator=generator, device=device)
-    neg = noise.topk(k, dim=1, sorted=False).indices
     pos = index.to(device)[:, None]
-    neg = neg + (neg >= pos).long()
+    if labels is None:
+        if k > num_samples - 1:
+            raise ConfigError(f"crd: nce_k={k} negatives need num_samples > nce_k, got num_samples={num_samples}")
+        # Top-k of uniform noise = a uniform k-subset of range(num_samples - 1); shift past the positive.
+        noise = torch.rand(index.shape[0], num_samples - 1, generator=generator, device=device)
+        neg = noise.topk(k, dim=1, sorted=False).indices
+        neg = neg + (neg >= pos).long()
+        return torch.cat([pos, neg], dim=1)
+    labels = labels.reshape(-1).to(device)
+    if labels.shape[0] != num_samples:
+        raise ShapeMismatchError(f"crd: labels has {labels.shape[0]} entries for num_samples={num_samples}")
+    allowed = labels[None, :] != labels[pos]  # [B, N]: samples of another class than the row's positive
+    count = allowed.sum(1)
+    if bool((count == 0).any()):
+        raise ConfigError("crd: mode='exact' draws negatives from other classes, but a sample's class is the only "
+                          "class in the labels; use mode='uniform'")
+    # Top-k of uniform noise over the allowed columns (the rest pushed below 0) = a uniform k-subset of them.
+    noise = torch.rand(index.shape[0], num_samples, generator=generator, device=device).masked_fill_(~allowed, -1.0)
+    neg = noise.topk(min(k, num_samples), dim=1, sorted=False).indices[:, :k]
+    short = count < k
+    if bool(short.any()):
+        neg = neg.clone() if neg.shape[1] == k else torch.empty(index.shape[0], k, dtype=torch.long, device=device)
+        rows = short.nonzero().flatten()
+        neg[rows] = torch.multinomial(allowed[rows].float(), k, replacement=True, generator=generator)
     return torch.cat([pos, neg], dim=1)
 
 
@@ -116,12 +147,18 @@ class CRDEmbed(nn.Module):
 
 
 class CRDLoss(DistillLoss):
-    """Tian et al., ICLR 2020, "Contrastive Representation Distillation" (embed heads, memory banks, NCE)."""
+    """Tian et al., ICLR 2020, "Contrastive Representation Distillation" (embed heads, memory banks, NCE).
+
+    ``mode="exact"`` (default, RepDistiller's CIFAR setting) draws the ``nce_k`` negatives of each sample from
+    samples of other classes; it needs the label of every training sample, given once before training with
+    `set_dataset_labels` (kept in the ``dataset_labels`` buffer, so it is checkpointed). Each batch's ``labels``
+    are checked against it. ``mode="uniform"`` draws negatives from all other samples and needs no labels.
+    """
 
     needs_index = True
 
     def __init__(self, *, num_samples: int = 50000, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
-                 nce_m: float = 0.5, student_layer: str = "in:fc", teacher_layer: str = "in:fc"):
+                 nce_m: float = 0.5, mode: str = "exact", student_layer: str = "in:fc", teacher_layer: str = "in:fc"):
         super().__init__()
         if num_samples < 2 or feat_dim < 1 or nce_k < 1:
             raise ConfigError(
@@ -134,8 +171,12 @@ class CRDLoss(DistillLoss):
             raise ConfigError(f"crd: nce_t must be > 0, got {nce_t}")
         if not 0 <= nce_m < 1:
             raise ConfigError(f"crd: nce_m (memory momentum) must be in [0, 1), got {nce_m}")
+        if mode not in CRD_MODES:
+            raise ConfigError(f"crd: mode must be one of {', '.join(map(repr, CRD_MODES))} ('exact': negatives from "
+                              f"other classes, as the paper's CIFAR runs; 'uniform': from all samples), got {mode!r}")
         self.num_samples, self.feat_dim, self.nce_k = int(num_samples), int(feat_dim), int(nce_k)
         self.nce_t, self.nce_m = float(nce_t), float(nce_m)
+        self.mode = mode
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.student_taps, self.teacher_taps = (student_layer,), (teacher_layer,)
         # RepDistiller's ContrastMemory init: uniform in [-stdv, stdv], stdv = 1 / sqrt(feat_dim / 3).
@@ -146,8 +187,37 @@ class CRDLoss(DistillLoss):
         self.register_buffer("z", torch.full((2,), -1.0))
         # Steps taken: seeds the negative sampling, so a resumed run draws the same negatives.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # The class of every dataset sample (-1 = not given), for mode="exact".
+        self.register_buffer("dataset_labels", torch.full((num_samples,), -1, dtype=torch.long))
         self.embed_student: CRDEmbed | None = None
         self.embed_teacher: CRDEmbed | None = None
+
+    def set_dataset_labels(self, labels) -> None:
+        """Record the class of every training sample (``[num_samples]``, dataset-index order) for ``mode="exact"``.
+
+        The trainer calls this once before training with the full training set's labels (the ``index`` the loss
+        receives indexes this vector). Harmless in ``mode="uniform"``.
+        """
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.shape[0] != self.num_samples:
+            raise ShapeMismatchError(
+                f"crd: dataset labels must be a vector of num_samples={self.num_samples} class ids, got shape "
+                f"{_shape(labels.shape)}; set num_samples to the training set size"
+            )
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ConfigError(f"crd: dataset labels must be integer class ids, got dtype {labels.dtype}")
+        if labels.numel() and int(labels.min()) < 0:
+            raise ConfigError(f"crd: dataset labels must be >= 0, got {int(labels.min())}")
+        self.dataset_labels.copy_(labels.to(self.dataset_labels))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checkpoints written before mode="exact" existed have no dataset_labels: keep the current ones.
+        key = prefix + "dataset_labels"
+        if key not in state_dict:
+            state_dict[key] = self.dataset_labels.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _feats(self, student: Outputs, teacher: Outputs | None) -> tuple[Tensor, Tensor]:
         if teacher is None:
@@ -188,10 +258,29 @@ class CRDLoss(DistillLoss):
                 f"{self.num_samples}; set num_samples to the training set size"
             )
         device = self.memory_student.device
+        dataset_labels = self._exact_labels(index, labels) if self.mode == "exact" else None
         gen = torch.Generator(device=device)
         gen.manual_seed(int(self.step))
-        sample_index = sample_negatives(index.to(device), self.num_samples, self.nce_k, gen)
+        sample_index = sample_negatives(index.to(device), self.num_samples, self.nce_k, gen, dataset_labels)
         return self.loss_on(s, t, sample_index)
+
+    def _exact_labels(self, index: Tensor, labels: Tensor | None) -> Tensor:
+        known = self.dataset_labels
+        if bool((known < 0).any()):
+            raise RuntimeError(
+                "crd mode='exact' draws each sample's negatives from other classes and needs the label of every "
+                "training sample: call loss.set_dataset_labels(train_labels) once before training (the trainer does), "
+                "or set mode='uniform'"
+            )
+        labels = None if labels is None else torch.as_tensor(labels)
+        # Hard class labels of the batch (not soft / mixed targets): they must be the recorded ones.
+        if labels is not None and labels.dim() == 1 and not labels.is_floating_point() and labels.shape == index.shape:
+            if not torch.equal(labels.to(known.device).long(), known[index.to(known.device)]):
+                raise ValueError(
+                    "crd: the batch labels differ from the dataset labels at the batch's index; index must be the "
+                    "samples' positions in the training set given to set_dataset_labels"
+                )
+        return known
 
     def loss_on(self, student_feat: Tensor, teacher_feat: Tensor, sample_index: Tensor) -> Tensor:
         """The loss with given [B, 1+K] sample indices (column 0 = positive); updates Z, memories, step."""
@@ -221,7 +310,7 @@ class CRDLoss(DistillLoss):
 
     def extra_repr(self) -> str:
         return (f"num_samples={self.num_samples}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, "
-                f"nce_t={self.nce_t}, nce_m={self.nce_m}")
+                f"nce_t={self.nce_t}, nce_m={self.nce_m}, mode={self.mode!r}")
 
 
 if "crd" not in LOSSES:  # tolerate a re-import (importlib.reload)

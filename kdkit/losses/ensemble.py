@@ -214,6 +214,7 @@ class MultiTeacherKDLoss(DistillLoss):
     """
 
     WEIGHTINGS = ("mean", "fixed", "learned", "routing")
+    takes_teacher_list = True
 
     def __init__(self, *, num_teachers: int = 2, weighting: str = "mean", weights: str = "", T: float = 4.0,
                  drop_p: float = 0.0, top_k: int = 0, gate_layer: str = "in:fc", balance: float = 0.0):

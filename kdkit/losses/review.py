@@ -11,7 +11,7 @@ from ..models.outputs import Outputs
 from ..registry import LOSSES
 from .base import DistillLoss
 
-__all__ = ["hcl_loss", "ABF", "ReviewKDLoss"]
+__all__ = ["hcl_loss", "ABF", "ReviewKDLoss", "reviewkd_taps"]
 
 # Pyramid levels of the hierarchical context loss (pooled to l x l), each weighted half the previous one.
 _HCL_LEVELS = (4, 2, 1)
@@ -101,6 +101,42 @@ def _as_map(x: Tensor, path: str, who: str) -> Tensor:
     return x
 
 
+def reviewkd_taps(model: nn.Module, preact: bool) -> str:
+    """The ``student_layers`` / ``teacher_layers`` value for a kdkit CIFAR zoo model, as the reference taps it.
+
+    Chen et al., CVPR 2021, "Distilling Knowledge via Knowledge Review" (official CIFAR-100 code, ``train.py`` and
+    ``model/*``): each stage's output, then the pooled embedding ``in:fc``. ``preact=True`` (the teacher's
+    ``is_feat=True, preact=True``) gives the pre-ReLU stage outputs: the residual sum of a ResNet stage's last
+    block (``in:layerK.<last>.relu2``), a VGG group's last batch norm, and for a WRN the batch norm the next block
+    (or the final ``bn1``) applies to the stage output. ``preact=False`` (the student's features) gives the stage
+    outputs (post-ReLU for ResNet/VGG, the residual sum for WRN, post-shuffle for ShuffleNetV2).
+    """
+    from ..models.cifar.resnet import CifarResNet
+    from ..models.cifar.vgg import CifarVGG
+    from ..models.cifar.wrn import WideResNet
+    from ..models.zoo import stage_paths
+
+    stages = stage_paths(model)
+    if not preact:
+        return ",".join([*stages, "in:fc"])
+    modules = dict(model.named_modules())
+    taps = []
+    for i, stage in enumerate(stages):
+        if isinstance(model, CifarResNet):
+            taps.append(f"in:{stage}.{len(modules[stage]) - 1}.relu2")
+        elif isinstance(model, WideResNet):
+            taps.append(f"{stages[i + 1]}.0.bn1" if i + 1 < len(stages) else "bn1")
+        elif isinstance(model, CifarVGG):
+            last_bn = max(j for j, m in enumerate(modules[stage]) if isinstance(m, nn.BatchNorm2d))
+            taps.append(f"{stage}.{last_bn}")
+        else:
+            raise ConfigError(
+                f"reviewkd: no pre-activation taps known for {type(model).__name__}; list teacher_layers explicitly "
+                "(or use preact=False for post-activation stage outputs)"
+            )
+    return ",".join([*taps, "in:fc"])
+
+
 def _paths(spec: str, option: str) -> tuple[str, ...]:
     paths = tuple(p.strip() for p in spec.split(",") if p.strip())
     if not paths:
@@ -112,10 +148,13 @@ class ReviewKDLoss(DistillLoss):
     """Chen et al., CVPR 2021, "Distilling Knowledge via Knowledge Review" (ABF fusion + HCL, linear warm-up).
 
     ``student_layers`` / ``teacher_layers``: comma-separated taps, shallow to deep, one per level; the deepest is
-    usually the pooled embedding ``in:fc``. The defaults reproduce mdistiller's CIFAR ResNet setup for
-    resnet32x4 -> resnet8x4: the student's post-ReLU stage outputs (``STU_PREACT=False``) and pooled feature, the
-    teacher's pre-ReLU stage outputs (``in:layerK.4.relu2``, the last of resnet32x4's 5 blocks per stage) and pooled
-    feature. For another teacher depth, change the block index (resnet56: ``.8``, resnet110: ``.17``).
+    usually the pooled embedding ``in:fc``. As the official CIFAR-100 code (and mdistiller, ``STU_PREACT=False``),
+    the student gives its stage outputs and the teacher its pre-activation ones (`reviewkd_taps` derives both
+    from a zoo model). The defaults are resnet32x4 -> resnet8x4: the student's ``layer1..3`` and pooled feature,
+    the teacher's pre-ReLU stage outputs ``in:layerK.4.relu2`` (the last of resnet32x4's 5 blocks per stage) and
+    pooled feature. Other pairs need their own taps (the block index differs, e.g. resnet56 ``.8``): see
+    ``recipes/reviewkd-*.yaml`` for resnet56 -> resnet20, wrn_40_2 -> wrn_16_2, vgg13 -> vgg8 (five levels) and
+    resnet32x4 -> shufflenetv2 (student maps half the teacher's size: the ABF outputs are upsampled to it).
 
     ``mid_channel=0`` uses the reference's ``min(512, channels of the deepest student feature)`` (256 here).
     Warm-up: the loss is scaled by ``min(epoch / warmup, 1)`` with kdkit's fractional 0-based epoch (see

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from ..config import ConfigError, Recipe, dump
+from ..config import ConfigError, Recipe, TeacherConfig, dump
 from ..errors import CheckpointError
 from ..data import load_dataset_by_name
 from ..data.subsets import balanced_subset
@@ -24,25 +24,34 @@ def _needs_teacher(entry: dict, name: str) -> bool:
 
 def check_mode(recipe: Recipe, mode: Mode) -> None:
     """`train` has no teacher (teachers, baselines, self-distillation losses such as PS-KD); `distill` has
-    distillation losses and a teacher when any of them needs one. Fail before any work."""
+    distillation losses and a teacher (or several, or a jointly trained peer) when any of them needs one. Fail
+    before any work."""
     t = recipe.teacher
-    has_teacher = bool(t.model or t.checkpoint or t.cache)
+    has_teacher = bool(t.model or t.checkpoint or t.cache or recipe.teachers)
     losses = {k: v for k, v in recipe.losses.items() if v is not None}
     need = sorted(k for k, v in losses.items() if _needs_teacher(v, k))
-    if mode == "train" and (has_teacher or need):
+    if mode == "train" and (has_teacher or need or recipe.peer):
+        what = "teacher" if has_teacher else "peer" if recipe.peer else "losses " + ", ".join(need)
         raise ConfigError("`kdkit train` trains without a teacher (teachers and no-teacher baselines); this recipe "
-                          f"sets {'teacher' if has_teacher else 'losses ' + ', '.join(need)}: use `kdkit distill`, "
-                          "or override teacher.model=null teacher.checkpoint=null losses={}")
+                          f"sets {what}: use `kdkit distill`, or override teacher.model=null teacher.checkpoint=null "
+                          "losses={}")
     if mode == "distill":
         if not losses:
             raise ConfigError(f"`kdkit distill` needs at least one loss, e.g. losses.kd.weight=0.9; "
                               f"choices: {', '.join(LOSSES.names())}")
-        if need and not has_teacher:
+        if recipe.peer and has_teacher:
+            raise ConfigError("a recipe has either a frozen teacher (teacher/teachers) or a jointly trained peer "
+                              "(peer), not both: the peer is what the online losses (dml, bdkd) learn from")
+        if need and not has_teacher and not recipe.peer:
             raise ConfigError(f"losses {', '.join(need)} need a teacher: set teacher.checkpoint=PATH (a run folder or "
                               "model.safetensors from `kdkit train`) or teacher.cache=PATH (stored logits)")
-        if has_teacher and not t.cache and not t.checkpoint:
-            raise ConfigError(f"teacher.model={t.model} has no weights: set teacher.checkpoint=PATH (a randomly "
-                              "initialised teacher teaches nothing)")
+        if (t.model or t.checkpoint or t.cache) and recipe.teachers:
+            raise ConfigError("set either teacher (one) or teachers (a list), not both")
+        for i, tc in enumerate([t] if not recipe.teachers else recipe.teachers):
+            if (tc.model or tc.checkpoint or tc.cache) and not tc.cache and not tc.checkpoint:
+                where = "teacher" if not recipe.teachers else f"teachers[{i}]"
+                raise ConfigError(f"{where}.model={tc.model} has no weights: set {where}.checkpoint=PATH (a randomly "
+                                  "initialised teacher teaches nothing)")
 
 
 def model_file(path: str | Path) -> Path:
@@ -51,8 +60,9 @@ def model_file(path: str | Path) -> Path:
     return p / "model.safetensors" if p.is_dir() else p
 
 
-def build_teacher(recipe: Recipe, num_classes: int):
-    t = recipe.teacher
+def build_teacher(recipe: Recipe | TeacherConfig, num_classes: int):
+    """A frozen `Teacher` (or `CachedTeacher`) from a recipe's `teacher` or from one `TeacherConfig`."""
+    t = recipe.teacher if isinstance(recipe, Recipe) else recipe
     if t.cache:
         return CachedTeacher.load(t.cache)
     weights = model_file(t.checkpoint)
@@ -67,6 +77,15 @@ def build_teacher(recipe: Recipe, num_classes: int):
     model = build_model(name, num_classes=num_classes, **options)
     ckpt.load_model(model, weights, expect={"model": name, "num_classes": num_classes})
     return Teacher(model)
+
+
+def build_peer(recipe: Recipe, num_classes: int):
+    """The jointly trained peer network (online distillation), optionally from a checkpoint."""
+    p = recipe.peer
+    model = build_model(p.model, num_classes=num_classes, **p.options)
+    if p.checkpoint:
+        ckpt.load_model(model, model_file(p.checkpoint))
+    return model
 
 
 def build_losses(recipe: Recipe, run: dict | None = None) -> dict:
@@ -118,13 +137,22 @@ def build_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = None, 
     student = build_model(recipe.student.model, num_classes=num_classes, **recipe.student.options)
     if recipe.student.checkpoint:
         ckpt.load_model(student, model_file(recipe.student.checkpoint))
-    teacher = build_teacher(recipe, num_classes) if recipe.teacher.checkpoint or recipe.teacher.cache else None
-    losses = build_losses(recipe, {"epochs": recipe.trainer.epochs, "num_samples": len(train.labels),
-                                   "num_classes": num_classes})
-    distiller = Distiller(student, teacher, losses, train, test, recipe, run_dir, train_indices=indices,
+    if recipe.teachers:
+        teacher = [build_teacher(t, num_classes) for t in recipe.teachers]
+    else:
+        teacher = build_teacher(recipe, num_classes) if recipe.teacher.checkpoint or recipe.teacher.cache else None
+    peer = build_peer(recipe, num_classes) if recipe.peer else None
+    run = {"epochs": recipe.trainer.epochs, "num_samples": len(train.labels), "num_classes": num_classes}
+    if recipe.teachers:
+        run["num_teachers"] = len(recipe.teachers)
+    losses = build_losses(recipe, run)
+    distiller = Distiller(student, teacher, losses, train, test, recipe, run_dir, train_indices=indices, peer=peer,
                           model_meta={"model": recipe.student.model, "num_classes": num_classes,
                                       "options": json.dumps(recipe.student.options), "dataset": recipe.data.name},
                           on_step=on_step)
+    if peer is not None:
+        distiller.peer_meta = {"model": recipe.peer.model, "num_classes": num_classes,
+                               "options": json.dumps(recipe.peer.options), "dataset": recipe.data.name}
     if state.is_main_process:
         dump(recipe, run_dir / "config.yaml")
     if recipe.resume:

@@ -33,16 +33,20 @@ from .run_dir import RunLog
 class DistillModule(nn.Module):
     """Student + the losses' own parameters; forward returns the student's logits and each weighted loss term."""
 
-    def __init__(self, student: Student, losses: dict[str, tuple[float, DistillLoss]], ce_weight: float):
+    def __init__(self, student: Student, losses: dict[str, tuple[float, DistillLoss]], ce_weight: float,
+                 peer: Student | None = None):
         super().__init__()
         self.student = student
+        self.peer = peer  # online distillation: trained jointly, its outputs (with gradients) are the "teacher"
         self.losses = nn.ModuleDict({name: loss for name, (_, loss) in losses.items()})
         self.weights = {name: float(w) for name, (w, _) in losses.items()}
         self.ce_weight = float(ce_weight)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, teacher: Outputs | None,
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, teacher,
                 index: torch.Tensor | None = None):
         out = self.student(images)
+        if self.peer is not None:
+            teacher = self.peer(images)
         terms = {}
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(out.logits.float(), labels)
@@ -56,13 +60,15 @@ class Distiller:
     """Trains `student` (optionally from `teacher` through `losses`) on in-memory image tensors.
 
     `losses` maps a name to `(weight, DistillLoss)`; with no teacher and no losses this is plain
-    supervised training (how teachers and no-teacher baselines are made). `on_step(distiller, step)`
+    supervised training (how teachers and no-teacher baselines are made). `teacher` may be a list (several
+    frozen teachers, for losses with `takes_teacher_list`); `peer` is a second network trained jointly with the
+    student (online distillation), whose outputs the losses receive as the teacher. `on_step(distiller, step)`
     is called after every optimiser step (tests use it to simulate a crash).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, losses: dict, train, test, cfg: Recipe,
+    def __init__(self, student: nn.Module, teacher, losses: dict, train, test, cfg: Recipe,
                  run_dir: str | Path, *, train_indices: torch.Tensor | None = None,
-                 model_meta: dict | None = None, on_step: Callable | None = None):
+                 model_meta: dict | None = None, on_step: Callable | None = None, peer: nn.Module | None = None):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -76,28 +82,43 @@ class Distiller:
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
         self.on_step = on_step
         self.model_meta = dict(model_meta or {})
+        self.peer_meta = {k: v for k, v in self.model_meta.items() if k in ("num_classes", "dataset")}
 
         student = student if isinstance(student, Student) else Student(student)
-        if teacher is not None and not isinstance(teacher, (Teacher, CachedTeacher)):
-            teacher = Teacher(teacher)
+        many = isinstance(teacher, (list, tuple))
+        teachers = [t if isinstance(t, (Teacher, CachedTeacher)) else Teacher(t)
+                    for t in (teacher if many else [teacher] if teacher is not None else [])]
+        if peer is not None and teachers:
+            raise ConfigError("give either a frozen teacher or a jointly trained peer, not both")
+        peer = None if peer is None else peer if isinstance(peer, Student) else Student(peer)
         losses = {n: (l if isinstance(l, tuple) else (1.0, l)) for n, l in (losses or {}).items()}
-        if teacher is None and any(l.needs_teacher for _, l in losses.values()):
+        if not teachers and peer is None and any(l.needs_teacher for _, l in losses.values()):
             raise ConfigError(f"losses {sorted(losses)} need a teacher, but none was given (set teacher.model "
                               "and teacher.checkpoint, or teacher.cache)")
-        for _, loss in losses.values():
+        for name, (_, loss) in losses.items():
+            if many != loss.takes_teacher_list and loss.needs_teacher:
+                raise ConfigError(f"loss '{name}' ({type(loss).__name__}) takes "
+                                  f"{'a list of teachers' if loss.takes_teacher_list else 'one teacher'}, but the run "
+                                  f"has {f'{len(teachers)} teachers (teachers:)' if many else 'one (teacher:)'}")
             student.add_taps(loss.student_taps)
-            if isinstance(teacher, Teacher):
-                teacher.add_taps(loss.teacher_taps)
-            elif loss.teacher_taps:
-                raise ConfigError(f"{type(loss).__name__} needs teacher features {loss.teacher_taps}; "
-                                  "a cached teacher only has logits")
-        self.teacher = teacher.to(acc.device) if teacher is not None else None
+            for t in teachers + ([peer] if peer is not None else []):
+                if isinstance(t, CachedTeacher):
+                    if loss.teacher_taps:
+                        raise ConfigError(f"{type(loss).__name__} needs teacher features {loss.teacher_taps}; "
+                                          "a cached teacher only has logits")
+                else:
+                    t.add_taps(loss.teacher_taps)
+        teachers = [t.to(acc.device) for t in teachers]
+        for t in teachers:
+            if isinstance(t, Teacher):
+                if self.tcfg.channels_last:
+                    t.to(memory_format=torch.channels_last)
+                if self.tcfg.compile:
+                    t.model.compile(mode=self.tcfg.compile_mode)
+        self.teacher = teachers if many else teachers[0] if teachers else None
         student.to(acc.device)
-        if isinstance(self.teacher, Teacher):
-            if self.tcfg.channels_last:
-                self.teacher.to(memory_format=torch.channels_last)
-            if self.tcfg.compile:
-                self.teacher.model.compile(mode=self.tcfg.compile_mode)
+        if peer is not None:
+            peer.to(acc.device)
 
         dev = acc.device
         if dev.type == "cuda" and self.tcfg.data_on_device:  # GPU-resident data: augmentation runs there too
@@ -123,8 +144,12 @@ class Distiller:
                               f"data.train_per_class={cfg.data.train_per_class}, {acc.num_processes} process(es))") from e
 
         # Let losses size their parameters (projectors) and check shapes on one real batch.
-        self._setup_losses(student, losses)
-        module = DistillModule(student, losses, cfg.ce_weight)
+        self._setup_losses(student, losses, peer)
+        for _, loss in losses.values():  # per-sample losses that need every training label (CRD's exact negatives)
+            for m in loss.modules():
+                if hasattr(m, "set_dataset_labels"):
+                    m.set_dataset_labels(self.train_loader.labels)
+        module = DistillModule(student, losses, cfg.ce_weight, peer)
         if self.tcfg.channels_last:
             module.to(memory_format=torch.channels_last)
         if self.tcfg.compile:
@@ -141,29 +166,33 @@ class Distiller:
 
     # ------------------------------------------------------------ set-up
 
-    def _setup_losses(self, student: Student, losses: dict) -> None:
+    def _setup_losses(self, student: Student, losses: dict, peer: Student | None = None) -> None:
         if not losses:
             return
         idx = self.train_loader.base_indices[:2]
         x = _normalize(self.train_loader.images[idx].to(self.accelerator.device), self.train_loader.mean,
                        self.train_loader.std)
-        was = student.training
-        student.eval()
+        nets = [student] + ([peer] if peer is not None else [])
+        was = [n.training for n in nets]
+        for n in nets:
+            n.eval()
         with torch.no_grad():
             s_out = student(x)
-            t_out = self._teacher_out(x, idx.to(x.device)) if self.teacher is not None else None
-        student.train(was)
+            t_out = peer(x) if peer is not None else self._teacher_out(x, idx.to(x.device))
+        for n, w in zip(nets, was):
+            n.train(w)
         for _, loss in losses.values():
             loss.setup(s_out, t_out)
             loss.to(self.accelerator.device)
 
-    def _teacher_out(self, images, index) -> Outputs | None:
+    def _teacher_out(self, images, index):
+        """The frozen teacher's `Outputs` (a list of them with several teachers; None without a teacher)."""
         if self.teacher is None:
             return None
         with self.accelerator.autocast():
-            if isinstance(self.teacher, CachedTeacher):
-                return self.teacher(images, index=index)
-            return self.teacher(images)
+            outs = [t(images, index=index) if isinstance(t, CachedTeacher) else t(images)
+                    for t in (self.teacher if isinstance(self.teacher, list) else [self.teacher])]
+        return outs if isinstance(self.teacher, list) else outs[0]
 
     # ------------------------------------------------------------ resume
 
@@ -183,7 +212,10 @@ class Distiller:
         return True
 
     def _modules(self) -> dict[str, nn.Module]:
-        return {"student": self.raw.student.model, "losses": self.raw.losses}
+        mods = {"student": self.raw.student.model, "losses": self.raw.losses}
+        if self.raw.peer is not None:
+            mods["peer"] = self.raw.peer.model
+        return mods
 
     def save(self) -> None:
         acc = self.accelerator
@@ -201,9 +233,12 @@ class Distiller:
     def fit(self) -> dict:
         acc, t = self.accelerator, self.tcfg
         acc.init_trackers("kdkit", config=_flat_scalars(asdict(self.cfg)))
-        if self.teacher is not None and "teacher_acc" not in self.state and not isinstance(self.teacher, CachedTeacher):
-            self.state["teacher_acc"] = self.evaluate(self.teacher)["acc"]
-            acc.print(f"teacher test accuracy: {self.state['teacher_acc']:.2f}%")
+        live = [t for t in (self.teacher if isinstance(self.teacher, list) else [self.teacher])
+                if t is not None and not isinstance(t, CachedTeacher)]
+        if live and "teacher_acc" not in self.state:
+            accs = [self.evaluate(t)["acc"] for t in live]
+            self.state["teacher_acc"] = accs if isinstance(self.teacher, list) else accs[0]
+            acc.print("teacher test accuracy: " + ", ".join(f"{a:.2f}%" for a in accs))
         steps_per_epoch = len(self.train_loader)
         accum = max(1, t.grad_accum)
         while self.state["epoch"] < t.epochs:
@@ -261,6 +296,8 @@ class Distiller:
             if self.state["epoch"] % t.eval_every == 0 or self.state["epoch"] == t.epochs:
                 ev = self.evaluate()
                 record |= {"test_acc": ev["acc"], "test_loss": ev["loss"]}
+                if self.raw.peer is not None:
+                    record["peer_test_acc"] = self.evaluate(self.raw.peer)["acc"]
                 self.state["best_acc"] = max(self.state["best_acc"], ev["acc"])
             self.state["history"].append(record)
             acc.log({f"epoch/{k}": v for k, v in record.items() if k != "epoch"}, step=self.state["global_step"])
@@ -291,6 +328,7 @@ class Distiller:
         final = self.state["history"][-1] if self.state["history"] else {}
         summary = {
             "final_acc": final.get("test_acc"), "best_acc": self.state["best_acc"],
+            **({"peer_final_acc": final.get("peer_test_acc")} if self.raw.peer is not None else {}),
             "teacher_acc": self.state.get("teacher_acc"), "epochs": self.state["epoch"],
             "steps": self.state["global_step"], "train_seconds": self.state["train_seconds"],
             "images_per_s": _mean([h["images_per_s"] for h in self.state["history"]]),
@@ -298,6 +336,8 @@ class Distiller:
         }
         if acc.is_main_process:
             ckpt.save_model(self.raw.student.model, self.run_dir / "model.safetensors", self.model_meta)
+            if self.raw.peer is not None:
+                ckpt.save_model(self.raw.peer.model, self.run_dir / "peer.safetensors", self.peer_meta)
             (self.run_dir / "metrics.json").write_text(json.dumps(
                 {"summary": summary, "history": self.state["history"]}, indent=1))
             self.log.curves(self.state["history"])
