@@ -8,7 +8,6 @@ E/240, and the leaderboard shows such rows in their own table, never extrapolate
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from ..config import list_recipes, load_recipe, parse_overrides
 from ..errors import ConfigError, KdkitError
+from ..train.checkpoint import sha256
 from .results import RESULTS_DIR, git_commit, hardware
 
 KIND = "classifier-cifar10"
@@ -75,14 +75,6 @@ def method_recipe(method: str, teacher: str, student: str) -> tuple[str, str, li
             return "distill", name, [f"teacher.model={teacher}", f"student.model={student}", *lr]
     methods = sorted({n.rsplit("-", 2)[0] for n in names if n.endswith("-resnet32x4-resnet8x4")})
     raise ConfigError(f"unknown method {method!r}; choices: teacher, baseline, {', '.join(methods)}")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def results_dir(out: str | None = None) -> Path:
