@@ -12,6 +12,10 @@ EPILOG = """examples:
   kdkit distill recipe=kd-resnet32x4-resnet8x4 teacher.checkpoint=runs/train-resnet32x4-... trainer.epochs=240
   kdkit distill recipe=dkd-resnet32x4-resnet8x4 losses.dkd.beta=8 trainer.mixed_precision=bf16
   kdkit bench classifier method=dkd pair=resnet32x4-resnet8x4 seeds=3
+  kdkit distill recipe=smollm2-kd-small           (LM KD on CPU: SmolLM2-135M -> half-depth student, GSM8K)
+  kdkit check teacher=smollm2-135m-instruct student=truncated-teacher
+  kdkit teacher-signal recipe=smollm2-kd-small out=stores/smollm2-top64 kind=topk k=64
+  kdkit bench kernels
   accelerate launch --num_processes 2 -m kdkit.cli distill recipe=...   (several processes, DDP)
 """
 
@@ -37,10 +41,20 @@ def _run(mode: str, ns) -> int:
     if ns.dry_run:
         import yaml
 
-        check_mode(recipe, mode)
+        if recipe.task == "lm":
+            from .llm.build import check_lm_mode
+
+            check_lm_mode(recipe, mode)
+        else:
+            check_mode(recipe, mode)
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return 0
-    distiller = build_distiller(recipe, mode, recipe_name)
+    if recipe.task == "lm":
+        from .llm.build import build_lm_distiller
+
+        distiller = build_lm_distiller(recipe, mode, recipe_name)
+    else:
+        distiller = build_distiller(recipe, mode, recipe_name)
     summary = distiller.fit()
     if distiller.accelerator.is_main_process:
         print(f"run folder: {distiller.run_dir}")
@@ -66,6 +80,26 @@ def _recipes(ns) -> int:
     return 0
 
 
+def _teacher_signal(ns) -> int:
+    from .config import load_recipe
+    from .llm.build import write_store_from_recipe
+
+    recipe_name, rest = _split_recipe(ns.settings)
+    if recipe_name is None:
+        raise KdkitError("`kdkit teacher-signal` needs recipe=NAME (an LM recipe with teacher.model)")
+    keys = ("out", "kind", "k", "samples", "temperature", "batch_size")
+    store = {a.partition("=")[0]: a.partition("=")[2] for a in rest if a.partition("=")[0] in keys}
+    recipe = load_recipe(recipe_name, [a for a in rest if a.partition("=")[0] not in keys])
+    print(f"wrote {write_store_from_recipe(recipe, store)}")
+    return 0
+
+
+def _check(ns) -> int:
+    from .llm.check import run_check
+
+    return run_check(ns.settings)
+
+
 def _demo(ns) -> int:
     from .demo import run_demo
 
@@ -82,6 +116,14 @@ def _bench(ns) -> int:
         from .bench.classifier import run_classifier
 
         run_classifier(ns.settings)
+    elif ns.what == "kernels":
+        from .bench.kernels import run_kernels
+
+        print(f"wrote {run_kernels(ns.settings)}")
+    elif ns.what == "llm":
+        from .bench.llm import run_llm
+
+        run_llm(ns.settings)
     elif ns.what == "classifier-table":
         from .bench.classifier import write_markdown
 
@@ -89,7 +131,7 @@ def _bench(ns) -> int:
             raise KdkitError("`kdkit bench classifier-table` takes no settings")
         print(f"wrote {write_markdown()}")
     else:
-        raise KdkitError(f"unknown benchmark '{ns.what}'; choices: throughput, classifier, classifier-table")
+        raise KdkitError(f"unknown benchmark '{ns.what}'; choices: throughput, classifier, classifier-table, kernels, llm")
     return 0
 
 
@@ -105,6 +147,20 @@ def parser() -> argparse.ArgumentParser:
                        help="the recipe, then overrides of nested fields, e.g. trainer.epochs=10 losses.kd.T=2")
         s.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
         s.set_defaults(func=lambda ns, m=mode: _run(m, ns))
+    s = sub.add_parser("check", help="pre-flight for LM distillation: tokenizers, vocab, dtype, memory",
+                       description="Check that a teacher and a student LM can be distilled: vocabulary and tokenizer "
+                                   "compatibility, special tokens, dtype/device, and a memory estimate.")
+    s.add_argument("settings", nargs="*", metavar="key=value",
+                   help="teacher=NAME student=NAME [student.layers=N dtype=bfloat16 seq_len=1024 batch_size=8]")
+    s.set_defaults(func=_check)
+    s = sub.add_parser("teacher-signal", help="run an LM recipe's teacher once and store its signal on disk",
+                       description="Run the recipe's teacher over its training blocks once and store dense, top-k or "
+                                   "sampled sparse log-probs (zstd Parquet, tokenizer fingerprint recorded). Train from "
+                                   "it with `kdkit distill recipe=... teacher.model=null teacher.cache=DIR`.")
+    s.add_argument("settings", nargs="*", metavar="recipe=NAME|key=value",
+                   help="recipe=NAME out=DIR [kind=topk|dense|sampled k=64 samples=64 temperature=1 batch_size=8] "
+                        "and recipe overrides")
+    s.set_defaults(func=_teacher_signal)
     s = sub.add_parser("recipes", help="list recipes, models and losses",
                        description="List the named recipes with one-line descriptions, the models and the losses.")
     s.set_defaults(func=_recipes)
@@ -117,8 +173,10 @@ def parser() -> argparse.ArgumentParser:
                        description="Benchmarks. `throughput`: KD training images/s (student alone, with a teacher, "
                                    "and the plain PyTorch loop). `classifier`: one leaderboard row, e.g. method=dkd "
                                    "pair=resnet32x4-resnet8x4 seeds=3 [epochs=240 jobs=1 teacher=PATH]. "
-                                   "`classifier-table`: regenerate leaderboards/classifier-cifar10.md.")
-    s.add_argument("what", help="throughput | classifier | classifier-table")
+                                   "`classifier-table`: regenerate leaderboards/classifier-cifar10.md. `kernels`: the fused "
+                                   "linear-KD loss against plain PyTorch and Liger-Kernel. `llm`: LM KD against its "
+                                   "no-teacher baseline, e.g. recipe=smollm2-kd-small seeds=1.")
+    s.add_argument("what", help="throughput | classifier | classifier-table | kernels | llm")
     s.add_argument("settings", nargs="*", metavar="key=value")
     s.set_defaults(func=_bench)
     return p

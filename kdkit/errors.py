@@ -26,3 +26,7 @@ class UnknownNameError(KdkitError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0]) if self.args else ""
+
+
+class TokenizerMismatchError(KdkitError, ValueError):
+    """Teacher and student tokenize differently, so their token distributions cannot be compared position by position."""

@@ -19,6 +19,9 @@ from .logits import BinaryKLLoss, BinaryKLNormLoss, binary_kl_loss, binary_kl_no
 from .ofa import ConvBranch, OFALoss, TokenBranch, ofa_loss
 from .projection import VkDLoss, orthogonal_projector, pool_features, standardize_features, vkd_loss
 from .norm_direction import NDLoss, NDProjector, load_class_centres, nd_loss, save_class_centres, teacher_class_centres
+from .token import TokenKDLoss, token_kd_loss
+from .token_adaptive import AdaKDLoss, TAIDLoss
+from ..llm import cross_tokenizer as _cross_tokenizer  # noqa: F401,E402  (registers "cross_tokenizer")
 
 __all__ = [
     "DistillLoss",

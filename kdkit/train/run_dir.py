@@ -46,10 +46,12 @@ class RunLog:
             ax1.plot(epochs, [h.get(key) for h in history], label=key.removeprefix("train_"))
         ax1.set(xlabel="epoch", ylabel="training loss (weighted terms)", yscale="log")
         ax1.legend()
-        acc = [(h["epoch"], h["test_acc"]) for h in history if "test_acc" in h]
+        metric = "test_ppl" if any("test_ppl" in h for h in history) else "test_acc"
+        acc = [(h["epoch"], h[metric]) for h in history if metric in h]
         if acc:
             ax2.plot(*zip(*acc), marker="o")
-        ax2.set(xlabel="epoch", ylabel="test accuracy (%)")
+        ax2.set(xlabel="step" if metric == "test_ppl" else "epoch",
+                ylabel="test perplexity" if metric == "test_ppl" else "test accuracy (%)")
         ax2.grid(alpha=0.3)
         fig.suptitle(self.run_dir.name)
         fig.tight_layout()

@@ -1,0 +1,378 @@
+"""`kdkit bench kernels`: forward + backward of linear + token KD, fused (kdkit triton / torch reference, Liger)
+against plain PyTorch (materialised logits, autograd): median time, peak memory, achieved TFLOP/s.
+
+Why: the fused kernel exists to be fast and small; the numbers beside the goals say whether it is. On CUDA the
+default grid is tokens {4096, 16384} x hidden {2048, 4096} x vocab {49152, 151936} in bf16, timed with CUDA
+events after warm-up, peak memory from `torch.cuda.max_memory_allocated` above the inputs, and a measured bf16
+matmul throughput as the roofline. On CPU (no CUDA): SmolLM2-sized and smaller shapes in fp32, wall-clock
+time, and peak memory as the growth of the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs, freed heap trimmed first) over the resident set before the call: an OS-level measure that
+counts every allocation, torch's or not. FLOPs = 2 * tokens * vocab * (3 * hidden + teacher hidden): the
+student and teacher LM-head matmuls and the two student gradient matmuls (8 * tokens * hidden * vocab when the
+teacher's hidden size is the student's). OOM is recorded as a row status, not a crash.
+
+Results: one JSON per device at leaderboards/results/kernels/{device-slug}.json (rows merged by shape, dtype,
+divergence and implementation) and leaderboards/kernels.md rendered from every JSON there.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import parse_overrides
+from ..errors import ConfigError
+from .results import RESULTS_DIR, git_commit, hardware
+
+IMPLS = ("plain", "liger", "kdkit-triton", "kdkit-torch")
+GOALS = ("faster than Liger on every shape", "at least 1.3x Liger's speed on the large shapes "
+         f"(>= {2e13:.0e} FLOPs per step)", "peak memory at most Liger's",
+         "at least 60% of the measured bf16 matmul roofline")
+LARGE_FLOPS = 2e13
+DEFAULTS = {"divergences": "jsd", "tokens": None, "hidden": None, "teacher_hidden": None, "vocab": None,
+            "dtype": None, "impls": None, "repeats": None, "warmup": None, "chunk_size": None, "beta": 0.5,
+            "T": 1.0, "out": None}
+CUDA_GRID = {"tokens": [4096, 16384], "hidden": [2048, 4096], "vocab": [49152, 151936]}
+CPU_SHAPES = [(2048, 576, 49152), (512, 576, 8192)]  # SmolLM2-135M's hidden size and vocabulary, and a small one
+
+
+def run_kernels(settings: list[str]) -> Path:
+    """Measure every (shape, divergence, implementation), write the device's JSON (and the leaderboard)."""
+    opts = _options(settings)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, opts["dtype"] or ("bfloat16" if cuda else "float32"))
+    impls = _list(opts["impls"] or ("plain,liger,kdkit-triton,kdkit-torch" if cuda else "plain,kdkit-torch"), str)
+    for impl in impls:
+        if impl not in IMPLS:
+            raise ConfigError(f"unknown impl '{impl}'; choices: {', '.join(IMPLS)}")
+    repeats = int(opts["repeats"] or (10 if cuda else 2))  # CPU: a JSD step at SmolLM2 size takes ~25 s on 2 cores
+    # CPU: 256-token chunks, so the SmolLM2 shape (2048 tokens) runs in 8 chunks and the memory bound shows.
+    opts["chunk_size"] = int(opts["chunk_size"] or (1024 if cuda else 256))
+    warmup = int(opts["warmup"] if opts["warmup"] is not None else (3 if cuda else 1))
+    roofline = _matmul_tflops(dtype) if cuda else None
+    command = " ".join(["kdkit bench kernels", *settings])
+    rows = []
+    for tokens, hidden, vocab in _shapes(opts, cuda):
+        t_hidden = int(opts["teacher_hidden"] or hidden)
+        for divergence in _list(opts["divergences"], str):
+            by_impl = {}
+            for impl in impls:
+                row = {"impl": impl, "divergence": divergence, "tokens": tokens, "hidden": hidden,
+                       "teacher_hidden": t_hidden, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."),
+                       "chunk_size": int(opts["chunk_size"]), "commit": git_commit(), "command": command,
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                row |= _measure(impl, divergence, tokens, hidden, t_hidden, vocab, dtype, device, opts, repeats,
+                                warmup)
+                if row.get("median_ms"):
+                    flops = 2.0 * tokens * vocab * (3 * hidden + t_hidden)
+                    row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
+                    if roofline:
+                        row["roofline_frac"] = row["tflops"] / roofline
+                by_impl[impl] = row
+                rows.append(row)
+                print(_line(row), flush=True)
+            _compare(by_impl)
+    path = _write(rows, device, roofline, command, Path(opts["out"]) if opts["out"] else None)
+    if not opts["out"]:
+        print(f"wrote {write_kernels_markdown()}")
+    return path
+
+
+def _options(settings: list[str]) -> dict:
+    opts = dict(DEFAULTS)
+    for key, value in parse_overrides(settings).items():
+        if key not in DEFAULTS:
+            raise ConfigError(f"unknown bench setting '{key}'; allowed: {', '.join(DEFAULTS)}")
+        opts[key] = value
+    return opts
+
+
+def _list(value, kind) -> list:
+    """'a,b' or a YAML list or a single value -> [kind(a), kind(b)]."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [kind(str(v).strip()) for v in items if str(v).strip()]
+
+
+def _shapes(opts: dict, cuda: bool) -> list[tuple[int, int, int]]:
+    """The CUDA grid or the CPU shapes; any of tokens/hidden/vocab given replaces that axis (a grid then)."""
+    if not any(opts[k] is not None for k in ("tokens", "hidden", "vocab")):
+        if cuda:
+            return [(t, h, v) for t in CUDA_GRID["tokens"] for h in CUDA_GRID["hidden"] for v in CUDA_GRID["vocab"]]
+        return list(CPU_SHAPES)
+    base = CUDA_GRID if cuda else {"tokens": [CPU_SHAPES[0][0]], "hidden": [CPU_SHAPES[0][1]],
+                                   "vocab": [CPU_SHAPES[0][2]]}
+    axes = {k: _list(opts[k], int) if opts[k] is not None else base[k] for k in ("tokens", "hidden", "vocab")}
+    return [(t, h, v) for t in axes["tokens"] for h in axes["hidden"] for v in axes["vocab"]]
+
+
+def _inputs(tokens, hidden, t_hidden, vocab, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def r(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    h_s = r(tokens, hidden, scale=1.0).requires_grad_()
+    w_s = r(vocab, hidden, scale=hidden ** -0.5).requires_grad_()
+    h_t, w_t = r(tokens, t_hidden, scale=1.0), r(vocab, t_hidden, scale=t_hidden ** -0.5)
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    labels[torch.rand(tokens, generator=g) < 0.1] = -100  # some prompt / padding tokens
+    return h_s, w_s, h_t, w_t, labels.to(device)
+
+
+def _loss_fn(impl, divergence, inputs, opts):
+    """A zero-argument closure computing the loss of one implementation (None where it does not apply)."""
+    h_s, w_s, h_t, w_t, labels = inputs
+    T, beta, chunk = float(opts["T"]), float(opts["beta"]), int(opts["chunk_size"])
+    if impl == "plain":
+        from ..losses.token import token_kd_loss
+
+        def plain():
+            z = h_s @ w_s.T
+            with torch.no_grad():
+                t = h_t @ w_t.T
+            return token_kd_loss(z, t, labels, divergence=divergence, T=T, beta=beta)
+        return plain
+    if impl == "liger":
+        # Liger's generalised JSD has kdkit's convention (beta=0 forward KL, beta=1 reverse KL); it has no T^2.
+        liger_beta = {"jsd": beta, "fkl": 0.0, "rkl": 1.0}.get(divergence)
+        if liger_beta is None:
+            return None
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        except ImportError:
+            return None
+        mod = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=liger_beta,
+                                      temperature=T, chunk_size=chunk)
+        return lambda: mod(h_s, w_s, h_t, w_t, labels)
+    from ..kernels import fused_linear_kd
+
+    backend = "triton" if impl == "kdkit-triton" else "torch"
+    return lambda: fused_linear_kd(h_s, w_s, h_t, w_t, labels, divergence=divergence, T=T, beta=beta,
+                                   chunk_size=chunk, backend=backend)
+
+
+def _measure(impl, divergence, tokens, hidden, t_hidden, vocab, dtype, device, opts, repeats, warmup) -> dict:
+    """{'status', 'median_ms', 'peak_mib', 'loss'} of forward + backward, or the reason there is none."""
+    cuda = device.type == "cuda"
+    if impl == "kdkit-triton" and not cuda:
+        return {"status": "n/a (needs CUDA)"}
+    inputs = None
+    try:
+        inputs = _inputs(tokens, hidden, t_hidden, vocab, dtype, device)
+        fn = _loss_fn(impl, divergence, inputs, opts)
+        if fn is None:
+            return {"status": "n/a"}
+        h_s, w_s = inputs[0], inputs[1]
+
+        def step():
+            h_s.grad = w_s.grad = None
+            loss = fn()
+            loss.backward()
+            return loss
+
+        peak, loss = _peak(step, cuda)
+        for _ in range(max(warmup - 1, 0)):
+            step()
+        times = [_timed(step, cuda) for _ in range(repeats)]
+        return {"status": "ok", "median_ms": statistics.median(times), "peak_mib": peak / 2 ** 20,
+                "loss": float(loss), "repeats": repeats}
+    except torch.OutOfMemoryError:
+        return {"status": "oom"}
+    except Exception as e:  # noqa: BLE001 - one failing implementation must not lose the other rows
+        if "out of memory" in str(e).lower():  # some allocators raise a plain RuntimeError on OOM
+            return {"status": "oom"}
+        return {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    finally:
+        del inputs
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _timed(step, cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    step()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _peak(step, cuda: bool) -> tuple[float, torch.Tensor]:
+    """Peak bytes one step adds above what is allocated (resident, on CPU) before it; this run is a warm-up."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = step()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base), loss.detach()
+    _trim()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    except OSError:
+        return float("nan"), step().detach()
+    base = _status_bytes("VmRSS")
+    loss = step()
+    return float(_status_bytes("VmHWM") - base), loss.detach()
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _matmul_tflops(dtype: torch.dtype, n: int = 8192) -> float:
+    """The device's achieved dense matmul throughput (n x n x n, median of 10): the roofline rows are held to."""
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = [_timed(lambda: a @ b, True) for _ in range(10)]
+    return 2 * n ** 3 / (statistics.median(times) * 1e-3) / 1e12
+
+
+def _compare(by_impl: dict) -> None:
+    """Ratios of the kdkit rows against Liger and plain PyTorch on the same shape and divergence."""
+    for ref in ("liger", "plain"):
+        base = by_impl.get(ref)
+        if not base or base.get("status") != "ok":
+            continue
+        for impl, row in by_impl.items():
+            if impl.startswith("kdkit") and row.get("status") == "ok":
+                row[f"speedup_vs_{ref}"] = base["median_ms"] / row["median_ms"]
+                if base["peak_mib"] and base["peak_mib"] == base["peak_mib"]:
+                    row[f"mem_vs_{ref}"] = row["peak_mib"] / base["peak_mib"]
+
+
+def _line(row: dict) -> str:
+    shape = f"{row['divergence']} tokens={row['tokens']} hidden={row['hidden']} vocab={row['vocab']}"
+    if row["status"] != "ok":
+        return f"{row['impl']:>13}: {shape}: {row['status']}"
+    return (f"{row['impl']:>13}: {shape}: {row['median_ms']:9.2f} ms  {row['peak_mib']:9.1f} MiB peak  "
+            f"{row['tflops']:7.3f} TFLOP/s  loss {row['loss']:.6f}")
+
+
+def device_slug() -> str:
+    hw = hardware()
+    name = hw["device"] if hw["device"] != "cpu" else f"cpu-{hw['cpu']}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
+
+
+def _versions() -> dict:
+    out = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    for pkg in ("triton", "liger_kernel"):
+        try:
+            from importlib.metadata import version
+
+            out[pkg.replace("_kernel", "")] = version(pkg.replace("_", "-"))
+        except Exception:  # noqa: BLE001 - absent package: recorded as missing
+            out[pkg.replace("_kernel", "")] = None
+    return out
+
+
+def _write(rows: list[dict], device: torch.device, roofline: float | None, command: str, out: Path | None) -> Path:
+    """Merge `rows` into the device's JSON: a new row replaces an old one of the same key."""
+    directory = out or RESULTS_DIR / "kernels"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{device_slug()}.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    key = lambda r: (r["impl"], r["divergence"], r["tokens"], r["hidden"], r["teacher_hidden"], r["vocab"],  # noqa
+                     r["dtype"], r["chunk_size"])
+    merged = {key(r): r for r in old.get("rows", [])} | {key(r): r for r in rows}
+    hw = hardware()
+    record = {"kind": "kernels", "device": hw["device"] if device.type == "cuda" else f"cpu ({hw['cpu']})",
+              "threads": hw["threads"], **_versions(), "git_commit": git_commit(), "command": command,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "matmul_roofline_tflops": roofline if roofline is not None else old.get("matmul_roofline_tflops"),
+              "peak_memory_method": ("torch.cuda.max_memory_allocated above the inputs" if device.type == "cuda"
+                                     else "peak resident set growth (VmHWM reset via /proc/self/clear_refs)"),
+              "rows": sorted(merged.values(), key=lambda r: (r["divergence"], r["tokens"], r["hidden"], r["vocab"],
+                                                             IMPLS.index(r["impl"])))}
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
+def write_kernels_markdown(results_dir: Path | None = None, path: Path | None = None) -> Path:
+    """leaderboards/kernels.md from every leaderboards/results/kernels/*.json: the goals beside the numbers."""
+    directory = Path(results_dir or RESULTS_DIR / "kernels")
+    path = Path(path or RESULTS_DIR.parent / "kernels.md")
+    lines = ["# Fused linear + token-KD kernel", "",
+             "Generated by `kdkit bench kernels` from `leaderboards/results/kernels/*.json`. Forward + backward of "
+             "the LM-head matmuls and the token-KD loss (student gradients only); FLOPs = 2 · tokens · vocab · "
+             "(3 · hidden + teacher hidden). Implementations: `plain` (materialised logits + `token_kd_loss`, "
+             "autograd), `liger` (Liger-Kernel's `LigerFusedLinearJSDLoss`, weight_hard_loss=0; fkl/rkl as its "
+             "beta=0/1), `kdkit-triton` and `kdkit-torch` (`kdkit.kernels.fused_linear_kd`, the Triton kernel and "
+             "the chunked torch reference).", "",
+             "Goals for `kdkit-triton` on a CUDA GPU (bf16): " + "; ".join(GOALS) + ".", ""]
+    records = [json.loads(f.read_text()) for f in sorted(directory.glob("*.json"))]
+    if not any(not r["device"].startswith("cpu") for r in records):
+        lines += ["No GPU results yet: the goals above are unmeasured; the CPU rows compare the chunked torch "
+                  "reference with plain PyTorch only.", ""]
+    for r in records:
+        roof = r.get("matmul_roofline_tflops")
+        lines += [f"## {r['device']}", "",
+                  f"torch {r.get('torch')}, triton {r.get('triton')}, liger-kernel {r.get('liger')}; "
+                  f"{r.get('threads')} CPU threads; peak memory: {r.get('peak_memory_method')}; "
+                  + (f"measured bf16 matmul roofline {roof:.0f} TFLOP/s; " if roof else "")
+                  + f"last run `{r.get('command')}` at {r.get('git_commit')}.", "",
+                  "| divergence | tokens | hidden | vocab | dtype | chunk | impl | median ms | TFLOP/s | % roofline "
+                  "| peak MiB | speed-up vs Liger | memory vs Liger | speed-up vs plain | memory vs plain "
+                  "| goals met | status |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in r["rows"]:
+            lines.append("| " + " | ".join([
+                row["divergence"], str(row["tokens"]), str(row["hidden"]), str(row["vocab"]), row["dtype"],
+                "-" if row["impl"] == "plain" else str(row["chunk_size"]), row["impl"],
+                _num(row.get("median_ms"), ".2f"), _num(row.get("tflops"), ".3f"),
+                _num(100 * row["roofline_frac"] if "roofline_frac" in row else None, ".0f"),
+                _num(row.get("peak_mib"), ".1f"), _x(row.get("speedup_vs_liger")), _x(row.get("mem_vs_liger")),
+                _x(row.get("speedup_vs_plain")), _x(row.get("mem_vs_plain")), _goals(row), row["status"]]) + " |")
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _goals(row: dict) -> str:
+    """Which goals a kdkit-triton row meets (speed vs Liger, 1.3x on large shapes, memory, roofline)."""
+    if row["impl"] != "kdkit-triton" or row.get("status") != "ok":
+        return "-"
+    flops = 2.0 * row["tokens"] * row["vocab"] * (3 * row["hidden"] + row["teacher_hidden"])
+    marks = []
+    if "speedup_vs_liger" in row:
+        need = 1.3 if flops >= LARGE_FLOPS else 1.0
+        marks.append(f"speed {'yes' if row['speedup_vs_liger'] > need else 'NO'} (>{need}x)")
+    if "mem_vs_liger" in row:
+        marks.append(f"memory {'yes' if row['mem_vs_liger'] <= 1.0 else 'NO'}")
+    if "roofline_frac" in row:
+        marks.append(f"roofline {'yes' if row['roofline_frac'] >= 0.6 else 'NO'}")
+    return ", ".join(marks) or "-"
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None or v != v else format(v, fmt)
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"

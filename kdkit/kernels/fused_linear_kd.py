@@ -1,0 +1,186 @@
+"""Fused linear + token KD: `token_kd_loss(h_s @ W_s.T, h_t @ W_t.T, labels)` without the tokens x vocab logits.
+
+The LM head's logits are the largest tensors of LM distillation (16k tokens x 152k vocab in fp32 is 10 GB, and
+autograd keeps several). `fused_linear_kd` computes the same loss chunk by chunk of tokens (see `chunked.py`),
+so peak memory is O(chunk x vocab). Two backends compute a chunk's rows:
+
+- ``torch``: the reference. Per chunk, the divergence of `kdkit.losses.token` on materialised chunk logits and
+  its gradient by `torch.autograd.grad` (float32, or float64 for float64 inputs). Any device.
+- ``triton``: `fused_linear_kd_triton.py`, one Triton kernel per chunk with an online softmax and analytic
+  gradients written in place into the logits buffer. CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests).
+- ``auto``: triton on CUDA (when triton imports), torch otherwise.
+
+The teacher is dense (hidden states + LM head) or a sparse top-k signal (ids + log-probs, densified per chunk by
+`sparse_to_dense_logprobs`; the dense log-probs then play the teacher logits, exactly as in
+``token_kd_loss(student_logits, sparse_to_dense_logprobs(...))``, temperature included).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError, ShapeMismatchError
+from ..losses.token import check_divergence, divergence_from_logprobs
+from .chunked import ChunkedLinearKD, ChunkPlan
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    """Per-row loss settings shared by the backends: divergence, temperature, weights of the two terms."""
+
+    divergence: str = "fkl"
+    T: float = 1.0
+    beta: float = 0.5
+    skew: float = 0.1
+    ignore_index: int = -100
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+
+
+def fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None,
+                    teacher_weight: Tensor | None, labels: Tensor | None = None, *, divergence: str = "fkl",
+                    T: float = 1.0, beta: float = 0.5, skew: float = 0.1, ignore_index: int = -100,
+                    weights: Tensor | None = None, ce_weight: float = 0.0, kd_weight: float = 1.0,
+                    teacher_topk_indices: Tensor | None = None, teacher_topk_logprobs: Tensor | None = None,
+                    topk_fill: str = "uniform", student_bias: Tensor | None = None,
+                    teacher_bias: Tensor | None = None, chunk_size: int = 1024, backend: str = "auto") -> Tensor:
+    """kd_weight * token_kd_loss(student logits, teacher logits, labels, ...) + ce_weight * CE(student logits, labels).
+
+    Shapes: hidden [N, H], weight [V, H], bias [V], labels / weights [N], top-k ids and log-probs [N, k].
+    The KD term is `kdkit.losses.token.token_kd_loss` (mean over tokens with labels != ignore_index, optional
+    per-token weights); the CE term is the unweighted token mean of cross-entropy at T=1 over the same tokens.
+    Gradients reach the student's hidden states, weight and bias; the teacher gets none.
+    """
+    check_divergence(divergence, beta, skew, T)
+    sparse = _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
+                           teacher_topk_indices, teacher_topk_logprobs, student_bias, teacher_bias)
+    if ce_weight and labels is None:
+        raise ConfigError("ce_weight > 0 needs labels (the hard targets of the cross-entropy term)")
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if topk_fill not in ("uniform", "none"):
+        raise ConfigError(f"topk_fill must be 'uniform' or 'none', got {topk_fill!r}")
+    opts = RowOptions(divergence, float(T), float(beta), float(skew), int(ignore_index), float(kd_weight),
+                      float(ce_weight))
+    device = student_hidden.device
+    which = resolve_backend(backend, device)
+    if which == "triton":
+        from .fused_linear_kd_triton import triton_rows
+
+        rows = triton_rows(opts)
+    else:
+        rows = torch_rows(opts)
+    s_dtype = _matmul_dtype(student_hidden, student_weight)
+    t_dtype = s_dtype if sparse else _matmul_dtype(teacher_hidden, teacher_weight)
+    plan = ChunkPlan(chunk_size, s_dtype, t_dtype, student_weight.shape[0], opts.ignore_index, topk_fill)
+    return ChunkedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                 teacher_bias, teacher_topk_indices, teacher_topk_logprobs, labels, weights, plan,
+                                 rows)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> 'triton' on CUDA when triton imports, else 'torch'; 'triton' on CPU only under the interpreter."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return "torch"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if not _triton_available():
+        raise ConfigError("backend='triton' needs the triton package (pip install triton); use backend='torch'")
+    if device.type != "cuda" and not interpret:
+        raise ConfigError(f"backend='triton' runs on CUDA tensors, got {device.type}; for CPU tests set "
+                          "TRITON_INTERPRET=1 before triton is first imported, or use backend='torch'")
+    return "triton"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the LM-head matmul runs in: autocast's when autocast is on (as nn.Linear would), else the inputs'."""
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def torch_rows(opts: RowOptions):
+    """The reference chunk rows: kdkit's divergence on materialised chunk logits, gradient by autograd."""
+    T, ignore = opts.T, opts.ignore_index
+
+    def rows(zs: Tensor, zt: Tensor, labels: Tensor | None, weights: Tensor | None, inv_n: Tensor):
+        compute = torch.float64 if zs.dtype == torch.float64 else torch.float32
+        with torch.enable_grad():
+            z = zs.detach().to(compute).requires_grad_()
+            loss = torch.zeros((), dtype=compute, device=z.device)
+            if opts.kd_weight:
+                log_q = F.log_softmax(z / T, dim=-1)
+                log_p = F.log_softmax(zt.to(compute) / T, dim=-1)
+                d = divergence_from_logprobs(log_q, log_p, opts.divergence, beta=opts.beta, skew=opts.skew) * (T * T)
+                if weights is not None:
+                    d = d * weights.to(compute)
+                if labels is not None:
+                    d = torch.where(labels != ignore, d, 0.0)
+                loss = loss + opts.kd_weight * (d.sum() * inv_n)
+            if opts.ce_weight:
+                ce = F.cross_entropy(z, labels, ignore_index=ignore, reduction="sum")
+                loss = loss + opts.ce_weight * (ce * inv_n)
+            dz, = torch.autograd.grad(loss, z) if loss.requires_grad else (torch.zeros_like(z),)
+        return loss.detach(), dz
+
+    return rows
+
+
+def _check_inputs(h_s, w_s, h_t, w_t, labels, weights, topk_idx, topk_lp, b_s, b_t) -> bool:
+    """Shapes must line up; returns True for a sparse (top-k) teacher. Errors say which tensor and why."""
+    if h_s.ndim != 2 or w_s.ndim != 2:
+        raise ShapeMismatchError(f"student hidden {tuple(h_s.shape)} must be [tokens, H] and student weight "
+                                 f"{tuple(w_s.shape)} [V, H] (flatten batch and sequence first)")
+    n, (v, hid) = h_s.shape[0], w_s.shape
+    if h_s.shape[1] != hid:
+        raise ShapeMismatchError(f"student hidden size {h_s.shape[1]} != student weight's {hid} "
+                                 f"(hidden {tuple(h_s.shape)}, weight {tuple(w_s.shape)} = [V, H])")
+    dense = h_t is not None or w_t is not None
+    sparse = topk_idx is not None or topk_lp is not None
+    if dense == sparse:
+        raise ConfigError("give the teacher either dense (teacher_hidden and teacher_weight) or sparse "
+                          "(teacher_topk_indices and teacher_topk_logprobs), not " + ("both" if dense else "neither"))
+    if dense:
+        if h_t is None or w_t is None:
+            raise ConfigError("a dense teacher needs both teacher_hidden and teacher_weight")
+        if h_t.ndim != 2 or w_t.ndim != 2 or h_t.shape[0] != n or h_t.shape[1] != w_t.shape[1]:
+            raise ShapeMismatchError(f"teacher hidden {tuple(h_t.shape)} must be [{n}, Ht] (the student's tokens) "
+                                     f"and teacher weight {tuple(w_t.shape)} [V, Ht]")
+        if w_t.shape[0] != v:
+            raise ShapeMismatchError(f"teacher vocabulary {w_t.shape[0]} != student vocabulary {v}; token KD needs "
+                                     "one vocabulary (slice a padded head to the shared rows, or see `kdkit check`)")
+        if b_t is not None and b_t.shape != (v,):
+            raise ShapeMismatchError(f"teacher bias {tuple(b_t.shape)} must be [{v}]")
+    else:
+        if topk_idx is None or topk_lp is None:
+            raise ConfigError("a sparse teacher needs both teacher_topk_indices and teacher_topk_logprobs")
+        if topk_idx.shape != topk_lp.shape or topk_idx.ndim != 2 or topk_idx.shape[0] != n:
+            raise ShapeMismatchError(f"top-k ids {tuple(topk_idx.shape)} and log-probs {tuple(topk_lp.shape)} must "
+                                     f"both be [{n}, k]")
+        if b_t is not None:
+            raise ConfigError("teacher_bias has no meaning with a sparse (top-k) teacher")
+    if labels is not None and labels.shape != (n,):
+        raise ShapeMismatchError(f"labels {tuple(labels.shape)} must be [{n}], one per token")
+    if weights is not None and weights.shape != (n,):
+        raise ShapeMismatchError(f"per-token weights {tuple(weights.shape)} must be [{n}], one per token")
+    if b_s is not None and b_s.shape != (v,):
+        raise ShapeMismatchError(f"student bias {tuple(b_s.shape)} must be [{v}]")
+    return sparse

@@ -1,0 +1,1 @@
+"""Causal-LM distillation: models, text data, token KD trainer, teacher-signal store, on-policy and cross-tokenizer KD."""

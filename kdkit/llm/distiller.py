@@ -1,0 +1,359 @@
+"""The LM Distiller: causal-LM student trained on token blocks with CE and token KD losses, on accelerate.
+
+Same shape as the classifier Distiller: the student and every parameter a loss owns live in one module
+(`LMStep`, the only thing handed to DDP); the teacher is frozen and runs under inference mode, or is replaced by
+a teacher-signal store read from disk. Position t of the logits predicts token t+1: the step shifts once, so
+every loss sees aligned `[B, L-1, V]` logits and `[B, L-1]` labels (-100 where a token does not count).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Recipe
+from ..errors import ConfigError
+from ..models.outputs import Outputs
+from ..train import checkpoint as ckpt
+from ..train.distiller import _flat_scalars, _match_accelerator_state, use_cpu
+from ..train.optim import build_optimizer, lr_at, set_lr
+from ..train.run_dir import RunLog
+
+
+def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at positions 0..L-2 against labels 1..L-1 (next-token prediction)."""
+    return logits[:, :-1], labels[:, 1:]
+
+
+class LMStep(nn.Module):
+    """Student + loss parameters; forward returns the weighted loss terms of one batch."""
+
+    def __init__(self, student: nn.Module, losses: dict, ce_weight: float, *, fused: dict | None = None):
+        super().__init__()
+        self.student = student
+        self.losses = nn.ModuleDict({name: loss for name, (_, loss) in losses.items()})
+        self.weights = {name: float(w) for name, (w, _) in losses.items()}
+        self.ce_weight = float(ce_weight)
+        self.fused = fused  # {loss name: options} when token KD runs through the fused linear-KD kernel
+
+    def forward(self, input_ids, attention_mask, labels, teacher: dict | None, use_ce: bool = True):
+        """`use_ce=False` on student-generated (on-policy) batches: no hard-label CE on the student's own text.
+        `teacher`: {"logits": [B, L, V]} (live), {"hidden": [B, L, H], "head": (W, b)} (fused), or a stored
+        signal batch {"store": batch, "loss": fn}; None without a teacher."""
+        terms = {}
+        if self.fused is not None:
+            return self._fused_terms(input_ids, attention_mask, labels, teacher, use_ce)
+        logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
+        s_logits, y = shift(logits, labels)
+        if self.ce_weight and use_ce:
+            terms["ce"] = self.ce_weight * F.cross_entropy(s_logits.flatten(0, 1).float(), y.flatten(),
+                                                           ignore_index=-100)
+        if teacher is not None and "store" in teacher:
+            for name in self.losses:
+                terms[name] = self.weights[name] * teacher["loss"](s_logits, teacher["store"], self.losses[name])
+            return terms
+        t_out = None if teacher is None else Outputs(shift(teacher["logits"], labels)[0])
+        for name, loss in self.losses.items():
+            terms[name] = self.weights[name] * loss(Outputs(s_logits), t_out, y)
+        return terms
+
+    def _fused_terms(self, input_ids, attention_mask, labels, teacher, use_ce: bool = True):
+        from ..kernels import fused_linear_kd
+        from .models import decoder_of, lm_head_of
+
+        hidden = decoder_of(self.student)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        w_s, b_s = lm_head_of(self.student)
+        (name, opts), = self.fused.items()
+        _, y = shift(hidden, labels)
+        h_s = hidden[:, :-1].flatten(0, 1)
+        h_t = teacher["hidden"][:, :-1].flatten(0, 1)
+        w_t, b_t = teacher["head"]
+        loss = fused_linear_kd(h_s, w_s, h_t, w_t, y.flatten(), student_bias=b_s, teacher_bias=b_t,
+                               kd_weight=self.weights[name], ce_weight=self.ce_weight if use_ce else 0.0, **opts)
+        return {f"ce+{name}": loss}
+
+
+class LMDistiller:
+    """Trains a causal LM `student` on token `train_blocks` [n, L] from `teacher` (a frozen HF causal LM), or from
+    a teacher-signal `store`, or alone (no-teacher baseline, teacher training); evaluates perplexity on
+    `eval_blocks`. `on_step(distiller, step)` runs after every optimiser step (tests simulate crashes with it)."""
+
+    def __init__(self, recipe: Recipe, run_dir, student: nn.Module, tokenizer, train_blocks: torch.Tensor,
+                 eval_blocks: torch.Tensor, *, teacher: nn.Module | None = None, losses: dict | None = None,
+                 store=None, on_step: Callable | None = None, meta: dict | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.cfg, self.tcfg, self.lcfg = recipe, recipe.trainer, recipe.llm
+        self.run_dir = Path(run_dir)
+        if self.tcfg.threads:
+            torch.set_num_threads(self.tcfg.threads)
+        _match_accelerator_state(self.tcfg.mixed_precision)
+        self.accelerator = acc = Accelerator(
+            cpu=use_cpu(recipe), mixed_precision=self.tcfg.mixed_precision, log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
+        self.tokenizer, self.on_step, self.meta, self.store = tokenizer, on_step, dict(meta or {}), store
+        losses = {n: (l if isinstance(l, tuple) else (1.0, l)) for n, l in (losses or {}).items()}
+        if losses and teacher is None and store is None:
+            raise ConfigError(f"losses {sorted(losses)} need a teacher: set teacher.model or teacher.cache")
+        self.teacher = None
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            self.teacher = teacher.eval().to(acc.device)
+        fused = None
+        if self.lcfg.fused:
+            fused = self._fused_options(losses)
+            next(iter(fused.values()))["chunk_size"] = self.lcfg.chunk_size
+            if teacher is None:
+                raise ConfigError("llm.fused=true needs a live teacher (teacher.model); stored signals use the "
+                                  "unfused path")
+        if train_blocks.ndim != 2 or train_blocks.shape[0] == 0:
+            raise ConfigError(f"no training blocks (shape {tuple(train_blocks.shape)}): use more text or a smaller "
+                              f"llm.block_size (now {self.lcfg.block_size})")
+        self.train_blocks, self.eval_blocks = train_blocks, eval_blocks
+        world, rank = acc.num_processes, acc.process_index
+        self.per_rank = len(train_blocks) // world
+        self.steps_per_epoch = self.per_rank // recipe.data.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{len(train_blocks)} training blocks make no batch of data.batch_size="
+                              f"{recipe.data.batch_size} on {world} process(es)")
+        self.total_steps = self.lcfg.max_steps or self.steps_per_epoch * self.tcfg.epochs
+        self.mixer = None
+        if self.lcfg.on_policy.fraction > 0:
+            from .on_policy import OnPolicyMixer
+
+            self.mixer = OnPolicyMixer(self.lcfg.on_policy, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                       seed=self.tcfg.seed)
+        student.to(acc.device)
+        if self.lcfg.gradient_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
+            student.gradient_checkpointing_enable()
+        for _, loss in losses.values():
+            loss.to(acc.device)
+        module = LMStep(student, losses, recipe.ce_weight, fused=fused)
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the student has no trainable parameters")
+        self.module, self.optimizer = acc.prepare(module, build_optimizer(params, recipe.optim))
+        self.raw = acc.unwrap_model(self.module)
+        self.log = RunLog(self.run_dir, acc)
+        self.state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0, "history": [],
+                      "train_seconds": 0.0}
+
+    @staticmethod
+    def _fused_options(losses: dict) -> dict:
+        kinds = {n: type(l).__name__ for n, (_, l) in losses.items()}
+        if len(losses) != 1 or next(iter(kinds.values())) != "TokenKDLoss":
+            raise ConfigError(f"llm.fused=true runs exactly one token_kd loss through the fused kernel; the recipe "
+                              f"has {kinds or 'none'} (set llm.fused=false for other losses)")
+        (name, (_, loss)), = losses.items()
+        return {name: {"divergence": loss.divergence, "T": loss.T, "beta": loss.beta, "skew": loss.skew,
+                       "ignore_index": loss.ignore_index}}
+
+    # ------------------------------------------------------------ data
+
+    def _batch(self, epoch: int, step: int) -> torch.Tensor:
+        """The step's token block indices: a per-epoch permutation (seeded), this process's share."""
+        g = torch.Generator().manual_seed(self.tcfg.seed * 100_003 + epoch)
+        perm = torch.randperm(len(self.train_blocks), generator=g)
+        mine = perm[self.accelerator.process_index::self.accelerator.num_processes][: self.per_rank]
+        bs = self.cfg.data.batch_size
+        return mine[step * bs:(step + 1) * bs]
+
+    def _teacher_signal(self, input_ids, attention_mask, index):
+        if self.store is not None:
+            from .signal_store import signal_kd_loss
+
+            batch = self.store.rows(index.tolist())
+            batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            if not torch.equal(batch["input_ids"], input_ids.cpu().to(batch["input_ids"].device)):
+                raise ConfigError("the teacher-signal store's token blocks differ from this run's training blocks: "
+                                  "build the store from the same data, tokenizer and llm.block_size")
+
+            def loss_fn(s_logits, b, loss):
+                return signal_kd_loss(s_logits, b, divergence=getattr(loss, "divergence", "fkl"),
+                                      T=getattr(loss, "T", 1.0))
+
+            return {"store": batch, "loss": loss_fn}
+        if self.teacher is None:
+            return None
+        with torch.inference_mode(), self.accelerator.autocast():
+            if self.raw.fused is not None:
+                from .models import decoder_of, lm_head_of
+
+                h = decoder_of(self.teacher)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                w, b = lm_head_of(self.teacher)
+                return {"hidden": h.clone(), "head": (w.detach().clone(), None if b is None else b.detach().clone())}
+            logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+        return {"logits": logits.clone()}
+
+    # ------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def perplexity(self, model: nn.Module | None = None) -> dict:
+        """exp(mean next-token NLL) over every token of the evaluation blocks, summed over processes."""
+        model = model if model is not None else self.raw.student
+        was = model.training
+        model.eval()
+        dev = self.accelerator.device
+        nll = torch.zeros((), dtype=torch.float64, device=dev)
+        count = nll.clone()
+        blocks = self.eval_blocks[self.accelerator.process_index::self.accelerator.num_processes]
+        for i in range(0, len(blocks), self.cfg.data.eval_batch_size):
+            ids = blocks[i:i + self.cfg.data.eval_batch_size].to(dev)
+            with self.accelerator.autocast():
+                logits = model(input_ids=ids).logits
+            s, y = shift(logits, ids)
+            nll += F.cross_entropy(s.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+            count += y.numel()
+        stats = self.accelerator.reduce(torch.stack([nll, count]), reduction="sum")
+        model.train(was)
+        mean = float(stats[0] / stats[1].clamp(min=1))
+        return {"ppl": math.exp(min(mean, 700.0)), "nll": mean, "tokens": int(stats[1])}
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _modules(self) -> dict[str, nn.Module]:
+        return {"student": self.raw.student, "losses": self.raw.losses}
+
+    def save(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+            folder = self.run_dir / "checkpoints" / f"step-{self.state['step']:08d}"
+            ckpt.save_checkpoint(folder, self._modules(), opt, self.state,
+                                 acc.scaler.state_dict() if acc.scaler is not None else None)
+            ckpt.prune_checkpoints(self.run_dir, self.tcfg.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    def resume(self, where) -> bool:
+        where = Path(where)
+        folder = where if (where / ckpt.MANIFEST).is_file() else ckpt.latest_checkpoint(where)
+        if folder is None:
+            return False
+        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        state = ckpt.load_checkpoint(folder, self._modules(), opt)
+        scaler = state.pop("scaler", {})
+        if scaler and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(scaler)
+        self.state = state
+        self.accelerator.print(f"resumed from {folder} (step {state['step']})")
+        return True
+
+    # ------------------------------------------------------------ loop
+
+    def fit(self) -> dict:
+        acc, t = self.accelerator, self.tcfg
+        acc.init_trackers("kdkit", config=_flat_scalars(asdict(self.cfg)))
+        if "student_ppl_before" not in self.state:
+            self.state["student_ppl_before"] = self.perplexity()["ppl"]
+            if self.teacher is not None:
+                self.state["teacher_ppl"] = self.perplexity(self.teacher)["ppl"]
+            self.log.line("perplexity before training: student {:.3f}{}".format(
+                self.state["student_ppl_before"],
+                f", teacher {self.state['teacher_ppl']:.3f}" if "teacher_ppl" in self.state else ""))
+        bar = self.log.progress(self.total_steps, "steps", initial=self.state["step"], enabled=t.progress)
+        running, count, names, t0 = None, 0, [], time.perf_counter()
+        seen_tokens = 0
+        eval_every = self.lcfg.eval_every_steps or self.steps_per_epoch
+        while self.state["step"] < self.total_steps:
+            step = self.state["step"]
+            progress_epochs = step / self.steps_per_epoch
+            total_epochs = self.total_steps / self.steps_per_epoch
+            set_lr(self.optimizer, lr := lr_at(progress_epochs, total_epochs, self.cfg.optim.lr, self.cfg.scheduler))
+            for loss in self.raw.losses.values():
+                loss.set_epoch(progress_epochs)
+                if hasattr(loss, "set_progress"):
+                    loss.set_progress(step / self.total_steps)
+            index = self._batch(self.state["epoch"], self.state["step_in_epoch"])
+            ids = self.train_blocks[index].to(acc.device)
+            mask, labels, on_policy = None, ids, False
+            if self.mixer is not None:
+                mixed = self.mixer.maybe_generate(self.raw.student, ids, None, step)
+                ids, mask, labels = mixed["input_ids"], mixed["attention_mask"], mixed["labels"]
+                on_policy = bool(mixed["on_policy"])
+                self.state["on_policy_steps"] = self.state.get("on_policy_steps", 0) + int(on_policy)
+            teacher = self._teacher_signal(ids, mask, index)
+            sync = (step + 1) % max(1, t.grad_accum) == 0
+            with (acc.no_sync(self.module) if not sync else contextlib.nullcontext()):
+                terms = self.module(ids, mask, labels, teacher, not on_policy)
+                loss = sum(terms.values())
+                acc.backward(loss / max(1, t.grad_accum))
+            if sync:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            values = torch.stack([v.detach().float() for v in terms.values()] + [loss.detach().float()])
+            names = [*terms, "loss"]
+            running = values if running is None else running + values
+            count += 1
+            n_tok = int(ids.numel()) * acc.num_processes
+            seen_tokens += n_tok
+            self.state["tokens"] += n_tok
+            self.state["step"] += 1
+            self.state["step_in_epoch"] += 1
+            if self.state["step_in_epoch"] >= self.steps_per_epoch:
+                self.state["epoch"] += 1
+                self.state["step_in_epoch"] = 0
+            bar.update(1)
+            last = self.state["step"] == self.total_steps
+            if self.state["step"] % t.log_every == 0 or last or self.state["step"] % eval_every == 0:
+                means = dict(zip(names, (running / count).tolist()))
+                if not all(math.isfinite(v) for v in means.values()):
+                    raise FloatingPointError(f"non-finite loss at step {self.state['step']} ({means}); lower optim.lr")
+                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
+                acc.log({f"train/{k}": v for k, v in means.items()} | {"lr": lr}, step=self.state["step"])
+                self._means = means
+            if self.state["step"] % eval_every == 0 or last:
+                seconds = time.perf_counter() - t0
+                self.state["train_seconds"] += seconds
+                ev = self.perplexity()
+                record = {"epoch": self.state["step"], "step": self.state["step"], "lr": lr,
+                          "tokens_per_s": seen_tokens / max(seconds, 1e-9), "test_ppl": ev["ppl"]}
+                record |= {f"train_{k}": v for k, v in self._means.items()}
+                self.state["history"].append(record)
+                acc.log({"eval/ppl": ev["ppl"]}, step=self.state["step"])
+                self.log.line(f"step {self.state['step']}/{self.total_steps}  " + "  ".join(
+                    f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "step")))
+                running, count, seen_tokens, t0 = None, 0, 0, time.perf_counter()
+                self.save()
+            elif t.save_every_steps and self.state["step"] % t.save_every_steps == 0:
+                self.save()
+            if self.on_step is not None:
+                self.on_step(self, self.state["step"])
+        bar.close()
+        return self.finish()
+
+    def finish(self) -> dict:
+        acc = self.accelerator
+        final = self.state["history"][-1] if self.state["history"] else {}
+        summary = {
+            "student_ppl": final.get("test_ppl"), "student_ppl_before": self.state.get("student_ppl_before"),
+            "teacher_ppl": self.state.get("teacher_ppl"), "steps": self.state["step"],
+            "train_tokens": self.state["tokens"], "train_seconds": self.state["train_seconds"],
+            "tokens_per_s": self.state["tokens"] / max(self.state["train_seconds"], 1e-9),
+            "eval_tokens": int(self.eval_blocks.numel()), "processes": acc.num_processes, "device": str(acc.device),
+        }
+        if "on_policy_steps" in self.state:
+            summary["on_policy_steps"] = self.state["on_policy_steps"]
+        if acc.is_main_process:
+            from .students import merge_lora
+
+            model = merge_lora(self.raw.student)
+            with ckpt.atomic_path(self.run_dir / "student") as tmp:
+                model.save_pretrained(str(tmp))
+                self.tokenizer.save_pretrained(str(tmp))
+                (tmp / "kdkit.json").write_text(json.dumps(self.meta, indent=1))
+            (self.run_dir / "metrics.json").write_text(json.dumps(
+                {"summary": summary, "history": self.state["history"]}, indent=1))
+            self.log.curves(self.state["history"])
+        acc.wait_for_everyone()
+        acc.end_training()
+        return summary

@@ -1,0 +1,152 @@
+"""Text for LM distillation: a list of strings from a named set, the Hub, or local files; packed into blocks.
+
+Sources (`data.name`):
+- ``gsm8k``: `$KDKIT_DATA_DIR/gsm8k/{train,test}.jsonl` (or the Hub online); text = question + "\\n" + answer.
+- ``hf:<dataset>[:<config>]``: `datasets.load_dataset`; offline only from the local Hugging Face cache.
+- a local file (.jsonl/.json/.parquet/.txt/.csv) = the train split; a path with ``{split}`` in it
+  (``data/{split}.jsonl``), or a folder holding ``train.jsonl``/``test.jsonl``/..., gives each split its own file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data.paths import cache_dir, is_offline
+from ..errors import ConfigError, MissingDatasetError
+
+SPLITS = ("train", "test", "validation")
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def _gsm8k(split: str):
+    from ..data.gsm8k import SPLITS as GSM_SPLITS, load_gsm8k
+
+    if split not in GSM_SPLITS:
+        raise ConfigError(f"GSM8K has no {split!r} split; it has {', '.join(GSM_SPLITS)}")
+    return load_gsm8k(split)
+
+
+def _hub(spec: str, split: str):
+    import datasets
+
+    repo, _, config = spec.partition(":")
+    if not repo:
+        raise ConfigError("'hf:' needs a dataset id after it, e.g. hf:openai/gsm8k:main")
+    try:
+        dd = datasets.load_dataset(repo, config or None)
+    except Exception as e:  # offline and uncached, unknown id, missing config: datasets raises many kinds
+        if is_offline():
+            raise MissingDatasetError(
+                f"dataset 'hf:{spec}' is not in the local Hugging Face cache and kdkit is offline "
+                f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set): go online once to cache it, or export it to a "
+                f"local .jsonl/.parquet file and pass its path ({type(e).__name__}: {e})") from None
+        raise MissingDatasetError(f"cannot load dataset 'hf:{spec}': {type(e).__name__}: {e}") from None
+    if split not in dd:
+        raise ConfigError(f"dataset 'hf:{spec}' has no {split!r} split; it has {', '.join(dd)}")
+    return dd[split]
+
+
+def local_file(name: str, split: str) -> Path:
+    """The file holding `split` of a local dataset path (see the module docstring for the three forms)."""
+    path = Path(name.replace("{split}", split)).expanduser()
+    if "{split}" in name:
+        files = [path]
+    elif path.is_dir():
+        files = [path / f"{split}{ext}" for ext in BUILDERS]
+    elif split == "train":
+        files = [path]
+    else:
+        raise ConfigError(f"{name} is a single file, used as the train split; for a {split!r} split pass a path "
+                          f"with {{split}} in it (e.g. data/{{split}}.jsonl) or a folder holding {split}.jsonl")
+    found = [f for f in files if f.is_file()]
+    if not found:
+        looked = "\n".join(f"  - {f}" for f in files)
+        raise MissingDatasetError(f"no {split!r} split for data {name!r}; looked for:\n{looked}")
+    if found[0].suffix not in BUILDERS:
+        raise ConfigError(f"{found[0]}: unsupported file type; use one of {', '.join(BUILDERS)}")
+    return found[0]
+
+
+def _local(name: str, split: str):
+    import datasets
+
+    path = local_file(name, split)
+    return datasets.load_dataset(BUILDERS[path.suffix], data_files={split: str(path)}, split=split,
+                                 cache_dir=str(cache_dir() / "hf_datasets"))
+
+
+def _looks_like_path(name: str) -> bool:
+    return "/" in name or "{split}" in name or Path(name).suffix in BUILDERS or Path(name).expanduser().exists()
+
+
+def load_texts(name: str, split: str, text_field: str | None = None, limit: int | None = None) -> list[str]:
+    """The texts of `split` of dataset `name`, in file order, the first `limit` of them when given."""
+    _check_split(split)
+    if name == "gsm8k":
+        ds = _gsm8k(split)
+    elif name.startswith("hf:"):
+        ds = _hub(name[3:], split)
+    elif _looks_like_path(name):
+        ds = _local(name, split)
+    else:
+        raise ConfigError(f"unknown text dataset {name!r}; use gsm8k, hf:<dataset>[:<config>], or a local "
+                          f".jsonl/.json/.parquet/.txt/.csv file (or a {{split}} pattern / folder of them)")
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError(f"limit must be a positive number of texts, got {limit}")
+        ds = ds.select(range(min(limit, len(ds))))
+    if name == "gsm8k" and text_field is None:
+        return [q + "\n" + a for q, a in zip(ds["question"], ds["answer"])]
+    field = text_field or "text"
+    if field not in ds.column_names:
+        raise ConfigError(f"dataset {name!r} ({split}) has no column {field!r}; columns: "
+                          f"{', '.join(ds.column_names)} (choose one with llm.text_field)")
+    texts = ds[field]
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ConfigError(f"column {field!r} of {name!r} holds {type(bad).__name__} values, not text")
+    return list(texts)
+
+
+def adds_bos(tokenizer) -> bool:
+    """True when the tokenizer puts a BOS in front of text by default (Llama-2, Gemma), False for SmolLM2/GPT-2."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return with_special[:1] == [bos] and plain[:1] != [bos]
+
+
+def pack_blocks(texts: list[str], tokenizer, block_size: int, add_eos: bool = True) -> torch.Tensor:
+    """Token blocks [n_blocks, block_size]: each text tokenized without special tokens, EOS after each, joined,
+    cut into full blocks; the tail that does not fill a block is dropped.
+
+    A BOS goes before each text only when the tokenizer adds one by default: models trained that way (Llama-2,
+    Gemma) expect it at document starts, and their perplexity is off without it; SmolLM2-style tokenizers add
+    none, so none is inserted. Deterministic: the same texts and tokenizer give the same tensor.
+    """
+    if block_size < 2:
+        raise ConfigError(f"block_size must be at least 2 tokens, got {block_size}")
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is None:
+        raise ConfigError("the tokenizer has no EOS token to separate texts; pass add_eos=False or set one")
+    prefix = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    suffix = [eos] if add_eos else []
+    ids: list[int] = []
+    if texts:
+        for seq in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+            ids.extend(prefix)
+            ids.extend(seq)
+            ids.extend(suffix)
+    n = len(ids) // block_size
+    if n == 0:
+        raise ConfigError(f"{len(texts)} texts give {len(ids)} tokens, fewer than one block of {block_size}: "
+                          "use more texts or a smaller llm.block_size")
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
