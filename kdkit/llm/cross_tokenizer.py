@@ -43,7 +43,6 @@ Only the student gets gradients (the teacher's chunk log-likelihoods are detache
 Not included: tokenkit's "unbiased" chunks (they need tokenizer-pair bias matrices counted over a corpus),
 `merge_by_space_prob`, chunk-size pooling and the hidden-state (latents) and side-path losses.
 """
-from __future__ import annotations
 
 import math
 import re
