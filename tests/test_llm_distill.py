@@ -164,3 +164,15 @@ def test_trl_backend_runs_the_recipe(tmp_path, teacher_dir):
     summary = json.loads((tmp_path / "trl" / "metrics.json").read_text())["summary"]
     assert summary["steps"] == 2 and math.isfinite(summary["train_loss"])
     assert (tmp_path / "trl" / "student" / "config.json").is_file()
+
+
+def test_fused_distill_runs_from_the_cli(tmp_path, teacher_dir):
+    """`llm.fused=true` end to end: teacher hidden states + LM heads through the chunked kernel in the trainer."""
+    rc = main(["distill", "recipe=smollm2-kd-small", *TAIL, f"teacher.model={teacher_dir / 'student'}",
+               "student.model=truncated-teacher", "student.options={layers: 2}", "llm.train_examples=40",
+               "llm.eval_examples=10", "llm.max_steps=4", "data.batch_size=4", "llm.fused=true", "llm.chunk_size=50",
+               f"output_dir={tmp_path}", "name=fused"])
+    assert rc == 0
+    m = json.loads((tmp_path / "fused" / "metrics.json").read_text())
+    assert m["summary"]["steps"] == 4 and math.isfinite(m["history"][-1]["train_ce+kd"])
+    assert m["summary"]["student_ppl"] < m["summary"]["student_ppl_before"]

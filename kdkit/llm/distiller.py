@@ -190,7 +190,8 @@ class LMDistiller:
 
                 h = decoder_of(self.teacher)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
                 w, b = lm_head_of(self.teacher)
-                return {"hidden": h.clone(), "head": (w.detach().clone(), None if b is None else b.detach().clone())}
+                # the head is a parameter, not an inference tensor: no per-step copy of its V x H weight
+                return {"hidden": h.clone(), "head": (w.detach(), None if b is None else b.detach())}
             logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
         return {"logits": logits.clone()}
 
