@@ -248,8 +248,12 @@ def parse_overrides(items: list[str]) -> dict:
 def load_recipe(name: str | None = None, overrides: list[str] | dict | None = None) -> Recipe:
     """Read a named recipe (or none: defaults), apply overrides, validate everything."""
     raw = _raw_recipe(name) if name else {}
-    ov = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
-    raw = _merge(raw, ov)
+    if isinstance(overrides, list):
+        parse_overrides(overrides)  # conflicting overrides fail as a whole
+        for item in overrides:  # in order: `losses={} losses.ct.type=cross_tokenizer` clears, then adds
+            raw = _merge(raw, parse_overrides([item]))
+    else:
+        raw = _merge(raw, overrides or {})
     if "name" not in raw and name:
         raw["name"] = None
     recipe = build(Recipe, raw, "")

@@ -58,3 +58,7 @@ def test_a_loss_can_be_added_and_removed_by_override():
     assert r.losses["fitnet"] == {"weight": 100.0} and r.losses["kd"] is None
     r = load_recipe("kd-resnet32x4-resnet8x4", ["losses.hint2.type=fitnet", "losses.hint2.student_layer=layer1"])
     assert r.losses["hint2"]["type"] == "fitnet"
+    # overrides apply in order: an empty mapping clears the recipe's losses, the next one adds a loss
+    r = load_recipe("kd-resnet32x4-resnet8x4", ["losses={}", "losses.rkd.weight=2"])
+    assert r.losses == {"rkd": {"weight": 2.0}}
+    assert load_recipe("kd-resnet32x4-resnet8x4", ["losses.rkd.weight=2", "losses={}"]).losses == {}

@@ -176,3 +176,55 @@ def test_fused_distill_runs_from_the_cli(tmp_path, teacher_dir):
     m = json.loads((tmp_path / "fused" / "metrics.json").read_text())
     assert m["summary"]["steps"] == 4 and math.isfinite(m["history"][-1]["train_ce+kd"])
     assert m["summary"]["student_ppl"] < m["summary"]["student_ppl_before"]
+
+
+@pytest.fixture(scope="module")
+def metaspace_tokenizer_dir(tmp_path_factory):
+    """A second, different tokenizer: 700-token Metaspace BPE with byte fallback and <s> ... </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kdkit.llm.text_data import load_texts
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback()])
+    tok.train_from_iterator(load_texts("gsm8k", "train", limit=2000), trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<s>", "</s>", "<pad>"] + [f"<0x{i:02X}>" for i in range(256)]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                       special_tokens=[("<s>", 0), ("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    out = tmp_path_factory.mktemp("tok_meta")
+    fast.save_pretrained(str(out))
+    return out
+
+
+def test_cross_tokenizer_distill_from_the_cli(tmp_path, teacher_dir, metaspace_tokenizer_dir):
+    """`losses={ct: {type: cross_tokenizer}}` with a student that tokenizes differently: trained on whole texts
+    aligned into chunks, against the same run with the ALM loss weighted 0 (the same batches, CE only)."""
+    small = dict(TINY, num_hidden_layers=2)
+    student = f"student.options={json.dumps({'tokenizer': str(metaspace_tokenizer_dir), 'config': small})}"
+    args = ["distill", "recipe=smollm2-kd-small", *TAIL, f"teacher.model={teacher_dir / 'student'}",
+            "student.model=scratch", student, "llm.train_examples=640", "llm.eval_examples=100", "llm.max_steps=80",
+            "llm.eval_every_steps=40", "data.batch_size=8", "optim.lr=3e-3", f"output_dir={tmp_path}", "ce_weight=1.0"]
+    # plain token KD between the two tokenizers is refused, naming the way out
+    assert main([*args, "name=refused"]) == 2  # the recipe's token_kd loss
+    with pytest.raises(ConfigError, match="no token-level loss"):
+        from kdkit.llm.build import check_lm_mode
+
+        check_lm_mode(load_recipe("smollm2-kd-small", ["losses.ct.type=cross_tokenizer"]), "distill")
+    runs = {}
+    # ALM values scale as 1/T (T=100): next to CE it needs a weight of tens (30: ppl ~470 vs ~615 CE only; weight 1 is
+    # too weak to matter at 80 steps)
+    for name, weight in (("alm", 30.0), ("ce_only", 0.0)):
+        assert main([*args, f"name={name}", "losses={}", "losses.ct.type=cross_tokenizer",
+                     f"losses.ct.weight={weight}"]) == 0
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    alm, ce = runs["alm"]["summary"], runs["ce_only"]["summary"]
+    assert alm["train_tokens"] == ce["train_tokens"]  # real (unpadded) student tokens, the same batches
+    assert alm["teacher_ppl"] is None and alm["teacher_ppl_own_tokens"] < 40  # the teacher's own tokens
+    assert alm["student_ppl"] < alm["student_ppl_before"]
+    hist = runs["alm"]["history"]
+    assert hist[-1]["train_ct"] < hist[0]["train_ct"]
+    print("cross-tokenizer:", alm["student_ppl"], "vs CE only:", ce["student_ppl"])
+    assert alm["student_ppl"] < 0.9 * ce["student_ppl"]

@@ -45,6 +45,17 @@ def check_lm_mode(recipe: Recipe, mode: Mode) -> None:
         if other:
             raise ConfigError(f"a stored teacher signal (teacher.cache) trains token_kd losses only; {other} need the "
                               "live teacher's logits (set teacher.model)")
+    cross = sorted(n for n, (_, l) in built.items() if type(l).__name__ == "CrossTokenizerLoss")
+    if cross:
+        other = sorted(set(built) - set(cross))
+        if other:
+            raise ConfigError(f"{cross} (cross_tokenizer) compares text chunks across vocabularies and runs with no "
+                              f"token-level loss; {other} compare next-token distributions position by position")
+        if recipe.teacher.cache or not recipe.teacher.model:
+            raise ConfigError("cross_tokenizer needs a live teacher (teacher.model): a stored signal holds one "
+                              "tokenizer's positions")
+        if recipe.llm.on_policy.fraction > 0 or recipe.llm.fused:
+            raise ConfigError("cross_tokenizer runs without llm.fused and llm.on_policy (set them to false / 0)")
     if recipe.teacher.cache and recipe.llm.on_policy.fraction > 0:
         raise ConfigError("on-policy distillation (llm.on_policy.fraction > 0) needs a live teacher to score the "
                           "student's own text; a stored signal only covers the stored blocks")
@@ -73,8 +84,14 @@ def _scratch_without_teacher(options: dict, dtype):
     return model, tok
 
 
+def cross_tokenizer_loss(recipe: Recipe) -> str | None:
+    """The name of the recipe's cross_tokenizer loss, if it has one."""
+    return next((n for n, e in recipe.losses.items() if e is not None and e.get("type", n) == "cross_tokenizer"), None)
+
+
 def build_lm_models(recipe: Recipe, mode: Mode):
-    """(teacher or None, student, tokenizer): the student shares the teacher's tokenizer unless a loss says not."""
+    """(teacher or None, student, student tokenizer, teacher tokenizer or None): the student shares the teacher's
+    tokenizer unless a cross_tokenizer loss says not."""
     from .models import load_causal_lm, load_tokenizer
     from .students import build_student
     from .tokenizers import require_same_tokenizer
@@ -85,7 +102,8 @@ def build_lm_models(recipe: Recipe, mode: Mode):
         teacher, t_tok = load_causal_lm(recipe.teacher.model, dtype=recipe.llm.dtype)
         teacher.requires_grad_(False)
     s = recipe.student
-    if s.model in STUDENT_FROM_TEACHER and teacher is not None:
+    own_tokenizer = s.model == "scratch" and "tokenizer" in (s.options or {})  # e.g. for cross-tokenizer KD
+    if s.model in STUDENT_FROM_TEACHER and teacher is not None and not own_tokenizer:
         student, tok = build_student(s, teacher, recipe.llm, dtype), t_tok
     elif s.model == "scratch":
         student, tok = _scratch_without_teacher(s.options, dtype)
@@ -98,10 +116,9 @@ def build_lm_models(recipe: Recipe, mode: Mode):
         student = build_student(s, teacher, recipe.llm, dtype)
     if mode == "train" and teacher is not None:
         teacher = None  # only the source of the student's initial weights
-    cross = any((e or {}).get("type", n) == "cross_tokenizer" for n, e in recipe.losses.items())
-    if t_tok is not None and mode == "distill" and not cross:
+    if t_tok is not None and mode == "distill" and cross_tokenizer_loss(recipe) is None:
         require_same_tokenizer(t_tok, tok)
-    return teacher, student, tok
+    return teacher, student, tok, t_tok
 
 
 def build_lm_blocks(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,9 +142,11 @@ def build_lm_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = Non
     run_dir = Path(recipe.output_dir) / run_name(recipe, recipe_name)
     set_seed(recipe.trainer.seed)
     with state.main_process_first():
-        teacher, student, tok = build_lm_models(recipe, mode)
+        teacher, student, tok, t_tok = build_lm_models(recipe, mode)
         train, test = build_lm_blocks(recipe, tok)
     if mode == "distill" and recipe.llm.on_policy.backend == "trl":
+        if cross_tokenizer_loss(recipe) is not None:
+            raise ConfigError("llm.on_policy.backend=trl has no cross-tokenizer loss; use backend=kdkit")
         if state.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             dump(recipe, run_dir / "config.yaml")
@@ -139,11 +158,15 @@ def build_lm_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = Non
         store = open_signal_store(recipe.teacher.cache, tokenizer=tok, streaming=False)
         train = store.blocks()
     losses = build_losses(recipe, {"epochs": recipe.trainer.epochs}) if mode == "distill" else {}
+    cross = None
+    if mode == "distill" and cross_tokenizer_loss(recipe) is not None:
+        cross = _cross_tokenizer_data(recipe, t_tok, tok, losses[cross_tokenizer_loss(recipe)][1])
+        train = None
     meta = {"teacher": recipe.teacher.model or recipe.teacher.cache, "student": recipe.student.model,
             "student_options": json.dumps(recipe.student.options), "data": recipe.data.name,
             "block_size": recipe.llm.block_size}
     distiller = LMDistiller(recipe, run_dir, student, tok, train, test, teacher=teacher, losses=losses,
-                            store=store, on_step=on_step, meta=meta)
+                            store=store, on_step=on_step, meta=meta, cross=cross)
     if state.is_main_process:
         dump(recipe, run_dir / "config.yaml")
     if recipe.resume:
@@ -151,6 +174,20 @@ def build_lm_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = Non
         if not distiller.resume(where) and recipe.resume != "auto":
             raise ConfigError(f"resume={recipe.resume}: no checkpoint found there")
     return distiller
+
+
+def _cross_tokenizer_data(recipe: Recipe, teacher_tok, student_tok, loss) -> dict:
+    """Whole training texts (each cut to llm.block_size tokens on either side), their chunk aligner, and the
+    evaluation text in the teacher's tokens (its perplexity is reported over its own tokens)."""
+    from .cross_tokenizer import CrossTokenizerBatcher
+    from .text_data import load_texts, pack_blocks
+
+    lc = recipe.llm
+    texts = load_texts(recipe.data.name, "train", text_field=lc.text_field, limit=lc.train_examples)
+    test = load_texts(recipe.data.name, "test", text_field=lc.text_field, limit=lc.eval_examples)
+    return {"texts": texts, "batcher": CrossTokenizerBatcher(teacher_tok, student_tok, lc.block_size,
+                                                             chunks=loss.chunks),
+            "teacher_eval_blocks": pack_blocks(test, teacher_tok, lc.block_size)}
 
 
 def write_store_from_recipe(recipe: Recipe, settings: dict) -> Path:

@@ -4,6 +4,10 @@ Same shape as the classifier Distiller: the student and every parameter a loss o
 (`LMStep`, the only thing handed to DDP); the teacher is frozen and runs under inference mode, or is replaced by
 a teacher-signal store read from disk. Position t of the logits predicts token t+1: the step shifts once, so
 every loss sees aligned `[B, L-1, V]` logits and `[B, L-1]` labels (-100 where a token does not count).
+
+Cross-tokenizer distillation (a `cross_tokenizer` loss, teacher and student tokenizing differently) trains on texts
+instead of shared token blocks: each step's texts are tokenized by both tokenizers and aligned into chunks
+(`CrossTokenizerBatcher`), and the losses see both models' unshifted logits with their own ids and chunk ids.
 """
 from __future__ import annotations
 
@@ -56,6 +60,12 @@ class LMStep(nn.Module):
         if self.ce_weight and use_ce:
             terms["ce"] = self.ce_weight * F.cross_entropy(s_logits.flatten(0, 1).float(), y.flatten(),
                                                            ignore_index=-100)
+        if teacher is not None and "cross" in teacher:
+            s_out = Outputs(logits, teacher["cross"]["student"])
+            t_out = Outputs(teacher["logits"], teacher["cross"]["teacher"])
+            for name, loss in self.losses.items():
+                terms[name] = self.weights[name] * loss(s_out, t_out)
+            return terms
         if teacher is not None and "store" in teacher:
             for name in self.losses:
                 terms[name] = self.weights[name] * teacher["loss"](s_logits, teacher["store"], self.losses[name])
@@ -84,11 +94,15 @@ class LMStep(nn.Module):
 class LMDistiller:
     """Trains a causal LM `student` on token `train_blocks` [n, L] from `teacher` (a frozen HF causal LM), or from
     a teacher-signal `store`, or alone (no-teacher baseline, teacher training); evaluates perplexity on
-    `eval_blocks`. `on_step(distiller, step)` runs after every optimiser step (tests simulate crashes with it)."""
+    `eval_blocks`. `on_step(distiller, step)` runs after every optimiser step (tests simulate crashes with it).
 
-    def __init__(self, recipe: Recipe, run_dir, student: nn.Module, tokenizer, train_blocks: torch.Tensor,
+    Cross-tokenizer mode: `cross` = {"texts": training texts, "batcher": CrossTokenizerBatcher, "teacher_eval_blocks":
+    the evaluation text in the teacher's tokens}; `train_blocks` is then None and each step takes whole texts.
+    """
+
+    def __init__(self, recipe: Recipe, run_dir, student: nn.Module, tokenizer, train_blocks: torch.Tensor | None,
                  eval_blocks: torch.Tensor, *, teacher: nn.Module | None = None, losses: dict | None = None,
-                 store=None, on_step: Callable | None = None, meta: dict | None = None):
+                 store=None, on_step: Callable | None = None, meta: dict | None = None, cross: dict | None = None):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -115,15 +129,23 @@ class LMDistiller:
             if teacher is None:
                 raise ConfigError("llm.fused=true needs a live teacher (teacher.model); stored signals use the "
                                   "unfused path")
-        if train_blocks.ndim != 2 or train_blocks.shape[0] == 0:
-            raise ConfigError(f"no training blocks (shape {tuple(train_blocks.shape)}): use more text or a smaller "
-                              f"llm.block_size (now {self.lcfg.block_size})")
-        self.train_blocks, self.eval_blocks = train_blocks, eval_blocks
+        self.cross = cross
+        if cross is not None:
+            if teacher is None or fused is not None or store is not None or self.lcfg.on_policy.fraction > 0:
+                raise ConfigError("cross-tokenizer distillation needs a live teacher (teacher.model), and runs without "
+                                  "llm.fused, teacher.cache and on-policy generation")
+            n_train, what = len(cross["texts"]), "training texts"
+        else:
+            if train_blocks is None or train_blocks.ndim != 2 or train_blocks.shape[0] == 0:
+                raise ConfigError(f"no training blocks (shape {None if train_blocks is None else tuple(train_blocks.shape)})"
+                                  f": use more text or a smaller llm.block_size (now {self.lcfg.block_size})")
+            n_train, what = len(train_blocks), "training blocks"
+        self.train_blocks, self.eval_blocks, self.n_train = train_blocks, eval_blocks, n_train
         world, rank = acc.num_processes, acc.process_index
-        self.per_rank = len(train_blocks) // world
+        self.per_rank = n_train // world
         self.steps_per_epoch = self.per_rank // recipe.data.batch_size
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"{len(train_blocks)} training blocks make no batch of data.batch_size="
+            raise ConfigError(f"{n_train} {what} make no batch of data.batch_size="
                               f"{recipe.data.batch_size} on {world} process(es)")
         self.total_steps = self.lcfg.max_steps or self.steps_per_epoch * self.tcfg.epochs
         self.mixer = None
@@ -162,7 +184,7 @@ class LMDistiller:
     def _batch(self, epoch: int, step: int) -> torch.Tensor:
         """The step's token block indices: a per-epoch permutation (seeded), this process's share."""
         g = torch.Generator().manual_seed(self.tcfg.seed * 100_003 + epoch)
-        perm = torch.randperm(len(self.train_blocks), generator=g)
+        perm = torch.randperm(self.n_train, generator=g)
         mine = perm[self.accelerator.process_index::self.accelerator.num_processes][: self.per_rank]
         bs = self.cfg.data.batch_size
         return mine[step * bs:(step + 1) * bs]
@@ -184,6 +206,11 @@ class LMDistiller:
             return {"store": batch, "loss": loss_fn}
         if self.teacher is None:
             return None
+        if self.cross is not None:
+            side = self.cross_batch["teacher"]
+            with torch.inference_mode(), self.accelerator.autocast():
+                logits = self.teacher(input_ids=side["input_ids"], attention_mask=side["attention_mask"]).logits
+            return {"logits": logits.clone(), "cross": self.cross_batch}
         with torch.inference_mode(), self.accelerator.autocast():
             if self.raw.fused is not None:
                 from .models import decoder_of, lm_head_of
@@ -195,10 +222,20 @@ class LMDistiller:
             logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
         return {"logits": logits.clone()}
 
+    def _cross_batch(self, index):
+        """(student ids, mask, labels) of the step's texts; both sides' aligned batch kept for the teacher and losses."""
+        texts = [self.cross["texts"][i] for i in index.tolist()]
+        dev = self.accelerator.device
+        batch = self.cross["batcher"](texts)
+        self.cross_batch = {who: {k: v.to(dev) for k, v in batch[who].items()} for who in ("student", "teacher")}
+        side = self.cross_batch["student"]
+        ids, mask = side["input_ids"], side["attention_mask"]
+        return ids, mask, ids.masked_fill(mask == 0, -100)
+
     # ------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def perplexity(self, model: nn.Module | None = None) -> dict:
+    def perplexity(self, model: nn.Module | None = None, blocks: torch.Tensor | None = None) -> dict:
         """exp(mean next-token NLL) over every token of the evaluation blocks, summed over processes."""
         model = model if model is not None else self.raw.student
         was = model.training
@@ -206,7 +243,8 @@ class LMDistiller:
         dev = self.accelerator.device
         nll = torch.zeros((), dtype=torch.float64, device=dev)
         count = nll.clone()
-        blocks = self.eval_blocks[self.accelerator.process_index::self.accelerator.num_processes]
+        blocks = self.eval_blocks if blocks is None else blocks
+        blocks = blocks[self.accelerator.process_index::self.accelerator.num_processes]
         for i in range(0, len(blocks), self.cfg.data.eval_batch_size):
             ids = blocks[i:i + self.cfg.data.eval_batch_size].to(dev)
             with self.accelerator.autocast():
@@ -256,11 +294,17 @@ class LMDistiller:
         acc.init_trackers("kdkit", config=_flat_scalars(asdict(self.cfg)))
         if "student_ppl_before" not in self.state:
             self.state["student_ppl_before"] = self.perplexity()["ppl"]
-            if self.teacher is not None:
+            if self.teacher is not None and self.cross is not None:
+                # the teacher's own tokens: a different unit from the student's, so not comparable number for number
+                self.state["teacher_ppl_own_tokens"] = self.perplexity(
+                    self.teacher, self.cross["teacher_eval_blocks"])["ppl"]
+            elif self.teacher is not None:
                 self.state["teacher_ppl"] = self.perplexity(self.teacher)["ppl"]
-            self.log.line("perplexity before training: student {:.3f}{}".format(
+            self.log.line("perplexity before training: student {:.3f}{}{}".format(
                 self.state["student_ppl_before"],
-                f", teacher {self.state['teacher_ppl']:.3f}" if "teacher_ppl" in self.state else ""))
+                f", teacher {self.state['teacher_ppl']:.3f}" if "teacher_ppl" in self.state else "",
+                f", teacher {self.state['teacher_ppl_own_tokens']:.3f} (over its own tokens)"
+                if "teacher_ppl_own_tokens" in self.state else ""))
         bar = self.log.progress(self.total_steps, "steps", initial=self.state["step"], enabled=t.progress)
         running, count, names, t0 = None, 0, [], time.perf_counter()
         seen_tokens = 0
@@ -275,8 +319,12 @@ class LMDistiller:
                 if hasattr(loss, "set_progress"):
                     loss.set_progress(step / self.total_steps)
             index = self._batch(self.state["epoch"], self.state["step_in_epoch"])
-            ids = self.train_blocks[index].to(acc.device)
-            mask, labels, on_policy = None, ids, False
+            if self.cross is not None:
+                ids, mask, labels = self._cross_batch(index)
+                on_policy = False
+            else:
+                ids = self.train_blocks[index].to(acc.device)
+                mask, labels, on_policy = None, ids, False
             if self.mixer is not None:
                 mixed = self.mixer.maybe_generate(self.raw.student, ids, None, step)
                 ids, mask, labels = mixed["input_ids"], mixed["attention_mask"], mixed["labels"]
@@ -295,7 +343,7 @@ class LMDistiller:
             names = [*terms, "loss"]
             running = values if running is None else running + values
             count += 1
-            n_tok = int(ids.numel()) * acc.num_processes
+            n_tok = int(ids.numel() if mask is None else mask.sum()) * acc.num_processes
             seen_tokens += n_tok
             self.state["tokens"] += n_tok
             self.state["step"] += 1
@@ -338,6 +386,8 @@ class LMDistiller:
         summary = {
             "student_ppl": final.get("test_ppl"), "student_ppl_before": self.state.get("student_ppl_before"),
             "teacher_ppl": self.state.get("teacher_ppl"), "steps": self.state["step"],
+            **({"teacher_ppl_own_tokens": self.state["teacher_ppl_own_tokens"]}
+               if "teacher_ppl_own_tokens" in self.state else {}),
             "train_tokens": self.state["tokens"], "train_seconds": self.state["train_seconds"],
             "tokens_per_s": self.state["tokens"] / max(self.state["train_seconds"], 1e-9),
             "eval_tokens": int(self.eval_blocks.numel()), "processes": acc.num_processes, "device": str(acc.device),
