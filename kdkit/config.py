@@ -118,9 +118,42 @@ class LLMConfig:
 
 
 @dataclass
+class CoTConfig:
+    """Chain-of-thought / rationale distillation (`kdkit distill recipe=cot-math`, task: cot): generate, filter,
+    SFT, learn from negatives (REDI), evaluate. Models: teacher.model, student.model (+ options, llm.lora)."""
+
+    backend: Literal["transformers", "vllm"] = "transformers"  # teacher generation backend
+    fallback_to_transformers: bool = False  # vllm asked for but not importable: use transformers (with a warning)
+    samples: int = 4  # rationales sampled per training question (N)
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    train_questions: int | None = None  # the first N GSM8K train questions (None = all 7,473)
+    test_questions: int | None = None  # accuracy on the first N test questions (None = all 1,319)
+    shard_size: int = 32  # questions per generation shard: the unit an interrupted stage resumes from
+    generations: str | None = None  # reuse stage 1 of another run (its RUN/generate folder): same questions
+    instruction: str = "Solve the problem step by step. End with a line 'The answer is N.'"
+    sft: Literal["rationale", "answer_only", "step_by_step"] = "rationale"
+    rationale_weight: float = 1.0  # step_by_step: loss = label task + rationale_weight * rationale task
+    short_ratio: float = 0.0  # mix distillation: this fraction of examples use the short (dataset) rationale
+    sft_epochs: float = 1.0
+    kd_weight: float = 0.0  # > 0: token-level logit KD from the teacher on completion tokens (same tokenizer)
+    kd_divergence: str = "fkl"
+    max_length: int = 512  # prompt + completion tokens in SFT
+    redi: bool = True  # stage 4 after SFT (needs incorrect rationales)
+    redi_alpha: float = 0.8  # weight of the negative term (REDI's alpha)
+    redi_epochs: float = 1.0
+    redi_lr: float | None = None  # default: optim.lr / 2
+    eval_max_new_tokens: int = 256
+    eval_teacher: bool = True
+    examples_in_report: int = 5
+
+
+@dataclass
 class Recipe:
     description: str = ""
-    task: Literal["classify", "lm"] = "classify"  # image classifiers, or causal language models (`llm:` section)
+    # image classifiers, causal language models (`llm:` section), or rationale distillation (`cot:` section)
+    task: Literal["classify", "lm", "cot"] = "classify"
     data: DataConfig = field(default_factory=DataConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -135,6 +168,7 @@ class Recipe:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    cot: CoTConfig = field(default_factory=CoTConfig)
     output_dir: str = "runs"
     name: str | None = None  # run folder name (default: recipe name + time)
     resume: str | None = None  # a run folder or checkpoint folder, or "auto" = latest in the run folder

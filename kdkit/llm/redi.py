@@ -1,0 +1,105 @@
+"""Stage 4 of rationale distillation: learn from the teacher's incorrect rationales too (REDI).
+
+Xu et al. 2025, "Harnessing Negative Signals: Reinforcement Distillation from Teacher Data for LLM Reasoning"
+(REDI). After SFT on the correct traces, a reference-free objective over (question, correct trace y+, incorrect
+trace y-) pairs:
+
+    L = - log pi(y+ | x) / |y+|  +  alpha * log pi(y- | x) / |y-|,      alpha in [0, 1] (paper: 0.8)
+
+length-normalised sequence log-likelihoods, the negative term weighted lower so that pushing the incorrect
+traces down does not collapse the model (the failure of the symmetric alpha = 1 objective the paper reports).
+No reference model is kept (unlike DPO), so memory is that of SFT.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from ..errors import ConfigError
+
+
+def mean_token_logprob(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
+    """[B] mean log-prob of the completion tokens (completion_mask marks them in input_ids) under `model`."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    target, mask = input_ids[:, 1:], completion_mask[:, 1:].to(logits.dtype)
+    logp = torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)
+    return (logp * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def redi_loss(pos_logp: torch.Tensor, neg_logp: torch.Tensor, alpha: float = 0.8) -> torch.Tensor:
+    """The REDI objective from per-sequence mean log-probs of the correct and the incorrect traces."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"REDI alpha (cot.redi_alpha) must be in [0, 1], got {alpha}")
+    return (-pos_logp + alpha * neg_logp).mean()
+
+
+def build_pairs(correct, incorrect, seed: int = 0) -> list[dict]:
+    """(question_id, question, positive, negative): each incorrect trace paired with a correct one of its question,
+    questions without both kinds left out."""
+    rng = random.Random(seed)
+    pos: dict[int, list[str]] = {}
+    for qid, text in zip(correct["question_id"], correct["rationale"]):
+        pos.setdefault(int(qid), []).append(text)
+    pairs = []
+    for qid, q, text in zip(incorrect["question_id"], incorrect["question"], incorrect["rationale"]):
+        if int(qid) in pos:
+            pairs.append({"question_id": int(qid), "question": q, "positive": rng.choice(pos[int(qid)]),
+                          "negative": text})
+    return pairs
+
+
+def _encode(tokenizer, prompt: str, completion: str, max_length: int):
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
+    ids = (p + c)[:max_length]
+    return ids, ([0] * len(p) + [1] * len(c))[:max_length]
+
+
+def _pad(rows, pad_id):
+    n = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    att = torch.zeros(len(rows), n, dtype=torch.long)
+    comp = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, (a, c) in enumerate(rows):
+        ids[i, :len(a)], att[i, :len(a)], comp[i, :len(c)] = torch.tensor(a), 1, torch.tensor(c)
+    return ids, att, comp
+
+
+def run_redi(model, tokenizer, pairs: list[dict], prompt_fn, *, alpha: float, epochs: float, lr: float,
+             batch_size: int, max_length: int, seed: int, device="cpu", progress: bool = True) -> dict:
+    """Train `model` on REDI pairs (AdamW, cosine decay); `prompt_fn(question)` is the chat prompt text."""
+    from tqdm.auto import tqdm
+
+    if not pairs:
+        raise ConfigError("REDI needs questions with both a correct and an incorrect teacher rationale; there are none "
+                          "(sample more per question, or set cot.redi=false)")
+    g = torch.Generator().manual_seed(seed)
+    steps = max(1, math.ceil(epochs * len(pairs) / batch_size))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    order, history = [], []
+    for step in tqdm(range(steps), desc="REDI", disable=not progress):
+        if len(order) < batch_size:
+            order += torch.randperm(len(pairs), generator=g).tolist()
+        batch = [pairs[i] for i in order[:batch_size]]
+        order = order[batch_size:]
+        prompts = [prompt_fn(b["question"]) for b in batch]
+        pos = _pad([_encode(tokenizer, p, b["positive"], max_length) for p, b in zip(prompts, batch)],
+                   tokenizer.pad_token_id)
+        neg = _pad([_encode(tokenizer, p, b["negative"], max_length) for p, b in zip(prompts, batch)],
+                   tokenizer.pad_token_id)
+        lp_pos = mean_token_logprob(model, *(t.to(device) for t in pos))
+        lp_neg = mean_token_logprob(model, *(t.to(device) for t in neg))
+        loss = redi_loss(lp_pos, lp_neg, alpha)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        history.append({"step": step + 1, "loss": loss.item(), "pos_logp": lp_pos.mean().item(),
+                        "neg_logp": lp_neg.mean().item()})
+    model.eval()
+    return {"steps": steps, "pairs": len(pairs), "history": history}

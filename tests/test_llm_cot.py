@@ -1,0 +1,240 @@
+"""Rationale distillation (`task: cot`): answer parsing, filtering, SFT data and loss, REDI, resumable generation,
+and the whole pipeline end to end on GSM8K with a tiny Llama over SmolLM2's real tokenizer and chat template."""
+import json
+
+import pytest
+import torch
+
+from kdkit.cli import main
+from kdkit.errors import ConfigError
+from kdkit.llm.answers import answers_match, extract_answer, normalize_number
+from kdkit.llm.generation import Completion
+from kdkit.llm.models import load_tokenizer
+
+SMOL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "72"),
+    ("so 3 + 4 = 7 apples. The answer is 7.", "7"),
+    ("First 5. Then 6. The final answer is $1,250.50", "$1,250.50"),
+    ("Answer: -3", "-3"),
+    ("We get \\boxed{18}.", "18"),
+    ("The answer is: **18**", "18"),
+    ("I am not sure what to do here.", None),
+    ("", None),
+    ("The answer is 4. Wait, the answer is 5.", "5"),  # the last statement wins
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_numeric_match():
+    assert answers_match("1,200", "1200") and answers_match("$12.50", "12.5") and answers_match("7.", "7")
+    assert not answers_match("7", "8") and not answers_match(None, "7") and not answers_match("seven", "7")
+    assert normalize_number("abc") is None and normalize_number("-0.5") == normalize_number("-1/2".replace("1/2", ".5"))
+
+
+def _rows(items):
+    import datasets
+
+    cols = ("question_id", "question", "gold", "reference", "sample", "rationale", "num_tokens", "finish_reason")
+    return datasets.Dataset.from_dict({c: [dict(zip(cols, it))[c] for it in items] for c in cols})
+
+
+def test_filter_keeps_correct_sets_incorrect_aside_and_counts():
+    from kdkit.llm.cot_filter import filter_rationales
+
+    rows = _rows([(0, "q0", "72", "", 0, "24 + 48 = 72. The answer is 72.", 9, "stop"),
+                  (0, "q0", "72", "", 1, "24 + 48 = 72.  the answer is 72.", 9, "stop"),  # duplicate
+                  (0, "q0", "72", "", 2, "48 * 2 = 96. The answer is 96.", 9, "stop"),
+                  (1, "q1", "10", "", 0, "I do not know", 4, "length"),  # no answer
+                  (1, "q1", "10", "", 1, "   ", 1, "stop"),  # empty
+                  (1, "q1", "10", "", 2, "#### 10.0", 3, "stop")])
+    correct, incorrect, stats = filter_rationales(rows)
+    assert list(correct["sample"]) == [0, 5 - 3] and list(correct["question_id"]) == [0, 1]
+    assert list(incorrect["predicted"]) == ["96"]
+    assert stats == {"generated": 6, "empty": 1, "unparseable": 1, "duplicates": 1, "correct": 2, "incorrect": 1,
+                     "questions": 2, "questions_with_correct": 2, "teacher_sample_accuracy": 2 / 6}
+
+
+def _questions(n=3):
+    import datasets
+
+    return datasets.Dataset.from_dict({
+        "question": [f"Question {i}?" for i in range(n)], "final_answer": [str(10 + i) for i in range(n)],
+        "answer": [f"Half of 2 is <<2/2=1>>1.\n#### {10 + i}" for i in range(n)]})
+
+
+def test_sft_examples_per_mode():
+    from kdkit.llm.cot_sft import build_sft_examples, reference_rationale
+
+    correct = _rows([(0, "Question 0?", "10", "", 0, "5 + 5 = 10.\nSo the answer is 10", 5, "stop"),
+                     (0, "Question 0?", "10", "", 1, "2 * 5 = 10. #### 10", 5, "stop")])
+    r = build_sft_examples(correct, _questions(), "rationale", "Think.")
+    assert len(r) == 2 and r[0]["prompt"][0]["content"] == "Question 0?\nThink."
+    assert r[0]["completion"][0]["content"] == "5 + 5 = 10.\nThe answer is 10."
+    a = build_sft_examples(correct, _questions(), "answer_only", "Think.")
+    assert [x["completion"][0]["content"] for x in a] == ["The answer is 10.", "The answer is 11.",
+                                                           "The answer is 12."]
+    s = build_sft_examples(correct, _questions(), "step_by_step", "Think.", rationale_weight=0.5)
+    assert [x["prompt"][0]["content"][:11] for x in s][:2] == ["[label] Que", "[rationale]"]
+    assert [x["weight"] for x in s] == [1.0, 0.5, 1.0, 0.5]
+    m = build_sft_examples(correct, _questions(), "rationale", "", short_ratio=1.0)  # all from the dataset
+    assert len(m) == 3 and m[0]["completion"][0]["content"] == "Half of 2 is 1.\nThe answer is 10."
+    assert reference_rationale("a <<1+1=2>>2\n#### 2", "2") == "a 2\nThe answer is 2."
+    with pytest.raises(ConfigError, match="no correct rationale"):
+        build_sft_examples(correct.select([]), _questions(), "rationale", "")
+    with pytest.raises(ConfigError, match="cot.sft"):
+        build_sft_examples(correct, _questions(), "cot", "")
+
+
+def test_weighted_completion_loss_against_hand_computation():
+    from kdkit.llm.cot_sft import completion_losses
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, requires_grad=True)
+    labels = torch.tensor([[-100, 1, 2, -100], [-100, -100, 3, 4]])
+    w = torch.tensor([1.0, 0.25])
+    loss, parts = completion_losses(logits, labels, w)
+    lp = torch.log_softmax(logits.detach(), -1)
+    ce = [[-lp[0, 0, 1], -lp[0, 1, 2]], [-lp[1, 1, 3], -lp[1, 2, 4]]]
+    expect = (1.0 * sum(ce[0]) + 0.25 * sum(ce[1])) / 4
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-6)
+    assert parts["ce"].item() == pytest.approx((sum(ce[0]) + sum(ce[1])).item() / 4, rel=1e-6)
+    t = torch.randn(2, 4, 5)
+    with_kd, parts = completion_losses(logits, labels, w, t, kd_weight=2.0)
+    assert with_kd.item() == pytest.approx(loss.item() + 2.0 * parts["kd"].item(), rel=1e-6)
+    with_kd.backward()
+    assert logits.grad[:, -1].abs().sum() == 0  # the last position predicts nothing
+
+
+def test_redi_loss_and_pairs():
+    from kdkit.llm.redi import build_pairs, redi_loss
+
+    pos, neg = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])
+    assert redi_loss(pos, neg, 0.8).item() == pytest.approx(((1 - 2.4) + (2 - 0.8)) / 2)
+    with pytest.raises(ConfigError, match="alpha"):
+        redi_loss(pos, neg, 1.5)
+    correct = _rows([(0, "q0", "1", "", 0, "right", 1, "stop")])
+    incorrect = _rows([(0, "q0", "1", "", 1, "wrong", 1, "stop"), (1, "q1", "2", "", 0, "wrong too", 1, "stop")])
+    assert build_pairs(correct, incorrect) == [{"question_id": 0, "question": "q0", "positive": "right",
+                                                "negative": "wrong"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 2-layer random Llama over SmolLM2's vocabulary, tokenizer and chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(SMOL)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("tiny_cot")
+    LlamaForCausalLM(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def test_redi_raises_correct_and_lowers_incorrect_traces(tiny_dir):
+    from kdkit.llm.generation import chat_prompt
+    from kdkit.llm.models import load_causal_lm
+    from kdkit.llm.redi import _encode, _pad, mean_token_logprob, run_redi
+
+    model, tok = load_causal_lm(tiny_dir)
+    pairs = [{"question_id": i, "question": f"What is {i} + {i}?", "positive": f"{i} + {i} = {2 * i}. The answer "
+              f"is {2 * i}.", "negative": f"{i} + {i} = {2 * i + 1}. The answer is {2 * i + 1}."} for i in range(6)]
+    prompt = lambda q: chat_prompt(tok, q)  # noqa: E731
+
+    def logps():
+        with torch.no_grad():
+            return [mean_token_logprob(model, *_pad([_encode(tok, prompt(p["question"]), p[k], 64) for p in pairs],
+                                                    tok.pad_token_id)).mean().item() for k in ("positive", "negative")]
+
+    pos0, neg0 = logps()
+    stats = run_redi(model, tok, pairs, prompt, alpha=0.8, epochs=4, lr=3e-3, batch_size=3, max_length=64, seed=0,
+                     progress=False)
+    pos1, neg1 = logps()
+    assert stats["steps"] == 8 and pos1 > pos0 and (pos1 - neg1) > (pos0 - neg0) + 0.1
+    with pytest.raises(ConfigError, match="REDI needs"):
+        run_redi(model, tok, [], prompt, alpha=0.8, epochs=1, lr=1e-3, batch_size=2, max_length=8, seed=0)
+
+
+class _CountingBackend:
+    """A scripted teacher: answers right for even question ids; fails on call `fail_on` (a crash mid-stage)."""
+    name = "scripted"
+
+    def __init__(self, fail_on=None):
+        self.calls, self.prompts, self.fail_on = 0, 0, fail_on
+
+    def generate(self, prompts, spec):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise KeyboardInterrupt("simulated crash")
+        self.prompts += len(prompts)
+        return [[Completion(f"step {k}. The answer is {k}.", 6, "stop") for k in range(spec.n)] for _ in prompts]
+
+
+def test_generation_resumes_at_the_first_missing_shard(tmp_path):
+    from kdkit.llm.cot_generate import generate_rationales
+    from kdkit.llm.generation import SamplingSpec
+
+    tok = load_tokenizer(SMOL)
+    qs = _questions(5)
+    spec = SamplingSpec(n=2)
+    first = _CountingBackend(fail_on=2)
+    with pytest.raises(KeyboardInterrupt):
+        generate_rationales(qs, tok, lambda: first, tmp_path, spec, "Think.", shard_size=2, progress=False)
+    second = _CountingBackend()
+    rows = generate_rationales(qs, tok, lambda: second, tmp_path, spec, "Think.", shard_size=2, progress=False)
+    assert first.prompts == 2 and second.prompts == 3  # shard 0 was not redone
+    assert len(rows) == 10 and list(rows["question_id"]) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    built = []
+    again = generate_rationales(qs, tok, lambda: built.append(1), tmp_path, spec, "Think.", shard_size=2,
+                                progress=False)
+    assert not built and len(again) == 10  # everything done: no backend is even built
+    with pytest.raises(ConfigError, match="final_answer"):
+        generate_rationales(qs.remove_columns("final_answer"), tok, lambda: second, tmp_path / "b", spec, "")
+
+
+def test_cot_pipeline_end_to_end_and_resume(tmp_path, tiny_dir):
+    """All five stages from the CLI on real GSM8K questions with the tiny model as teacher and a truncated copy as
+    student; rerunning the same run name redoes nothing."""
+    args = ["distill", "recipe=cot-math-small", f"teacher.model={tiny_dir}", "student.options={layers: 1}",
+            "cot.train_questions=6", "cot.test_questions=4", "cot.samples=2", "cot.max_new_tokens=12",
+            "cot.eval_max_new_tokens=12", "cot.shard_size=4", "cot.short_ratio=1.0", "cot.redi=false",
+            "cot.sft_epochs=1", "data.batch_size=3", "trainer.progress=false", f"output_dir={tmp_path}",
+            "name=run", "trainer.threads=1"]
+    assert main(args) == 0
+    run = tmp_path / "run"
+    for part in ("generate/rationales", "filter/correct", "filter/incorrect", "sft/data", "sft/model",
+                 "eval/teacher", "eval/student_before", "eval/student_sft", "report.md", "report.json"):
+        assert (run / part).exists(), part
+    report = json.loads((run / "report.json").read_text())
+    assert report["filter"]["generated"] == 12 and report["test_questions"] == 4
+    assert set(report["accuracy"]) == {"teacher", "student_before", "student_sft_rationale"}
+    assert report["sft_stats"]["examples"] == 6 and report["sft_stats"]["steps"] == 2
+    assert "Rationale distillation report" in (run / "report.md").read_text()
+    stamp = (run / "sft" / "model" / "config.json").stat().st_mtime
+    assert main(args) == 0  # resume: every stage is done
+    assert (run / "sft" / "model" / "config.json").stat().st_mtime == stamp
+    # bad input: a student without a chat template
+    tok = load_tokenizer(tiny_dir)
+    tok.chat_template = None
+    bare = tmp_path / "bare"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(tiny_dir)).save_pretrained(str(bare))
+    tok.save_pretrained(str(bare))
+    assert main([*args[:-2], "name=bare", f"student.model={bare}", "student.options={}",
+                 "cot.generations=" + str(run)]) == 2
