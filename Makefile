@@ -14,7 +14,12 @@ export KDKIT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),$(HOME)/
 export KDKIT_CACHE_DIR ?= $(abspath .cache)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean vllm-env
+
+# vLLM's CPU build pins its own torch (2.13.0+cpu), so it lives in its own env; see scripts/vllm-env.sh.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 install: $(STAMP)
 
@@ -31,11 +36,18 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/kdkit demo
 
-test: install
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): scripts/vllm-env.sh
+	PY=$(PY) bash scripts/vllm-env.sh $(VLLM_VENV)
+
+# tests_vllm/ (the vLLM generation backend for real) runs in .venv-vllm, after the main suite.
+test: install vllm-env
 	$(BIN)/python -m pytest -q --durations=10 tests
+	$(VLLM_BIN)/python -m pytest -q --durations=5 -p no:warnings tests_vllm
 
 bench: install
 	$(BIN)/kdkit bench throughput
 
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) $(VLLM_VENV) .cache runs

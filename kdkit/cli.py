@@ -12,10 +12,13 @@ EPILOG = """examples:
   kdkit distill recipe=kd-resnet32x4-resnet8x4 teacher.checkpoint=runs/train-resnet32x4-... trainer.epochs=240
   kdkit distill recipe=dkd-resnet32x4-resnet8x4 losses.dkd.beta=8 trainer.mixed_precision=bf16
   kdkit bench classifier method=dkd pair=resnet32x4-resnet8x4 seeds=3
+  kdkit distill recipe=cot-math-small            (rationale distillation on CPU: generate, filter, SFT, REDI, eval)
   kdkit distill recipe=smollm2-kd-small           (LM KD on CPU: SmolLM2-135M -> half-depth student, GSM8K)
   kdkit check teacher=smollm2-135m-instruct student=truncated-teacher
   kdkit teacher-signal recipe=smollm2-kd-small out=stores/smollm2-top64 kind=topk k=64
   kdkit bench kernels
+  kdkit diffusion dmd2                          (one-step DMD2 on a 2-D mixture with an exact teacher, CPU, minutes)
+  kdkit diffusion train-teacher data=cifar10 steps=200000   then   kdkit diffusion dmd2 data=cifar10 teacher=RUN
   accelerate launch --num_processes 2 -m kdkit.cli distill recipe=...   (several processes, DDP)
 """
 
@@ -48,6 +51,19 @@ def _run(mode: str, ns) -> int:
         else:
             check_mode(recipe, mode)
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        return 0
+    if recipe.task == "cot":
+        from pathlib import Path
+
+        from .llm.cot_pipeline import CoTDistill
+        from .train.build import run_name
+
+        if mode != "distill":
+            raise KdkitError("task: cot recipes run with `kdkit distill`")
+        run_dir = Path(recipe.output_dir) / run_name(recipe, recipe_name)
+        summary = CoTDistill(recipe, run_dir).fit()
+        print(f"run folder: {run_dir}")
+        print("  ".join(f"{k}={v:.4g}" for k, v in summary.items()))
         return 0
     if recipe.task == "lm":
         from .llm.build import build_lm_distiller
@@ -100,6 +116,43 @@ def _check(ns) -> int:
     return run_check(ns.settings)
 
 
+class _OptionThenSettings(argparse.Action):
+    """`--method mirage epochs=3`: the first value is the option's, the `key=value`s after it are settings
+    (argparse alone would reject settings that follow an option once the positionals were read)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        first, *rest = values
+        if self.dest in ("seeds", "ipc"):
+            try:
+                first = int(first)
+            except ValueError:
+                parser.error(f"{option_string}: expected an integer, got {first!r}")
+        setattr(namespace, self.dest, first)
+        namespace.settings = list(getattr(namespace, "settings", None) or []) + rest
+
+
+def _condense(ns) -> int:
+    from .condense import condense
+
+    options = {}
+    if ns.gnn is not None:
+        options["gnns"] = ns.gnn
+    if ns.seeds is not None:
+        options["seeds"] = ns.seeds
+    if ns.ipc is not None:
+        options["ipc"] = ns.ipc
+    if ns.eval is not None:
+        options["eval"] = ns.eval
+    method = ns.method
+    if method is None:  # each dataset kind has its own default method
+        from .condense import dataset_kind
+
+        method = "dm" if dataset_kind(ns.dataset) == "image" else "mirage"
+    metrics = condense(ns.dataset, method, ns.settings, **options)
+    print(f"run folder: {metrics['run_dir']}")
+    return 0
+
+
 def _demo(ns) -> int:
     from .demo import run_demo
 
@@ -124,6 +177,26 @@ def _bench(ns) -> int:
         from .bench.llm import run_llm
 
         run_llm(ns.settings)
+    elif ns.what == "generation":
+        from .bench.generation import run_generation
+
+        run_generation(ns.settings)
+    elif ns.what == "condense-graphs":
+        from .bench.condense_graphs import run_condense_graphs
+
+        run_condense_graphs(ns.settings)
+    elif ns.what == "condense-images":
+        from .bench.condense_images import run_condense_images
+
+        run_condense_images(ns.settings)
+    elif ns.what == "cot":
+        from .bench.cot import run_cot
+
+        run_cot(ns.settings)
+    elif ns.what == "diffusion":
+        from .bench.diffusion import run_diffusion_bench
+
+        print(f"wrote {run_diffusion_bench(ns.settings)}")
     elif ns.what == "classifier-table":
         from .bench.classifier import write_markdown
 
@@ -131,7 +204,27 @@ def _bench(ns) -> int:
             raise KdkitError("`kdkit bench classifier-table` takes no settings")
         print(f"wrote {write_markdown()}")
     else:
-        raise KdkitError(f"unknown benchmark '{ns.what}'; choices: throughput, classifier, classifier-table, kernels, llm")
+        raise KdkitError(f"unknown benchmark '{ns.what}'; choices: throughput, classifier, classifier-table, kernels, llm, "
+                         "generation, condense-graphs, condense-images, cot, diffusion")
+    return 0
+
+
+def _diffusion(ns) -> int:
+    """`kdkit diffusion METHOD|train-teacher [key=value ...]` (the few-step diffusion distillation pillar)."""
+    if ns.what == "train-teacher":
+        from .diffusion.train_teacher import train_teacher
+
+        out = train_teacher(ns.settings)
+    else:
+        from .diffusion.run import run_method
+
+        out = run_method(ns.what, ns.settings)
+    print(f"run folder: {out['run_dir']}")
+    final = out.get("final") or out.get("eval") or {}
+    teacher = out.get("teacher") or {}
+    for label, rep in (("teacher", teacher), ("student", final)):
+        if rep:
+            print(f"{label}: " + "  ".join(f"{k}={v:.4g}" for k, v in rep.items() if isinstance(v, float)))
     return 0
 
 
@@ -161,6 +254,25 @@ def parser() -> argparse.ArgumentParser:
                    help="recipe=NAME out=DIR [kind=topk|dense|sampled k=64 samples=64 temperature=1 batch_size=8] "
                         "and recipe overrides")
     s.set_defaults(func=_teacher_signal)
+    s = sub.add_parser("condense", help="dataset distillation: condense a dataset, train on it, compare with baselines",
+                       description="Condense a dataset with a method, train models on the condensed set, a random "
+                                   "subset of the same storage size and the full set, and write a run folder. Graph "
+                                   "sets (mutag, ptc_mr, proteins, nci1, nci109): --method mirage. Settings: "
+                                   "depth=2 min_support=0.15|[0.28,0.36] top_trees=12 epochs=100 pool=sum "
+                                   "samples_per_epoch=512 baselines=random,full output_dir=runs ...")
+    s.add_argument("dataset", help="mutag | ptc_mr | proteins | nci1 | nci109 | cifar10")
+    s.add_argument("--method", default=None, nargs="+", action=_OptionThenSettings, metavar="METHOD",
+                   help="condensation method (graphs: mirage; images: dm (default), mtt, datm)")
+    s.add_argument("--ipc", default=None, nargs="+", action=_OptionThenSettings, metavar="K",
+                   help="images: synthetic images per class (1, 10, 50)")
+    s.add_argument("--eval", default=None, nargs="+", action=_OptionThenSettings, metavar="PROTOCOL",
+                   help="images: evaluation protocol, convnet (default) | resnet18")
+    s.add_argument("--gnn", default=None, nargs="+", action=_OptionThenSettings, metavar="GNN",
+                   help="gcn | gin | gat | sage, or a comma list (default gcn)")
+    s.add_argument("--seeds", default=None, nargs="+", action=_OptionThenSettings, metavar="N",
+                   help="splits/seeds to run (default 5)")
+    s.add_argument("settings", nargs="*", metavar="key=value")
+    s.set_defaults(func=_condense)
     s = sub.add_parser("recipes", help="list recipes, models and losses",
                        description="List the named recipes with one-line descriptions, the models and the losses.")
     s.set_defaults(func=_recipes)
@@ -169,14 +281,33 @@ def parser() -> argparse.ArgumentParser:
                                    "the same student without a teacher, and print the three test accuracies.")
     s.add_argument("--quick", action="store_true", help="a ~1-minute smoke version")
     s.set_defaults(func=_demo)
+    s = sub.add_parser("diffusion", help="few-step diffusion distillation: dmd2, sid, cd, rectflow, train-teacher",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Distill a many-step diffusion teacher into a one- or few-step generator. Methods: "
+                                   "dmd2, sid, cd (consistency distillation), rectflow (paired regression). The "
+                                   "default is a 2-D Gaussian mixture with its exact teacher on CPU. Settings: "
+                                   "data=mixture|cifar10 teacher=analytic|RUN|diffusers:FOLDER steps=N batch_size=N "
+                                   "generator_steps=K fast=eager|compile|cuda_graph resume=auto name=NAME, and the "
+                                   "method's options (e.g. fake_steps=5 guidance_scale=2 gan=true lr_generator=1e-5).",
+                       epilog="examples:\n  kdkit diffusion dmd2\n  kdkit diffusion sid steps=3000\n"
+                              "  kdkit diffusion train-teacher data=cifar10 steps=200000 batch_size=128\n"
+                              "  kdkit diffusion dmd2 data=cifar10 teacher=runs/diffusion-teacher-cifar10-... "
+                              "guidance_scale=2 fd_classifier=runs/train-resnet56-...")
+    s.add_argument("what", help="dmd2 | sid | cd | rectflow | train-teacher")
+    s.add_argument("settings", nargs="*", metavar="key=value")
+    s.set_defaults(func=_diffusion)
     s = sub.add_parser("bench", help="benchmarks that write results JSON",
                        description="Benchmarks. `throughput`: KD training images/s (student alone, with a teacher, "
                                    "and the plain PyTorch loop). `classifier`: one leaderboard row, e.g. method=dkd "
                                    "pair=resnet32x4-resnet8x4 seeds=3 [epochs=240 jobs=1 teacher=PATH]. "
                                    "`classifier-table`: regenerate leaderboards/classifier-cifar10.md. `kernels`: the fused "
                                    "linear-KD loss against plain PyTorch and Liger-Kernel. `llm`: LM KD against its "
-                                   "no-teacher baseline, e.g. recipe=smollm2-kd-small seeds=1.")
-    s.add_argument("what", help="throughput | classifier | classifier-table | kernels | llm")
+                                   "no-teacher baseline, e.g. recipe=smollm2-kd-small seeds=1. `generation`: teacher-generation "
+                                   "tokens/s, vLLM (.venv-vllm) against transformers, e.g. prompts=64 n=4 max_new_tokens=128. "
+                                   "`condense-graphs`: Mirage graph condensation against a random subset of the same "
+                                   "size and the full data, e.g. datasets=nci1,mutag gnns=gcn,gin seeds=5; writes "
+                                   "leaderboards/condense-graphs.md.")
+    s.add_argument("what", help="throughput | classifier | classifier-table | kernels | llm | generation | condense-graphs | condense-images | cot")
     s.add_argument("settings", nargs="*", metavar="key=value")
     s.set_defaults(func=_bench)
     return p

@@ -1,0 +1,74 @@
+"""Expert trajectories for trajectory matching: ConvNet-3s trained on the real set, a snapshot per epoch.
+
+MTT's buffer: SGD lr 0.01, no momentum, no weight decay, batch 256, DSA on, 50 epochs, 100 experts at paper
+scale. Each expert is one safetensors file `expert_<k>.safetensors` holding `trajectory` [epochs + 1, P]: the
+flat parameters (order of `named_parameters()`) at the start and after every epoch, fp16 by default (half the
+bytes; matching works in fp32 after loading). Experts already on disk are kept, so training them resumes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .augment import DEFAULT_STRATEGY, dsa
+from .convnet_functional import FlatConvNet, make_convnet
+from .image_data import ImageSplit
+
+
+def expert_path(folder: Path, k: int) -> Path:
+    return Path(folder) / f"expert_{k}.safetensors"
+
+
+def train_expert(train: ImageSplit, epochs: int, *, lr: float = 0.01, batch_size: int = 256, width: int = 128,
+                 dsa_strategy: str = DEFAULT_STRATEGY, seed: int = 0) -> torch.Tensor:
+    """One expert: [epochs + 1, P] flat parameter snapshots (fp32)."""
+    torch.manual_seed(seed)
+    model = make_convnet(train.num_classes, width=width, im_size=train.images.shape[-1],
+                         in_channels=train.images.shape[1]).to(train.images.device)
+    flat = FlatConvNet(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    snaps = [flat.flatten()]
+    n = train.images.shape[0]
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            x = train.images[idx]
+            if dsa_strategy != "none":
+                x = dsa(x, dsa_strategy, seed=int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g)), siamese=False)
+            loss = F.cross_entropy(model(x), train.labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        snaps.append(flat.flatten())
+    return torch.stack(snaps).cpu()
+
+
+def train_experts(train: ImageSplit, folder: Path, count: int, epochs: int, *, lr: float = 0.01, width: int = 128,
+                  dsa_strategy: str = DEFAULT_STRATEGY, seed: int = 0, fp16: bool = True,
+                  progress: bool = True) -> list[Path]:
+    """Train the missing experts of `folder` (expert k uses seed + k); returns all `count` paths."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [expert_path(folder, k) for k in range(count)]
+    for k in tqdm(range(count), desc="experts", disable=not progress):
+        if paths[k].is_file():
+            continue
+        traj = train_expert(train, epochs, lr=lr, width=width, dsa_strategy=dsa_strategy, seed=seed + k)
+        tmp = paths[k].with_suffix(".tmp")
+        save_file({"trajectory": traj.half() if fp16 else traj}, str(tmp),
+                  metadata={"epochs": str(epochs), "lr": str(lr), "width": str(width)})
+        tmp.replace(paths[k])
+    return paths
+
+
+def load_expert(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["trajectory"].float()

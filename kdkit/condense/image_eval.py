@@ -1,0 +1,123 @@
+"""Evaluation protocols for condensed image sets; their numbers are not comparable, so they are kept apart.
+
+(a) `convnet`: the MTT/DM/DATM protocol. A fresh ConvNet-3 (instance norm) is trained on the synthetic set
+    with hard labels or the learned soft labels, SGD momentum 0.9, weight decay 5e-4, the learned learning
+    rate when the set has one (else 0.01), lr x0.1 at half the epochs, batch 256, DSA on every batch;
+    1,000 epochs by default. Mean ± std of test accuracy over `nets` fresh networks.
+(b) `resnet18`: the relabel protocol (SRe2L / CV-DD): a CIFAR ResNet-18 trained on the synthetic images
+    against the set's labels (learned soft labels when it has them), SGD with cosine decay; reported separately.
+    (CV-DD's committee relabelling with FKD crop-level soft labels is not implemented yet.)
+
+`label_bytes` is reported beside `image_bytes`: soft labels can cost more storage than the pixels.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .augment import DEFAULT_STRATEGY, dsa
+from .convnet_functional import make_convnet
+
+PROTOCOLS = ("convnet", "resnet18")
+
+
+@dataclass
+class EvalSettings:
+    protocol: str = "convnet"
+    epochs: int = 1000
+    nets: int = 5
+    batch_size: int = 256
+    lr: float | None = None          # None: the set's learned lr, else 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dsa_strategy: str = DEFAULT_STRATEGY
+    width: int = 128
+    seed: int = 0
+    test_batch: int = 1000
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CE against class ids [N] or against (unnormalised-logit) soft labels [N,C]."""
+    if targets.ndim == 1:
+        return F.cross_entropy(logits, targets)
+    return -(F.softmax(targets, dim=1) * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def cifar_resnet18(num_classes: int = 10) -> nn.Module:
+    """torchvision ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), as in the relabel literature."""
+    from torchvision.models import resnet18
+
+    net = resnet18(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, images.shape[0], batch):
+        correct += (model(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum().item()
+    model.train()
+    return correct / max(1, images.shape[0])
+
+
+def train_on_synthetic(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                       settings: EvalSettings, seed: int, lr: float | None = None) -> float:
+    """Train one fresh network on (images, labels) and return its test accuracy."""
+    torch.manual_seed(seed)
+    num_classes = int(labels.shape[1]) if labels.ndim == 2 else int(test_y.max()) + 1
+    if settings.protocol == "convnet":
+        model = make_convnet(num_classes, width=settings.width, im_size=images.shape[-1],
+                             in_channels=images.shape[1])
+    elif settings.protocol == "resnet18":
+        model = cifar_resnet18(num_classes)
+    else:
+        raise ConfigError(f"unknown evaluation protocol '{settings.protocol}'; choices: {', '.join(PROTOCOLS)}")
+    model = model.to(images.device)
+    step_lr = float(settings.lr if settings.lr is not None else (lr if lr is not None else 0.01))
+    opt = torch.optim.SGD(model.parameters(), lr=step_lr, momentum=settings.momentum,
+                          weight_decay=settings.weight_decay)
+    if settings.protocol == "convnet":
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, settings.epochs // 2)], 0.1)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, settings.epochs))
+    g = torch.Generator().manual_seed(seed)
+    x_all, y_all = images.detach(), labels.detach()
+    n = x_all.shape[0]
+    for _ in range(settings.epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, settings.batch_size):
+            idx = perm[i:i + settings.batch_size]
+            x = x_all[idx]
+            seed_aug = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g).item())
+            x = dsa(x, settings.dsa_strategy, seed=seed_aug, siamese=False) if settings.dsa_strategy != "none" else x
+            loss = soft_cross_entropy(model(x), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    return accuracy(model, test_x, test_y, settings.test_batch)
+
+
+def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                       settings: EvalSettings | None = None, lr: float | None = None) -> dict:
+    """Mean ± std test accuracy of `settings.nets` fresh networks trained on the set; plus storage figures."""
+    settings = settings or EvalSettings()
+    if settings.nets < 1 or settings.epochs < 1:
+        raise ConfigError(f"evaluation needs nets >= 1 and epochs >= 1, got nets={settings.nets}, "
+                          f"epochs={settings.epochs}")
+    accs = [train_on_synthetic(images, labels, test_x, test_y, settings, seed=settings.seed + k, lr=lr)
+            for k in range(settings.nets)]
+    label_bytes = labels.numel() * (4 if labels.ndim == 2 else 1)  # fp32 soft labels vs uint8 class ids
+    return {"protocol": settings.protocol, "accs": accs, "mean": statistics.fmean(accs),
+            "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "epochs": settings.epochs,
+            "nets": settings.nets, "lr": lr if settings.lr is None else settings.lr,
+            "image_bytes": images.numel() * 4, "label_bytes": label_bytes,
+            "soft_labels": labels.ndim == 2}

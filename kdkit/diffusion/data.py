@@ -1,0 +1,77 @@
+"""Real data for the diffusion pillar: the 2-D mixtures (sampled exactly) and CIFAR-10 as images in [-1, 1]
+(EDM's convention, sigma_data = 0.5). Both draw from torch's global RNG, so a checkpoint's RNG state resumes
+the same stream."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from .mixture import GaussianMixture, ring_mixture
+
+
+@dataclass
+class MixtureSpec:
+    """Which 2-D mixture: `modes` Gaussians on a circle of `radius`, each of std `std`, weights 1..modes."""
+
+    modes: int = 8
+    radius: float = 2.0
+    std: float = 0.2
+    weights: list[float] | None = None
+    conditional: bool = False  # a class-conditional teacher (label = component), e.g. to try guidance_scale
+
+    def build(self) -> GaussianMixture:
+        return ring_mixture(self.modes, self.radius, self.std, self.weights)
+
+
+class MixtureData:
+    """Exact samples (and component labels) of a `GaussianMixture`."""
+
+    def __init__(self, mixture: GaussianMixture, device="cpu"):
+        self.mixture, self.device = mixture, torch.device(device)
+        self.num_classes, self.sample_shape = mixture.num_components, (mixture.dim,)
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.mixture.sample(n, return_labels=True)
+        return x.to(self.device), y.to(self.device)
+
+
+class ImageData:
+    """Random training images as floats in [-1, 1] with random horizontal flips, and their labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, device="cpu", flip: bool = True):
+        self.device = torch.device(device)
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        self.num_classes, self.sample_shape, self.flip = num_classes, tuple(images.shape[1:]), flip
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, self.images.shape[0], (n,)).to(self.device)
+        x = self.images[idx].float() / 127.5 - 1.0
+        if self.flip:
+            f = (torch.rand(n) < 0.5).to(self.device)
+            x = torch.where(f[:, None, None, None], x.flip(-1), x)
+        return x, self.labels[idx]
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 [0, 255]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def load_real_data(name: str, device="cpu", mixture: MixtureSpec | None = None, split: str = "train",
+                   limit: int | None = None):
+    if name == "mixture":
+        return MixtureData((mixture or MixtureSpec()).build(), device)
+    if name == "cifar10":
+        from ..data import load_cifar10
+
+        ds = load_cifar10(split)
+        images, labels = ds.images, ds.labels
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        return ImageData(images, labels, ds.num_classes, device)
+    raise ConfigError(f"unknown diffusion data '{name}'; choices: mixture, cifar10")
+
+
+DATA_NAMES = ("mixture", "cifar10")

@@ -1,0 +1,331 @@
+"""The engine every few-step method shares: a generator G, a frozen teacher T and (for score distillation)
+an online fake score F initialised from T, with their optimisers, EMA, sampling and checkpointable state.
+
+`ScoreDistillation` is DMD2 and SiD at once: one step is `fake_steps` updates of F (denoising on G's samples,
+plus a GAN head on F's features when asked) and one update of G by a *generator loss* looked up by name in
+`GENERATOR_LOSSES`. A new generator loss is one function
+
+    fn(x, real, fake, labels, sched, **options) -> (loss, {name: tensor})
+
+of the generated batch `x` (with gradient), the teacher's and the fake score's denoisers (`real(x_t, sigma,
+labels)`, `fake(...)`) and the noise schedule. `step(batch)` is pure tensor work with static shapes (no
+`.item()`, no data-dependent Python branches), so `fast_step.py` can compile it or capture it as one CUDA graph.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, ShapeMismatchError
+from ..registry import Registry
+from .edm import SIGMA_MAX, SIGMA_MIN, Denoiser, loss_weight, sample_grid_sigma, sample_lognormal_sigma
+from .samplers import Generator, GuidedDenoiser
+
+GENERATOR_LOSSES: Registry = Registry("generator loss")
+METHODS: Registry = Registry("diffusion distillation method")
+
+
+@dataclass
+class Schedule:
+    """The noise range a method works in (EDM's defaults) and the data scale."""
+
+    sigma_data: float = 0.5
+    sigma_min: float = SIGMA_MIN
+    sigma_max: float = SIGMA_MAX
+    rho: float = 7.0
+
+
+@dataclass
+class MethodContext:
+    """What a method factory gets from the runner: the (frozen) teacher, the schedule, fresh networks for the
+    generator and the fake score (copies of the teacher, or new MLPs beside an analytic teacher), a GAN head
+    factory for a feature width, the batch size, and whether optimisers must be CUDA-graph capturable."""
+
+    teacher: Denoiser
+    sched: Schedule
+    student_net: Callable[[], Denoiser]
+    fake_net: Callable[[], Denoiser]
+    batch_size: int = 64
+    capturable: bool = False
+
+    def gan_head(self, width: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+
+
+def generator_sigmas(steps: int, sched: Schedule, first: float | None = None) -> list[float]:
+    """A K-step generator's sigmas: `first` (default sigma_max) then the Karras ramp at k/K, k = 1..K-1 (DMD2's
+    4-step 999/749/499/249 timesteps in sigma form)."""
+    if steps < 1:
+        raise ConfigError(f"generator_steps must be >= 1, got {steps}")
+    lo, hi = sched.sigma_min ** (1 / sched.rho), sched.sigma_max ** (1 / sched.rho)
+    out = [first if first is not None else sched.sigma_max]
+    out += [float((hi + (k / steps) * (lo - hi)) ** sched.rho) for k in range(1, steps)]
+    return out
+
+
+def make_adam(params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, capturable: bool = False):
+    """AdamW, fused on CUDA (one kernel for all parameters), multi-tensor `foreach` elsewhere; `capturable`
+    keeps its step counter on the device so the update can live inside a CUDA graph."""
+    params = [p for p in params if p.requires_grad]
+    cuda = bool(params) and params[0].is_cuda
+    kw = {"fused": True} if cuda else {"foreach": True}
+    if capturable and cuda:
+        kw["capturable"] = True
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **kw)
+
+
+class EMA(nn.Module):
+    """An exponential moving average of a module's floating-point parameters, updated with one
+    `torch._foreach_lerp_` (a single fused pass, graph-capturable)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        super().__init__()
+        self.decay = float(decay)
+        self.module = copy.deepcopy(module).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def update(self, source: nn.Module) -> None:
+        dst = [p for p in self.module.parameters() if p.dtype.is_floating_point]
+        src = [p for p in source.parameters() if p.dtype.is_floating_point]
+        torch._foreach_lerp_(dst, src, 1.0 - self.decay)
+
+
+def check_shapes(teacher: Denoiser, generator: nn.Module, sample_shape: tuple[int, ...]) -> None:
+    """Teacher and generator must produce samples of one shape; say which and how they differ."""
+    probe = torch.zeros(2, *sample_shape, device=next(iter(teacher.buffers()), torch.zeros(())).device)
+    params = list(generator.parameters())
+    if params:
+        probe = probe.to(params[0].device)
+    with torch.no_grad():
+        try:
+            out = generator(torch.randn_like(probe), None)
+        except RuntimeError as e:
+            raise ShapeMismatchError(f"the generator cannot take the teacher's sample shape {tuple(sample_shape)}: "
+                                     f"{str(e).splitlines()[0]}") from e
+    if tuple(out.shape[1:]) != tuple(sample_shape):
+        raise ShapeMismatchError(f"the generator makes samples of shape {tuple(out.shape[1:])} but the teacher "
+                                 f"denoises samples of shape {tuple(sample_shape)}; they must match")
+
+
+class DistillMethod(nn.Module):
+    """What the runner and the fast step need from a method: `step(batch) -> {name: scalar tensor}`, the modules
+    and optimisers to checkpoint, `real_batches` (real batches one step consumes) and `sampler()` (the few-step
+    generator to evaluate, its EMA when there is one)."""
+
+    real_batches: int = 1
+    needs_real: bool = False
+
+    def __init__(self, teacher: Denoiser, generator: Generator, sched: Schedule, ema_decay: float | None):
+        super().__init__()
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.generator = generator
+        self.sched = sched
+        self.ema = EMA(generator, ema_decay) if ema_decay else None
+        self.num_classes = teacher.num_classes
+        self.sample_shape = tuple(teacher.sample_shape)
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def prepare(self, resuming: bool = False) -> None:
+        """One-off work before the first step (e.g. the teacher pairs of `rectflow`)."""
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def sampler(self) -> Generator:
+        return self.ema.module if self.ema is not None else self.generator
+
+    def random_labels(self, n: int, device) -> torch.Tensor | None:
+        return torch.randint(0, self.num_classes, (n,), device=device) if self.num_classes else None
+
+    def noise(self, n: int, device) -> torch.Tensor:
+        return torch.randn(n, *self.sample_shape, device=device)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        if self.ema is not None:
+            self.ema.module.eval()
+        return self
+
+
+def _fit_denoiser(net: Denoiser, x: torch.Tensor, labels, sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """EDM's weighted denoising loss of `net` on clean samples `x` at noise levels `sigma`."""
+    s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+    pred = net(x + s * torch.randn_like(x), sigma, labels)
+    return (loss_weight(s, sigma_data) * (pred - x) ** 2).mean()
+
+
+class ScoreDistillation(DistillMethod):
+    """G, T, F and two time scales (DMD2; SiD with `fake_steps=1`). See the module docstring."""
+
+    def __init__(self, teacher: Denoiser, generator: Generator, fake: Denoiser, sched: Schedule, *,
+                 generator_loss: str = "dmd", loss_options: dict | None = None, fake_steps: int = 5,
+                 guidance_scale: float = 1.0, lr_generator: float = 2e-6, lr_fake: float = 2e-6,
+                 betas: tuple[float, float] = (0.0, 0.999), weight_decay: float = 0.0,
+                 fake_sigma: str = "grid", gan_head: nn.Module | None = None, gan_generator_weight: float = 3e-3,
+                 gan_fake_weight: float = 1e-2, ema_decay: float | None = None, batch_size: int = 64,
+                 capturable: bool = False, bf16: bool = False, fake_sigma_range: tuple[float, float] = (0.0, 1.0),
+                 warmup_steps: int = 0, warmup_pairs: int = 20000, warmup_teacher_steps: int = 32,
+                 warmup_lr: float = 1e-3, regression_weight: float = 0.0):
+        super().__init__(teacher, generator, sched, ema_decay)
+        if fake_steps < 1:
+            raise ConfigError(f"fake_steps must be >= 1 (fake-score updates per generator update), got {fake_steps}")
+        if fake_sigma not in ("grid", "lognormal"):
+            raise ConfigError(f"fake_sigma must be 'grid' (DMD2) or 'lognormal' (EDM/SiD), got '{fake_sigma}'")
+        self.loss_fn: Callable = GENERATOR_LOSSES.get(generator_loss)
+        self.loss_name, self.loss_options = generator_loss, dict(loss_options or {})
+        self.fake = fake
+        self.gan_head = gan_head
+        self.fake_steps, self.fake_sigma, self.batch_size = fake_steps, fake_sigma, batch_size
+        self.fake_sigma_range = tuple(fake_sigma_range)  # share of the Karras grid the fake score trains on
+        self.warmup = (warmup_steps, warmup_pairs, warmup_teacher_steps)
+        self.warmup_lr, self.regression_weight = warmup_lr, regression_weight
+        self.register_buffer("pair_z", torch.empty(0), persistent=False)
+        self.register_buffer("pair_x", torch.empty(0), persistent=False)
+        self.register_buffer("pair_y", torch.empty(0, dtype=torch.long), persistent=False)
+        self.bf16 = bf16  # autocast the networks' forwards to bfloat16 (losses and updates stay float32)
+        self.real_score = GuidedDenoiser(self.teacher, guidance_scale) if guidance_scale != 1.0 else self.teacher
+        self.gan_weights = (gan_generator_weight, gan_fake_weight)
+        self.needs_real = gan_head is not None
+        self.real_batches = fake_steps
+        fake_params = list(fake.parameters()) + (list(gan_head.parameters()) if gan_head is not None else [])
+        self._fake_params = [p for p in fake_params if p.requires_grad]
+        self.opt_fake = make_adam(fake_params, lr_fake, betas, weight_decay, capturable)
+        self.opt_gen = make_adam(generator.parameters(), lr_generator, betas, weight_decay, capturable)
+
+    def optimizers(self):
+        return {"opt_generator": self.opt_gen, "opt_fake": self.opt_fake}
+
+    def prepare(self, resuming: bool = False) -> None:
+        """Optional regression warm start (DMD's regression loss, used up front): before distribution matching, fit
+        G's first step to `warmup_pairs` noise -> teacher-ODE-sample pairs for `warmup_steps` steps (own Adam,
+        `warmup_lr`). It gives a generator with no weights to copy from the teacher (beside an analytic teacher) the
+        teacher's coarse map, as copying the teacher's weights does for DMD2 on images. With `regression_weight`
+        > 0 the same pairs also feed DMD (v1)'s regression term during training. The pairs are remade on resume
+        (deterministic in the seed); the warm-up training is not (the checkpoint holds its result)."""
+        steps, pairs, teacher_steps = self.warmup
+        if not (steps or self.regression_weight):
+            return
+        from .samplers import heun_sample
+
+        device = self.generator.sigmas.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(12345)
+            zs, xs, ys = [], [], []
+            for i in range(0, pairs, 1000):
+                n = min(1000, pairs - i)
+                z, y = self.noise(n, device), self.random_labels(n, device)
+                xs.append(heun_sample(self.real_score, z, teacher_steps, y, self.sched.sigma_min,
+                                      self.sched.sigma_max, self.sched.rho))
+                zs.append(z)
+                ys.append(y if y is not None else torch.zeros(n, dtype=torch.long, device=device))
+        self.pair_z, self.pair_x, self.pair_y = torch.cat(zs), torch.cat(xs), torch.cat(ys)
+        if resuming or not steps:
+            return
+        opt = make_adam(self.generator.parameters(), self.warmup_lr)
+        for _ in range(steps):
+            loss = self._regression()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.generator.state_dict())
+
+    def _regression(self) -> torch.Tensor:
+        idx = torch.randint(0, self.pair_z.shape[0], (self.batch_size,), device=self.pair_z.device)
+        s1 = self.generator.sigmas[0]
+        pred = self.generator.net(self.pair_z[idx] * s1, s1, self.pair_y[idx] if self.num_classes else None)
+        return ((pred - self.pair_x[idx]) ** 2).mean()
+
+    # ---------------------------------------------------------------- the two losses
+
+    def _sample_sigma(self, n: int, device, kind: str) -> torch.Tensor:
+        s = self.sched
+        if kind == "lognormal":
+            return sample_lognormal_sigma(n, device=device).clamp(s.sigma_min, s.sigma_max)
+        lo, hi = self.fake_sigma_range
+        return sample_grid_sigma(n, lo, hi, sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho, device=device)
+
+    def fake_loss(self, real: torch.Tensor | None, real_labels: torch.Tensor | None):
+        """F learns to denoise G's current samples (and, with a GAN head, to tell noisy real from noisy fake)."""
+        n = self.batch_size
+        device = self.generator.sigmas.device
+        labels = self.random_labels(n, device)
+        with torch.no_grad():
+            x, _ = self.generator.simulate(self.noise(n, device), labels)
+        sigma = self._sample_sigma(n, device, self.fake_sigma)
+        loss = _fit_denoiser(self.fake, x, labels, sigma, self.sched.sigma_data)
+        logs = {"fake_denoise": loss.detach()}
+        if self.gan_head is not None:
+            d_loss = self._gan_fake_loss(x, labels, real, real_labels)
+            logs["gan_d"] = d_loss.detach()
+            loss = loss + self.gan_weights[1] * d_loss
+        return loss, logs
+
+    def _gan_logits(self, x: torch.Tensor, labels, sigma) -> torch.Tensor:
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        _, feats = self.fake(x + s * torch.randn_like(x), sigma, labels, return_features=True)
+        return self.gan_head(feats).reshape(-1)
+
+    def _gan_fake_loss(self, x, labels, real, real_labels):
+        sigma = self._sample_sigma(x.shape[0], x.device, "grid")
+        logit_fake = self._gan_logits(x, labels, sigma)
+        logit_real = self._gan_logits(real, real_labels if self.num_classes else None, sigma[: real.shape[0]])
+        return F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
+
+    def generator_loss(self):
+        n = self.batch_size
+        device = self.generator.sigmas.device
+        labels = self.random_labels(n, device)
+        x, _ = self.generator.simulate(self.noise(n, device), labels)
+        loss, logs = self.loss_fn(x, self.real_score, self.fake, labels, self.sched, **self.loss_options)
+        if self.regression_weight:
+            reg = self._regression()
+            logs = {**logs, "regression": reg.detach()}
+            loss = loss + self.regression_weight * reg
+        if self.gan_head is not None:
+            sigma = self._sample_sigma(n, device, "grid")
+            g_gan = F.softplus(-self._gan_logits(x, labels, sigma)).mean()
+            logs = {**logs, "gan_g": g_gan.detach()}
+            loss = loss + self.gan_weights[0] * g_gan
+        return loss, logs
+
+    # ---------------------------------------------------------------- one iteration
+
+    def _autocast(self):
+        return torch.autocast(self.generator.sigmas.device.type, torch.bfloat16, enabled=self.bf16)
+
+    def _set_fake_trainable(self, flag: bool) -> None:
+        for p in self._fake_params:
+            p.requires_grad_(flag)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        real, real_labels = batch.get("real"), batch.get("labels")
+        logs: dict[str, torch.Tensor] = {}
+        for i in range(self.fake_steps):
+            with self._autocast():
+                loss_f, lf = self.fake_loss(real[i] if real is not None else None,
+                                            real_labels[i] if real_labels is not None else None)
+            self.opt_fake.zero_grad(set_to_none=True)
+            loss_f.backward()
+            self.opt_fake.step()
+        logs.update(lf)
+        self._set_fake_trainable(False)  # F is read, not trained, in G's step (SiD backpropagates through it)
+        with self._autocast():
+            loss_g, lg = self.generator_loss()
+        self.opt_gen.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self._set_fake_trainable(True)
+        self.opt_gen.step()
+        if self.ema is not None:
+            self.ema.update(self.generator)
+        logs.update(lg)
+        logs["generator"] = loss_g.detach()
+        return logs

@@ -1,0 +1,269 @@
+"""Image dataset distillation: DSA, functional ConvNet, DM, trajectory matching (MTT / TESLA / DATM), run folder.
+
+The CIFAR-10 tests read the offline parquet (KDKIT_DATA_DIR) through the cached uint8 tensors and use small
+class-balanced subsets, narrow ConvNets and short runs so the file stays CPU-sized.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from kdkit.condense import condense
+from kdkit.condense.augment import dsa
+from kdkit.condense.convnet_functional import FlatConvNet, functional_forward, make_convnet
+from kdkit.condense.distribution_matching import DistributionMatching, mean_embedding_loss
+from kdkit.condense.experts import train_expert
+from kdkit.condense.image_data import ImageSplit, random_real
+from kdkit.condense.image_eval import EvalSettings, evaluate_synthetic
+from kdkit.condense.image_run import build_image_config, load_synthetic, run_image_condense
+from kdkit.condense.trajectory import (TrajectoryMatching, constant_memory_grads, make_plan,
+                                       normalized_param_distance, unrolled_matching_loss)
+from kdkit.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _cifar_splits(train_n: int, test_n: int):
+    from kdkit.condense.image_data import load_image_splits
+    from kdkit.errors import MissingDatasetError
+
+    try:
+        return load_image_splits("cifar10", train_subset=train_n, test_subset=test_n, zca=False, seed=0)
+    except MissingDatasetError as e:
+        pytest.skip(f"CIFAR-10 not available offline: {e}")
+
+
+@pytest.fixture(scope="module")
+def cifar_small():
+    torch.set_num_threads(1)
+    return _cifar_splits(2000, 500)
+
+
+# --- DSA ---------------------------------------------------------------------------------------------------
+
+def test_dsa_same_seed_same_transform_on_both_sides():
+    torch.manual_seed(0)
+    real, syn = torch.randn(16, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    both = torch.cat([syn, real])
+    for seed in range(12):  # covers every op of the default strategy
+        a = dsa(both, seed=seed)
+        assert torch.allclose(a[:3], dsa(syn, seed=seed), atol=1e-5)
+        assert torch.allclose(a[3:], dsa(real, seed=seed), atol=1e-5)
+    for op in ("color", "crop", "cutout", "flip", "scale", "rotate"):
+        outs = {tuple(dsa(syn, op, seed=s).flatten()[:50].tolist()) for s in range(6)}
+        assert len(outs) > 1, f"{op} ignores the seed"
+
+
+def test_dsa_ops_hand_checkable_and_differentiable():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    for s in range(8):  # flip: the whole batch flipped or not, never a mix, under Siamese
+        y = dsa(x, "flip", seed=s)
+        assert torch.equal(y, x) or torch.equal(y, x.flip(3))
+    for s in range(8):  # crop is a whole-pixel translation with zero fill, |shift| <= 1 for 8 px at 1/8
+        y = dsa(x, "crop", seed=s)
+        ok = False
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                shifted = torch.zeros_like(x)
+                src = x[:, :, max(0, dx):8 + min(0, dx), max(0, dy):8 + min(0, dy)]
+                shifted[:, :, max(0, -dx):8 + min(0, -dx), max(0, -dy):8 + min(0, -dy)] = src
+                ok |= torch.equal(y, shifted)
+        assert ok
+    for s in range(4):  # cutout zeroes one 4x4 square (possibly clipped at the border), same place on every sample
+        zeros = dsa(x + 1, "cutout", seed=s) == 0
+        assert torch.equal(zeros[0], zeros[1]) and 0 < zeros[0, 0].sum() <= 16
+    z = torch.randn(2, 3, 8, 8, requires_grad=True)
+    dsa(z, "color_crop_cutout_flip_scale_rotate", seed=3, mode="M").sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+# --- functional ConvNet and losses --------------------------------------------------------------------------
+
+def test_functional_convnet_equals_module():
+    torch.manual_seed(0)
+    model = make_convnet(num_classes=10, width=16)
+    x = torch.randn(4, 3, 32, 32)
+    flat = FlatConvNet(model).flatten()
+    assert flat.numel() == sum(p.numel() for p in model.parameters())
+    assert torch.allclose(functional_forward(model, flat, x), model(x), atol=1e-6)
+    moved = flat + 0.01 * torch.randn_like(flat)
+    FlatConvNet(model).load(moved)
+    assert torch.allclose(functional_forward(model, moved, x), model(x), atol=1e-6)
+
+
+def test_matching_losses_by_hand():
+    real = [torch.tensor([[1.0, 0.0], [3.0, 2.0]]), torch.tensor([[0.0, 0.0]])]  # means (2, 1), (0, 0)
+    syn = [torch.tensor([[2.0, 3.0]]), torch.tensor([[1.0, -1.0], [1.0, 1.0]])]  # means (2, 3), (1, 0)
+    assert mean_embedding_loss(real, syn).item() == pytest.approx(4.0 + 1.0)
+    start, target = torch.zeros(3), torch.full((3,), 2.0)
+    assert normalized_param_distance(torch.ones(3), target, start).item() == pytest.approx(0.25)
+    assert normalized_param_distance(start, target, start).item() == pytest.approx(1.0)
+    assert normalized_param_distance(target, target, start).item() == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_constant_memory_gradient_equals_unrolled(soft):
+    torch.manual_seed(0)
+    model = make_convnet(num_classes=3, width=4, im_size=8).double()
+    net = FlatConvNet(model)
+    start = net.flatten()
+    target = start + 0.05 * torch.randn_like(start)
+    images = torch.randn(6, 3, 8, 8, dtype=torch.double)
+    labels = torch.randn(6, 3, dtype=torch.double) if soft else torch.tensor([0, 1, 2, 0, 1, 2])
+    plan = make_plan(6, 5, 3, torch.Generator().manual_seed(1))
+    x = images.clone().requires_grad_(True)
+    y = labels.clone().requires_grad_(soft)
+    lr = torch.tensor(0.1, dtype=torch.double, requires_grad=True)
+    loss = unrolled_matching_loss(net, start, target, x, y, lr, plan)
+    loss.backward()
+    loss2, dx, dy, dlr = constant_memory_grads(net, start, target, images, labels, lr, plan)
+    assert loss2.item() == pytest.approx(loss.item(), rel=1e-12)
+    assert x.grad.abs().max() > 0
+    assert torch.allclose(dx, x.grad, rtol=1e-9, atol=1e-14)
+    assert dlr.item() == pytest.approx(lr.grad.item(), rel=1e-9)
+    if soft:
+        assert torch.allclose(dy, y.grad, rtol=1e-9, atol=1e-14)
+
+
+# --- trajectory matching on a small real problem ------------------------------------------------------------
+
+def _tiny_split(cifar, n_per_class: int) -> ImageSplit:
+    train = cifar[0]
+    idx = torch.cat([i[:n_per_class] for i in train.indices_by_class()])
+    return ImageSplit(train.images[idx], train.labels[idx], train.num_classes, train.classes, train.mean, train.std)
+
+
+@pytest.mark.parametrize("constant_memory", [False, True])
+def test_trajectory_matching_images_change_and_loss_falls(cifar_small, tmp_path, constant_memory):
+    from safetensors.torch import save_file
+
+    train = _tiny_split(cifar_small, 10)
+    traj = train_expert(train, epochs=2, lr=0.01, batch_size=25, width=8, dsa_strategy="none", seed=0)
+    assert traj.shape[0] == 3 and not torch.equal(traj[0], traj[2])
+    save_file({"trajectory": traj}, str(tmp_path / "expert_0.safetensors"))
+    x0, y0 = random_real(train, 2, seed=0)
+    net = FlatConvNet(make_convnet(10, width=8))
+    tm = TrajectoryMatching([tmp_path / "expert_0.safetensors"], net, x0, y0, syn_steps=4, match_epochs=1,
+                            max_start_epoch=0, lr_img=100.0, lr_lr=1e-5, lr_teacher=0.01, dsa_strategy="none",
+                            constant_memory=constant_memory, expert_epochs=2)
+    losses = [tm.step(it)["loss"] for it in range(8)]
+    assert losses[-1] < losses[0] - 1e-3, losses
+    assert (tm.synthetic()["images"] - x0).abs().max() > 1e-3
+    assert tm.synthetic()["lr"] != 0.01
+
+
+def test_datm_and_mtt_run_end_to_end_through_cli_entry(tmp_path):
+    pytest.importorskip("safetensors")
+    common = ["train_subset=500", "test_subset=200", "width=8", "experts=1", "expert_epochs=2", "syn_steps=3",
+              "match_epochs=1", "iterations=2", "eval_epochs=2", "eval_nets=1", "zca=false", "baseline=false",
+              f"output_dir={tmp_path}", "progress=false"]
+    try:
+        m = condense("cifar10", "datm", common + ["tesla=true"], ipc=1)
+    except Exception as e:  # only a missing dataset may skip
+        from kdkit.errors import MissingDatasetError
+
+        if isinstance(e, MissingDatasetError):
+            pytest.skip(str(e))
+        raise
+    syn = load_synthetic(f"{m['run_dir']}/synthetic.safetensors")
+    assert syn["images"].shape == (10, 3, 32, 32) and syn["labels"].shape == (10, 10)  # learned soft labels
+    assert syn["lr"] is not None and math.isfinite(syn["lr"])
+    ev = json.loads(open(f"{m['run_dir']}/eval.json").read())["eval"]
+    assert ev["label_bytes"] == 10 * 10 * 4 and ev["image_bytes"] == 10 * 3 * 32 * 32 * 4
+    m2 = condense("cifar10", "mtt", common, ipc=1)
+    assert load_synthetic(f"{m2['run_dir']}/synthetic.safetensors")["labels"].dtype == torch.int64
+
+
+# --- distribution matching beats random real images on CIFAR-10 ------------------------------------------------
+
+def test_dm_beats_random_real_images_on_cifar10(cifar_small):
+    """IPC 1, 30 DM iterations (width-16 ConvNets, 2,000 training images) against the very real images DM started
+    from, same evaluation protocol and seeds (2 nets x 100 epochs, 500 test images). Measured on the shared 2-core
+    CPU: DM 18.0% vs random real 12.3%."""
+    train, test = cifar_small
+    x0, y0 = random_real(train, 1, seed=0)
+    dm = DistributionMatching(train, x0, y0, batch_real=32, width=16, seed=0)
+    losses = [dm.step(it)["loss"] for it in range(30)]
+    assert sum(losses[-5:]) < sum(losses[:5]) * 0.8
+    syn = dm.synthetic()["images"]
+    assert (syn - x0).abs().mean() > 0.02
+    es = EvalSettings(epochs=100, nets=2, width=16, seed=0)
+    got = evaluate_synthetic(syn, y0, test.images, test.labels, es)
+    base = evaluate_synthetic(x0, y0, test.images, test.labels, es)
+    assert got["mean"] > base["mean"] + 0.03, (got["accs"], base["accs"])
+
+
+# --- run folder: resume and bad input ---------------------------------------------------------------------
+
+def test_resume_continues_exactly(cifar_small, tmp_path):
+    common = dict(method="dm", settings=["width=8", "batch_real=8", "eval_epochs=0", f"output_dir={tmp_path}",
+                                         "checkpoint_every=2", "progress=false"])
+    full = build_image_config("cifar10", common["method"], common["settings"] + ["name=full", "iterations=4"], ipc=1)
+    run_image_condense(full, splits=cifar_small)
+    part = build_image_config("cifar10", "dm", common["settings"] + ["name=part", "iterations=2"], ipc=1)
+    run_image_condense(part, splits=cifar_small)
+    resumed = build_image_config("cifar10", "dm", common["settings"] + ["name=part", "iterations=4"], ipc=1)
+    m = run_image_condense(resumed, splits=cifar_small)
+    a = load_synthetic(full.run_dir() / "synthetic.safetensors")["images"]
+    b = load_synthetic(resumed.run_dir() / "synthetic.safetensors")["images"]
+    assert torch.equal(a, b)
+    curves = json.loads((resumed.run_dir() / "curves.json").read_text())
+    assert [c["it"] for c in curves] == [0, 1, 2, 3]
+    assert (resumed.run_dir() / "grid.png").stat().st_size > 0 and m["iterations"] == 4
+    changed = build_image_config("cifar10", "dm", common["settings"] + ["name=part", "iterations=4", "lr_img=3"],
+                                 ipc=1)
+    with pytest.raises(ConfigError, match="different settings.*lr_img"):
+        run_image_condense(changed, splits=cifar_small)
+
+
+def test_bad_input_gets_clear_errors(monkeypatch):
+    with pytest.raises(ConfigError, match="ipc"):
+        condense("cifar10", "dm", [], ipc=0)
+    with pytest.raises(ConfigError, match="ipc"):
+        condense("cifar10", "dm", [], ipc=-3)
+    with pytest.raises(ConfigError, match="no condensation method 'sre2l'.*dm"):
+        condense("cifar10", "sre2l", [], ipc=10)
+    with pytest.raises(ConfigError, match="unknown dataset 'imagenet9'"):
+        condense("imagenet9", "dm", [], ipc=10)
+    with pytest.raises(ConfigError, match="unknown setting 'itrations'"):
+        condense("cifar10", "dm", ["itrations=5"], ipc=1)
+    with pytest.raises(ConfigError, match="evaluation protocol"):
+        condense("cifar10", "dm", [], ipc=1, eval="vit")
+
+    from kdkit.condense import run as run_mod
+    from kdkit.condense.image_data import load_image_splits
+    from kdkit.registry import DATASETS
+
+    class Unlabelled:
+        name = "blobs"
+        images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+
+    monkeypatch.setitem(DATASETS._items, "unlabelled_blobs", lambda split="train": Unlabelled())
+    with pytest.raises(ConfigError, match="no labels"):
+        load_image_splits("unlabelled_blobs")
+    assert "cifar10" in run_mod.KINDS["image"].datasets
+
+
+def test_cli_parses_ipc_and_eval(monkeypatch):
+    from kdkit import cli
+
+    seen = {}
+
+    def fake(dataset, method, settings, **options):
+        seen.update(dataset=dataset, method=method, settings=settings, **options)
+        return {"run_dir": "x"}
+
+    monkeypatch.setattr("kdkit.condense.condense", fake)
+    assert cli.main(["condense", "cifar10", "--ipc", "10", "iterations=5", "--eval", "resnet18"]) == 0
+    assert seen == {"dataset": "cifar10", "method": "dm", "settings": ["iterations=5"], "ipc": 10, "eval": "resnet18"}
+    assert cli.main(["condense", "cifar10", "--method", "mtt", "--ipc", "1"]) == 0
+    assert seen["method"] == "mtt" and seen["ipc"] == 1
