@@ -160,18 +160,18 @@ def test_consistency_loss_is_small_for_the_true_consistency_function():
     cd.generator.net, cd.target.module = Exact(), Exact()
     torch.manual_seed(0)
     right, _ = cd.loss(x, None)
-    assert float(right) < 0.05 * float(wrong)
+    assert float(right.detach()) < 0.05 * float(wrong.detach())
 
 
 def test_sliced_w2_mmd_closed_forms():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(20000, 2, generator=g)
+    x = torch.randn(5000, 2, generator=g)
     shift = torch.tensor([3.0, 4.0])
     # same covariance, means apart by |m| = 5: SW2^2 = E_theta (theta . m)^2 = |m|^2 / d
     assert sliced_w2(x, x + shift) == pytest.approx(5 / math.sqrt(2), rel=0.05)
     assert sliced_w2(x, x) == 0.0
-    assert abs(mmd(x, torch.randn(20000, 2, generator=g))) < 2e-3
-    assert mmd(x, x + 0.5) > 0.05
+    assert abs(mmd(x, torch.randn(5000, 2, generator=g), max_samples=2000)) < 4e-3
+    assert mmd(x, x + 0.5, max_samples=2000) > 0.05
 
 
 def test_frechet_distance_closed_form():

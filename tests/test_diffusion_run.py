@@ -104,7 +104,7 @@ def test_train_teacher_on_the_mixture_then_distill_from_it(tmp_path):
     from kdkit.diffusion.metrics import sliced_w2
     from kdkit.diffusion.mixture import ring_mixture
 
-    rc = main(["diffusion", "train-teacher", "steps=1500", "batch_size=256", "lr=2e-3", "eval_samples=4000",
+    rc = main(["diffusion", "train-teacher", "steps=1500", "batch_size=256", "lr=2e-3", "ema_decay=0.99", "eval_samples=4000",
                "eval_steps=32", "arch_options={width: 128, depth: 3}", "threads=2", f"output_dir={tmp_path}",
                "name=t", "progress=false", "save_every=0"])
     assert rc == 0

@@ -81,7 +81,8 @@ class RunConfig:
 # scratch in minutes, and (low-dimensional data) no noise levels far below the modes' own width, where the
 # per-sample normaliser |x - D_real| of DMD/SiD is ~0 and the fake score's error dominates.
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
-    ("dmd2", "mixture"): {"lr_generator": 1e-3, "lr_fake": 1e-3, "sigma_hi": 0.75, "gan": False, "ema_decay": 0.99},
+    ("dmd2", "mixture"): {"lr_generator": 1e-3, "lr_fake": 1e-3, "sigma_lo": 0.3, "sigma_hi": 0.75, "fake_sigma_lo": 0.3,
+                          "fake_sigma_hi": 0.75, "gan": False, "ema_decay": 0.99},
     ("sid", "mixture"): {"lr_generator": 1e-3, "lr_fake": 1e-3, "t_min": 0.25, "ema_decay": 0.99},
     ("cd", "mixture"): {"lr": 1e-3, "ema_decay": 0.99},
     ("rectflow", "mixture"): {"lr": 1e-3, "ema_decay": 0.99, "teacher_steps": 32},
