@@ -146,6 +146,7 @@ class CoTConfig:
     redi_lr: float | None = None  # default: optim.lr / 2
     eval_max_new_tokens: int = 256
     eval_teacher: bool = True
+    eval_student_before: bool = True  # the untrained student's accuracy (same for every run of one student)
     examples_in_report: int = 5
 
 

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from ..errors import ConfigError
-from .results import RESULTS_DIR, git_commit, hardware
+from .results import RESULTS_DIR, run_kdkit, run_record, split_settings
 
 KIND = "cot"
 MARKDOWN = RESULTS_DIR.parent / "cot-gsm8k.md"
@@ -24,16 +20,8 @@ VARIANTS = {"answer_only": ["cot.sft=answer_only", "cot.redi=false"], "rationale
 
 
 def run_cot(settings: list[str]) -> list[dict]:
-    opts = {"recipe": "cot-math-small", "seeds": "1", "runs": "runs/bench-cot", "out": None}
-    overrides = []
-    for s in settings:
-        key, sep, value = s.partition("=")
-        if not sep:
-            raise ConfigError(f"setting '{s}' is not key=value")
-        if key in opts:
-            opts[key] = value
-        else:
-            overrides.append(s)
+    opts, overrides = split_settings(settings, {"recipe": "cot-math-small", "seeds": "1", "runs": "runs/bench-cot",
+                                                "out": None})
     out = Path(opts["out"] or RESULTS_DIR / KIND)
     out.mkdir(parents=True, exist_ok=True)
     command = "kdkit bench cot " + " ".join(settings)
@@ -42,22 +30,19 @@ def run_cot(settings: list[str]) -> list[dict]:
         for variant, extra in VARIANTS.items():
             name = f"{opts['recipe']}__{variant}__s{seed}"
             reuse = [f"cot.generations={generations}"] if generations else []
-            teacher_eval = [] if seed == 0 and variant == "rationale_redi" else ["cot.eval_teacher=false"]
-            cmd = [sys.executable, "-m", "kdkit.cli", "distill", f"recipe={opts['recipe']}", *overrides, *extra,
-                   *reuse, *teacher_eval, f"trainer.seed={seed}", f"output_dir={opts['runs']}", f"name={name}",
-                   "trainer.progress=false"]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, text=True, capture_output=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            # the teacher and the untrained student answer the same questions in every run: evaluate each once
+            skip_evals = [] if seed == 0 and variant == "rationale_redi" else ["cot.eval_teacher=false"]
+            if seed > 0 or variant != "answer_only":
+                skip_evals.append("cot.eval_student_before=false")
+            cmd, wall = run_kdkit(["distill", f"recipe={opts['recipe']}", *overrides, *extra, *reuse, *skip_evals,
+                                   f"trainer.seed={seed}", f"output_dir={opts['runs']}", f"name={name}",
+                                   "trainer.progress=false"])
             run = Path(opts["runs"]) / name
             report = json.loads((run / "report.json").read_text())
             if generations is None and (run / "generate" / "rationales").exists():
                 generations = str(run)
-            row = {"kind": KIND, "recipe": opts["recipe"], "variant": variant, "seed": seed, "overrides": overrides,
-                   "run_command": " ".join(cmd[2:]), "command": command, "accuracy": report["accuracy"],
-                   "filter": report.get("filter"), "wall_seconds": time.perf_counter() - t0,
-                   "git_commit": git_commit(), "hardware": hardware(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            row = run_record(KIND, command, cmd, wall, recipe=opts["recipe"], variant=variant, seed=seed,
+                             overrides=overrides, accuracy=report["accuracy"], filter=report.get("filter"))
             (out / f"{name}.json").write_text(json.dumps(row, indent=1))
             rows.append(row)
             print(f"{name}: " + ", ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in report["accuracy"].items()))
@@ -99,7 +84,7 @@ def write_cot_markdown(directory: Path | None = None, path: Path | None = None) 
         seeds = len({r["seed"] for r in rows})
         hw = rows[0]["hardware"]
         lines.append(f"| {recipe} | `{ov}` | {seeds} | {_fmt(acc('rationale_redi', 'teacher'))} | "
-                     f"{_fmt(acc('rationale_redi', 'student_before'))} | "
+                     f"{_fmt(acc('answer_only', 'student_before') + acc('rationale_redi', 'student_before'))} | "
                      f"{_fmt(acc('answer_only', 'student_sft_answer_only'))} | "
                      f"{_fmt(acc('rationale_redi', 'student_sft_rationale'))} | "
                      f"{_fmt(acc('rationale_redi', 'student_sft_redi'))} | {kept} | {hw['device']} "

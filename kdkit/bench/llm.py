@@ -7,35 +7,19 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .results import RESULTS_DIR, git_commit, hardware
+from .results import RESULTS_DIR, run_kdkit, run_record, split_settings
 
 KIND = "llm"
 MARKDOWN = RESULTS_DIR.parent / "llm-distill.md"
 
 
-def _parse(settings: list[str]) -> tuple[dict, list[str]]:
-    opts = {"recipe": "smollm2-kd-small", "seeds": "1", "methods": "kd,baseline", "out": None, "runs": "runs/bench-llm"}
-    rest = []
-    for s in settings:
-        key, sep, value = s.partition("=")
-        if not sep:
-            raise ConfigError(f"setting '{s}' is not key=value")
-        if key in opts:
-            opts[key] = value
-        else:
-            rest.append(s)
-    return opts, rest
-
-
 def run_llm(settings: list[str]) -> list[dict]:
     """Run each method × seed as its own `kdkit` process (one fresh accelerate state each), write one JSON each."""
-    opts, overrides = _parse(settings)
+    opts, overrides = split_settings(settings, {"recipe": "smollm2-kd-small", "seeds": "1", "methods": "kd,baseline",
+                                                "out": None, "runs": "runs/bench-llm"})
     out = Path(opts["out"] or RESULTS_DIR / KIND)
     out.mkdir(parents=True, exist_ok=True)
     methods = [m for m in opts["methods"].split(",") if m]
@@ -48,17 +32,11 @@ def run_llm(settings: list[str]) -> list[dict]:
         for method in methods:
             name = f"{opts['recipe']}__{method}__s{seed}"
             verb, extra = ("distill", []) if method == "kd" else ("train", ["losses={}", "ce_weight=1.0"])
-            cmd = [sys.executable, "-m", "kdkit.cli", verb, f"recipe={opts['recipe']}", *overrides, *extra,
-                   f"trainer.seed={seed}", f"output_dir={opts['runs']}", f"name={name}", "trainer.progress=false"]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, text=True, capture_output=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            cmd, wall = run_kdkit([verb, f"recipe={opts['recipe']}", *overrides, *extra, f"trainer.seed={seed}",
+                                   f"output_dir={opts['runs']}", f"name={name}", "trainer.progress=false"])
             metrics = json.loads((Path(opts["runs"]) / name / "metrics.json").read_text())["summary"]
-            row = {"kind": KIND, "recipe": opts["recipe"], "method": method, "seed": seed,
-                   "overrides": overrides, "run_command": " ".join(cmd[2:]), "command": command,
-                   "metrics": metrics, "wall_seconds": time.perf_counter() - t0, "git_commit": git_commit(),
-                   "hardware": hardware(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            row = run_record(KIND, command, cmd, wall, recipe=opts["recipe"], method=method, seed=seed,
+                             overrides=overrides, metrics=metrics)
             (out / f"{name}.json").write_text(json.dumps(row, indent=1))
             rows.append(row)
             print(f"{name}: student ppl {metrics['student_ppl']:.3f} (before {metrics['student_ppl_before']:.3f}"

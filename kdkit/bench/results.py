@@ -60,3 +60,36 @@ def write_result(kind: str, record: dict, directory: Path | None = None) -> Path
 def read_results(kind: str, directory: Path | None = None) -> list[dict]:
     directory = Path(directory or RESULTS_DIR / kind)
     return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
+
+
+def split_settings(settings: list[str], defaults: dict) -> tuple[dict, list[str]]:
+    """A bench's own `key=value` options (those in `defaults`) apart from the recipe overrides it passes on."""
+    from ..errors import ConfigError
+
+    opts, rest = dict(defaults), []
+    for s in settings:
+        key, sep, value = s.partition("=")
+        if not sep:
+            raise ConfigError(f"setting '{s}' is not key=value")
+        if key in opts:
+            opts[key] = value
+        else:
+            rest.append(s)
+    return opts, rest
+
+
+def run_kdkit(args: list[str]) -> tuple[list[str], float]:
+    """One `kdkit ...` run in a fresh process (its own accelerate state); returns the command and its wall time."""
+    cmd = [sys.executable, "-m", "kdkit.cli", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, text=True, capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return cmd, time.perf_counter() - t0
+
+
+def run_record(kind: str, command: str, cmd: list[str], wall_seconds: float, **fields) -> dict:
+    """The result row of one bench run: what it measured plus the commands, commit, hardware and time."""
+    return {"kind": kind, **fields, "run_command": " ".join(cmd[2:]), "command": command,
+            "wall_seconds": wall_seconds, "git_commit": git_commit(), "hardware": hardware(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

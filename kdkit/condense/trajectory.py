@@ -46,16 +46,18 @@ PAPER_DEFAULTS: dict[str, dict[int, dict]] = {
         10: dict(syn_steps=30, match_epochs=2, max_start_epoch=20, lr_img=1000.0, lr_lr=1e-5, lr_teacher=0.01, zca=True),
         50: dict(syn_steps=30, match_epochs=2, max_start_epoch=40, lr_img=100.0, lr_lr=1e-5, lr_teacher=0.01, zca=False),
     },
+    # DATM's official CIFAR-10 ConvIN configs (configs/CIFAR-10/ConvIN/IPC{1,10,50}.yaml): `expand_until` is
+    # their expansion_end_epoch (in iterations), ema_decay the images' EMA
     "datm": {
         1: dict(syn_steps=80, match_epochs=2, min_start_epoch=0, current_max_start=4, max_start_epoch=4, lr_img=100.0,
-                lr_lr=1e-7, lr_teacher=0.01, lr_y=2.0, zca=True),
+                lr_lr=1e-7, lr_teacher=0.01, lr_y=5.0, zca=True, expand_until=0, ema_decay=0.995),
         10: dict(syn_steps=80, match_epochs=2, min_start_epoch=0, current_max_start=10, max_start_epoch=20,
-                 lr_img=100.0, lr_lr=1e-5, lr_teacher=0.01, lr_y=2.0, zca=True),
+                 lr_img=100.0, lr_lr=1e-5, lr_teacher=0.01, lr_y=2.0, zca=True, expand_until=1000, ema_decay=0.9995),
         50: dict(syn_steps=80, match_epochs=2, min_start_epoch=0, current_max_start=20, max_start_epoch=40,
-                 lr_img=1000.0, lr_lr=1e-5, lr_teacher=0.01, lr_y=10.0, zca=True),
+                 lr_img=1000.0, lr_lr=1e-5, lr_teacher=0.01, lr_y=2.0, zca=True, expand_until=2000, ema_decay=0.995),
     },
 }
-COMMON = dict(experts=100, expert_train_epochs=50, iterations={"mtt": 5000, "datm": 10000}, ema_decay=0.995)
+COMMON = dict(experts=100, expert_train_epochs=50, iterations={"mtt": 5000, "datm": 10000})
 
 
 def paper_defaults(method: str, ipc: int) -> dict:
@@ -290,5 +292,10 @@ def build_trajectory_matching(cfg, train: ImageSplit, x0: torch.Tensor, y0: torc
         flat = expert[min(max_start, expert.shape[0] - 1)].to(train.images.device)
         images, labels = datm_init(train, flat, net, cfg.ipc, cfg.seed)
         kwargs.update(min_start_epoch=d["min_start_epoch"], current_max_start=min(d["current_max_start"], max_start),
-                      expand_until=iterations // 2, lr_y=d["lr_y"], ema_decay=COMMON["ema_decay"])
+                      # the official window grows over its first expansion_end iterations (of 10,000): same share here
+                      expand_until=round(d["expand_until"] * iterations / COMMON["iterations"]["datm"]),
+                      # and the EMA's horizon 1/(1-decay) keeps its share of the run, so a shortened run is not
+                      # mostly its initial images
+                      lr_y=d["lr_y"], ema_decay=1 - min(1.0, (1 - d["ema_decay"]) * COMMON["iterations"]["datm"]
+                                                        / max(iterations, 1)))
     return TrajectoryMatching(paths, net, images, labels, **kwargs), iterations

@@ -242,7 +242,8 @@ class CoTDistill:
             accuracy["teacher"] = self.evaluate(
                 "teacher", self.r.teacher.model, lambda t, q: question_prompt(t, q, self.c.instruction))
         student_prompt = lambda t, q: self.student_prompt(t, q)  # noqa: E731
-        accuracy["student_before"] = self.evaluate("student_before", before, student_prompt)
+        if self.c.eval_student_before:
+            accuracy["student_before"] = self.evaluate("student_before", before, student_prompt)
         accuracy[f"student_sft_{self.c.sft}"] = self.evaluate("student_sft", sft_model, student_prompt)
         if redi_model is not None:
             accuracy["student_sft_redi"] = self.evaluate("student_redi", redi_model, student_prompt)

@@ -1,0 +1,35 @@
+"""The bench harness shared by `kdkit bench llm|cot`: option splitting, and tables built only from result files."""
+import json
+
+import pytest
+
+from kdkit.bench.cot import write_cot_markdown
+from kdkit.bench.results import split_settings
+from kdkit.errors import ConfigError
+
+
+def test_split_settings_keeps_bench_options_apart_from_overrides():
+    opts, rest = split_settings(["seeds=3", "optim.lr=1e-4", "cot.samples=2"], {"seeds": "1", "out": None})
+    assert opts == {"seeds": "3", "out": None}
+    assert rest == ["optim.lr=1e-4", "cot.samples=2"]
+    with pytest.raises(ConfigError, match="'seeds' is not key=value"):
+        split_settings(["seeds"], {"seeds": "1"})
+
+
+def _row(variant, seed, accuracy):
+    return {"kind": "cot", "recipe": "r", "variant": variant, "seed": seed, "overrides": [], "command": "kdkit bench cot",
+            "accuracy": {k: {"accuracy": v} for k, v in accuracy.items()},
+            "filter": {"correct": 3, "generated": 8} if variant == "rationale_redi" else None,
+            "hardware": {"device": "cpu", "threads": 2}}
+
+
+def test_cot_table_means_over_seeds_and_reads_each_eval_from_the_run_that_made_it(tmp_path):
+    rows = [_row("answer_only", 0, {"student_before": 0.0, "student_sft_answer_only": 0.10}),
+            _row("rationale_redi", 0, {"teacher": 0.25, "student_sft_rationale": 0.20, "student_sft_redi": 0.30}),
+            _row("answer_only", 1, {"student_sft_answer_only": 0.20}),
+            _row("rationale_redi", 1, {"student_sft_rationale": 0.30, "student_sft_redi": 0.30})]
+    for i, r in enumerate(rows):
+        (tmp_path / f"{i}.json").write_text(json.dumps(r))
+    table = write_cot_markdown(tmp_path, tmp_path / "t.md").read_text().splitlines()[-1].split(" | ")
+    # recipe, overrides, seeds, teacher, before, answer-only, rationale, +REDI, kept
+    assert table[2:9] == ["2", "25.0%", "0.0%", "15.0 ± 7.1%", "25.0 ± 7.1%", "30.0 ± 0.0%", "3/8"]
