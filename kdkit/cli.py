@@ -262,11 +262,11 @@ def parser() -> argparse.ArgumentParser:
                                    "samples_per_epoch=512 baselines=random,full output_dir=runs ...")
     s.add_argument("dataset", help="mutag | ptc_mr | proteins | nci1 | nci109 | cifar10")
     s.add_argument("--method", default=None, nargs="+", action=_OptionThenSettings, metavar="METHOD",
-                   help="condensation method (graphs: mirage; images: dm (default), mtt, datm)")
+                   help="condensation method (graphs: mirage; images: dm (default), mtt, datm, cvdd)")
     s.add_argument("--ipc", default=None, nargs="+", action=_OptionThenSettings, metavar="K",
                    help="images: synthetic images per class (1, 10, 50)")
     s.add_argument("--eval", default=None, nargs="+", action=_OptionThenSettings, metavar="PROTOCOL",
-                   help="images: evaluation protocol, convnet (default) | resnet18")
+                   help="images: evaluation protocol, convnet (default; cvdd: resnet18) | resnet18")
     s.add_argument("--gnn", default=None, nargs="+", action=_OptionThenSettings, metavar="GNN",
                    help="gcn | gin | gat | sage, or a comma list (default gcn)")
     s.add_argument("--seeds", default=None, nargs="+", action=_OptionThenSettings, metavar="N",

@@ -39,6 +39,9 @@ class EvalSettings:
     width: int = 128
     seed: int = 0
     test_batch: int = 1000
+    student: str | None = None       # protocol (b)'s network; None: ResNet-18 (any committee member name works)
+    temperature: float = 20.0        # crop-label protocol: KL temperature
+    adamw_lr: float = 1e-3           # crop-label protocol: AdamW learning rate
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -77,7 +80,7 @@ def train_on_synthetic(images: torch.Tensor, labels: torch.Tensor, test_x: torch
         model = make_convnet(num_classes, width=settings.width, im_size=images.shape[-1],
                              in_channels=images.shape[1])
     elif settings.protocol == "resnet18":
-        model = cifar_resnet18(num_classes)
+        model = relabel_student(settings, num_classes, images)
     else:
         raise ConfigError(f"unknown evaluation protocol '{settings.protocol}'; choices: {', '.join(PROTOCOLS)}")
     model = model.to(images.device)
@@ -104,6 +107,39 @@ def train_on_synthetic(images: torch.Tensor, labels: torch.Tensor, test_x: torch
             opt.step()
         sched.step()
     return accuracy(model, test_x, test_y, settings.test_batch)
+
+
+def relabel_student(settings: EvalSettings, num_classes: int, images: torch.Tensor) -> nn.Module:
+    """Protocol (b)'s fresh network: ResNet-18 unless `settings.student` names another one."""
+    if settings.student in (None, "resnet18"):
+        return cifar_resnet18(num_classes)
+    from .committee import member_model
+
+    return member_model(settings.student, num_classes, images.shape[-1], images.shape[1])
+
+
+def evaluate_crop_labels(images: torch.Tensor, store, test_x: torch.Tensor, test_y: torch.Tensor,
+                         settings: EvalSettings, hard_labels: torch.Tensor | None = None) -> dict:
+    """Protocol (b) with FKD crop labels: fresh students replay the stored crops/labels for `settings.epochs`.
+    With `hard_labels` the same crops are trained against the class ids instead (CE, CutMix-mixed)."""
+    from .crop_labels import train_student_on_crops
+
+    if settings.nets < 1 or settings.epochs < 1:
+        raise ConfigError(f"evaluation needs nets >= 1 and epochs >= 1, got nets={settings.nets}, "
+                          f"epochs={settings.epochs}")
+    accs = []
+    for k in range(settings.nets):
+        torch.manual_seed(settings.seed + k)
+        model = relabel_student(settings, store.num_classes, images).to(images.device)
+        train_student_on_crops(model, images, store, settings.epochs, lr=settings.adamw_lr,
+                               temperature=settings.temperature, hard_labels=hard_labels)
+        accs.append(accuracy(model, test_x, test_y, settings.test_batch))
+    return {"protocol": settings.protocol, "student": settings.student or "resnet18", "accs": accs,
+            "mean": statistics.fmean(accs), "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+            "epochs": settings.epochs, "nets": settings.nets, "lr": settings.adamw_lr,
+            "image_bytes": images.numel() * 4,
+            "label_bytes": store.nbytes() if hard_labels is None else hard_labels.numel(),
+            "label_epochs": store.epochs, "soft_labels": hard_labels is None, "crop_labels": True}
 
 
 def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

@@ -1,6 +1,6 @@
 """One image-condensation run: condense, checkpoint, resume, evaluate, write the run folder.
 
-`kdkit condense cifar10 --ipc 10 [--method dm|mtt|datm] [--eval convnet|resnet18] [key=value ...]`.
+`kdkit condense cifar10 --ipc 10 [--method dm|mtt|datm|cvdd] [--eval convnet|resnet18] [key=value ...]`.
 
 The run folder `runs/condense-<dataset>-<method>-ipc<k>[-<name>]/` holds
 - `config.json`: every setting;
@@ -10,6 +10,8 @@ The run folder `runs/condense-<dataset>-<method>-ipc<k>[-<name>]/` holds
 - `eval.json`: the evaluation (protocol, mean ± std over fresh networks, image and label bytes) and, with
   `baseline=true`, the same protocol on `ipc` random real images per class (same seeds);
 - `curves.json` / `curves.png`: the matching loss per iteration;
+- CV-DD only: `crop_labels.safetensors` (FKD crop-level committee soft labels, one set of crops per student
+  epoch) and `crop_labels_random_real.safetensors` (the same committee relabelling of the random real images);
 - `checkpoint.pt`: the method's state every `checkpoint_every` iterations; a rerun with the same settings
   resumes from it (`resume=false` starts over). Iteration randomness is derived from (seed, iteration), so a
   resumed run reproduces the uninterrupted one.
@@ -28,7 +30,7 @@ from .augment import DEFAULT_STRATEGY, parse_strategy
 from .image_data import ImageSplit, load_image_splits, random_real
 from .image_eval import PROTOCOLS, EvalSettings, evaluate_synthetic
 
-IMAGE_METHODS = ("dm", "mtt", "datm")
+IMAGE_METHODS = ("dm", "mtt", "datm", "cvdd")
 DEFAULT_METHOD = "dm"  # needs no expert trajectories, so it runs anywhere; mtt/datm train experts first
 
 
@@ -37,7 +39,7 @@ class ImageCondenseConfig:
     dataset: str = "cifar10"
     method: str = DEFAULT_METHOD
     ipc: int = 10
-    eval: str = "convnet"
+    eval: str | None = None             # None: resnet18 (relabel protocol) for cvdd, convnet for the others
     iterations: int | None = None       # None: the paper's default for the method and IPC
     seed: int = 0
     width: int = 128                     # ConvNet width (128 in the papers; smaller for CPU smoke runs)
@@ -64,6 +66,29 @@ class ImageCondenseConfig:
     batch_syn: int | None = None
     tesla: bool = False                  # constant-memory gradient
     experts_dir: str | None = None
+    # committee voting (cvdd); None = paper defaults (committee_voting.PAPER_DEFAULTS), or CPU_PRESET with preset=cpu.
+    # `iterations` is per recovered batch (one image per class) for cvdd; the run does ipc x iterations steps.
+    preset: str | None = None            # "cpu": a tiny committee and short runs (minutes on a 2-core CPU)
+    members: str | None = None           # comma-separated committee (committee.member_model names)
+    member_epochs: int | None = None
+    voters: int | None = None            # members per recovered batch
+    recover_lr: float | None = None
+    r_bn: float | None = None
+    first_bn_multiplier: float | None = None
+    jitter: int | None = None
+    recover_temperature: float | None = None
+    relabel_temperature: float | None = None
+    patch_factor: int | None = None
+    patch_difficulty: str | None = None
+    patch_candidates: int | None = None
+    min_scale: float | None = None
+    label_batch: int | None = None
+    bn_batch: int | None = None
+    cutmix: bool | None = None
+    label_topk: int | None = None
+    eval_student: str | None = None      # protocol (b)'s network (None: ResNet-18)
+    eval_temperature: float | None = None
+    eval_lr_adamw: float | None = None
     # run folder
     checkpoint_every: int = 100
     output_dir: str = "runs"
@@ -77,8 +102,13 @@ class ImageCondenseConfig:
         return Path(self.output_dir) / tag
 
     def eval_settings(self) -> EvalSettings:
-        return EvalSettings(protocol=self.eval, epochs=self.eval_epochs, nets=self.eval_nets, lr=self.eval_lr,
-                            dsa_strategy=self.dsa_strategy, width=self.width, seed=self.seed)
+        es = EvalSettings(protocol=self.eval, epochs=self.eval_epochs, nets=self.eval_nets, lr=self.eval_lr,
+                          dsa_strategy=self.dsa_strategy, width=self.width, seed=self.seed, student=self.eval_student)
+        if self.eval_temperature is not None:
+            es.temperature = self.eval_temperature
+        if self.eval_lr_adamw is not None:
+            es.adamw_lr = self.eval_lr_adamw
+        return es
 
 
 def _parse_value(text: str, current):
@@ -119,6 +149,10 @@ def check_image_config(cfg: ImageCondenseConfig) -> ImageCondenseConfig:
         raise ConfigError(f"ipc (images per class) must be a positive integer such as 1, 10 or 50, got {cfg.ipc!r}")
     if cfg.method not in IMAGE_METHODS:
         raise ConfigError(f"unknown image condensation method '{cfg.method}'; choices: {', '.join(IMAGE_METHODS)}")
+    if cfg.method == "cvdd":
+        _apply_cvdd_preset(cfg)
+    if cfg.eval is None:
+        cfg.eval = "resnet18" if cfg.method == "cvdd" else "convnet"
     if cfg.eval not in PROTOCOLS:
         raise ConfigError(f"unknown evaluation protocol '{cfg.eval}'; choices: {', '.join(PROTOCOLS)}")
     if cfg.iterations is not None and cfg.iterations < 0:
@@ -137,8 +171,35 @@ def check_image_config(cfg: ImageCondenseConfig) -> ImageCondenseConfig:
     return cfg
 
 
+def _apply_cvdd_preset(cfg: ImageCondenseConfig) -> None:
+    """Check the CV-DD settings; with `preset=cpu` fill every setting left unset from the CPU preset (the run's
+    own fields too: train/test subsets, evaluation epochs/nets/student), so `config.json` says what ran."""
+    from .committee import parse_members
+    from .committee_voting import CPU_PRESET, DIFFICULTIES
+
+    if cfg.preset not in (None, "cpu"):
+        raise ConfigError(f"unknown preset '{cfg.preset}' for cvdd; choices: cpu")
+    if cfg.preset == "cpu":
+        defaults = {f.name: f.default for f in fields(ImageCondenseConfig)}
+        for key, value in CPU_PRESET.items():
+            if getattr(cfg, key) == defaults[key]:
+                setattr(cfg, key, value)
+    if cfg.members is not None:
+        parse_members(cfg.members)
+    if cfg.patch_difficulty is not None and cfg.patch_difficulty not in DIFFICULTIES:
+        raise ConfigError(f"patch_difficulty must be one of {', '.join(DIFFICULTIES)}, got '{cfg.patch_difficulty}'")
+    for key in ("voters", "member_epochs", "label_batch", "bn_batch", "patch_factor", "patch_candidates"):
+        v = getattr(cfg, key)
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+
+
 def build_method(cfg: ImageCondenseConfig, train: ImageSplit, run_dir: Path):
     """The method object (step / synthetic / state_dict / load_state_dict) and its iteration count."""
+    if cfg.method == "cvdd":
+        from .committee_voting import build_committee_voting
+
+        return build_committee_voting(cfg, train, run_dir)
     x0, y0 = random_real(train, cfg.ipc, cfg.seed)
     if cfg.method == "dm":
         from .distribution_matching import PAPER_DEFAULTS, DistributionMatching
@@ -186,7 +247,8 @@ def _save_curves(curves: list[dict], run_dir: Path) -> None:
 
 
 _RUN_KEYS_IGNORED_ON_RESUME = ("device", "eval", "eval_epochs", "eval_nets", "eval_lr", "baseline", "progress", "resume",
-                               "iterations", "checkpoint_every")
+                               "iterations", "checkpoint_every", "eval_student", "eval_temperature", "eval_lr_adamw",
+                               "relabel_temperature", "label_batch", "bn_batch", "cutmix", "label_topk")
 
 
 def save_synthetic(path: Path, syn: dict) -> None:
@@ -203,6 +265,36 @@ def load_synthetic(path) -> dict:
 
     t = load_file(str(path))
     return {"images": t["images"], "labels": t["labels"], "lr": float(t["lr"]) if "lr" in t else None}
+
+
+def _relabel_and_evaluate(cfg: ImageCondenseConfig, method, syn: dict, train: ImageSplit, test: ImageSplit,
+                          run_dir: Path) -> dict:
+    """CV-DD's relabel step and protocol (b): committee crop labels for the synthetic set (one set of crops per
+    student epoch), students trained on them; beside it the random real images (i) relabelled by the same
+    committee the same way and (ii) with hard labels (same crops, CutMix, optimiser), all with the same student
+    and epochs."""
+    from .committee_voting import relabel
+    from .crop_labels import save_crop_labels
+    from .image_eval import evaluate_crop_labels
+
+    out: dict = {"committee": [{"name": m.name, "prior": m.prior} for m in method.members],
+                 "voter_schedule": [list(v) for v in method.schedule]}
+    if cfg.eval_epochs < 1 or cfg.eval_nets < 1:
+        return out
+    es = cfg.eval_settings()
+    t0 = time.time()
+    store = relabel(method, syn["images"], cfg.eval_epochs, seed=cfg.seed, progress=cfg.progress)
+    out["relabel_seconds"] = time.time() - t0
+    save_crop_labels(store, run_dir / "crop_labels.safetensors")
+    out["eval"] = evaluate_crop_labels(syn["images"], store, test.images, test.labels, es)
+    if cfg.baseline:
+        xr, yr = random_real(train, cfg.ipc, cfg.seed)
+        store_r = relabel(method, xr, cfg.eval_epochs, seed=cfg.seed, progress=cfg.progress)
+        save_crop_labels(store_r, run_dir / "crop_labels_random_real.safetensors")
+        out["random_real_relabelled"] = evaluate_crop_labels(xr, store_r, test.images, test.labels, es)
+        # hard labels through the very same crops, optimiser and epochs: only the labels differ
+        out["random_real"] = evaluate_crop_labels(xr, store_r, test.images, test.labels, es, hard_labels=yr)
+    return out
 
 
 def run_image_condense(cfg: ImageCondenseConfig, splits: tuple[ImageSplit, ImageSplit] | None = None) -> dict:
@@ -255,7 +347,9 @@ def run_image_condense(cfg: ImageCondenseConfig, splits: tuple[ImageSplit, Image
 
     metrics: dict = {"dataset": cfg.dataset, "method": cfg.method, "ipc": cfg.ipc, "iterations": iterations,
                      "condense_seconds": seconds, "run_dir": str(run_dir)}
-    if cfg.eval_epochs > 0 and cfg.eval_nets > 0:
+    if cfg.method == "cvdd":
+        metrics.update(_relabel_and_evaluate(cfg, method, syn, train, test, run_dir))
+    elif cfg.eval_epochs > 0 and cfg.eval_nets > 0:
         es = cfg.eval_settings()
         metrics["eval"] = evaluate_synthetic(syn["images"], syn["labels"], test.images, test.labels, es, lr=syn.get("lr"))
         if cfg.baseline:

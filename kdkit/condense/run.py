@@ -69,5 +69,5 @@ def _run_image(dataset: str, method: str, settings: list[str], **options) -> dic
     return run_image_condense(build_image_config(dataset, method, settings, **options))
 
 
-for _m in ("dm", "mtt", "datm"):
+for _m in ("dm", "mtt", "datm", "cvdd"):
     register_method("image", _m, _run_image)
