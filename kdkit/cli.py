@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import KdkitError
 
@@ -160,52 +161,31 @@ def _demo(ns) -> int:
     return 0
 
 
+# `kdkit bench WHAT`: the module and function that run each benchmark (imported only when asked for)
+BENCHMARKS = {"throughput": ("throughput", "run_throughput"), "classifier": ("classifier", "run_classifier"),
+              "kernels": ("kernels", "run_kernels"), "llm": ("llm", "run_llm"),
+              "generation": ("generation", "run_generation"),
+              "condense-graphs": ("condense_graphs", "run_condense_graphs"),
+              "condense-images": ("condense_images", "run_condense_images"), "cot": ("cot", "run_cot"),
+              "diffusion": ("diffusion", "run_diffusion_bench")}
+
+
 def _bench(ns) -> int:
-    if ns.what == "throughput":
-        from .bench.throughput import run_throughput
+    import importlib
 
-        run_throughput(ns.settings)
-    elif ns.what == "classifier":
-        from .bench.classifier import run_classifier
-
-        run_classifier(ns.settings)
-    elif ns.what == "kernels":
-        from .bench.kernels import run_kernels
-
-        print(f"wrote {run_kernels(ns.settings)}")
-    elif ns.what == "llm":
-        from .bench.llm import run_llm
-
-        run_llm(ns.settings)
-    elif ns.what == "generation":
-        from .bench.generation import run_generation
-
-        run_generation(ns.settings)
-    elif ns.what == "condense-graphs":
-        from .bench.condense_graphs import run_condense_graphs
-
-        run_condense_graphs(ns.settings)
-    elif ns.what == "condense-images":
-        from .bench.condense_images import run_condense_images
-
-        run_condense_images(ns.settings)
-    elif ns.what == "cot":
-        from .bench.cot import run_cot
-
-        run_cot(ns.settings)
-    elif ns.what == "diffusion":
-        from .bench.diffusion import run_diffusion_bench
-
-        print(f"wrote {run_diffusion_bench(ns.settings)}")
-    elif ns.what == "classifier-table":
+    if ns.what == "classifier-table":
         from .bench.classifier import write_markdown
 
         if ns.settings:
             raise KdkitError("`kdkit bench classifier-table` takes no settings")
         print(f"wrote {write_markdown()}")
-    else:
-        raise KdkitError(f"unknown benchmark '{ns.what}'; choices: throughput, classifier, classifier-table, kernels, llm, "
-                         "generation, condense-graphs, condense-images, cot, diffusion")
+        return 0
+    if ns.what not in BENCHMARKS:
+        raise KdkitError(f"unknown benchmark '{ns.what}'; choices: {', '.join([*BENCHMARKS, 'classifier-table'])}")
+    module, function = BENCHMARKS[ns.what]
+    result = getattr(importlib.import_module(f"kdkit.bench.{module}"), function)(ns.settings)
+    if isinstance(result, (str, Path)):  # the benchmarks that return the table they wrote
+        print(f"wrote {result}")
     return 0
 
 

@@ -33,3 +33,11 @@ def test_cot_table_means_over_seeds_and_reads_each_eval_from_the_run_that_made_i
     table = write_cot_markdown(tmp_path, tmp_path / "t.md").read_text().splitlines()[-1].split(" | ")
     # recipe, overrides, seeds, teacher, before, answer-only, rationale, +REDI, kept
     assert table[2:9] == ["2", "25.0%", "0.0%", "15.0 ± 7.1%", "25.0 ± 7.1%", "30.0 ± 0.0%", "3/8"]
+
+
+def test_unknown_benchmark_names_the_choices(capsys):
+    from kdkit.cli import BENCHMARKS, main
+
+    assert main(["bench", "nope"]) != 0
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'nope'" in err and all(name in err for name in [*BENCHMARKS, "classifier-table"])
