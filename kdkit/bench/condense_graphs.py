@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 
 from ..errors import ConfigError
-from .results import RESULTS_DIR, read_results, write_result
+from .results import RESULTS_DIR, read_results, split_settings, write_result
 
 KIND = "condense-graphs"
 MARKDOWN = RESULTS_DIR.parent / "condense-graphs.md"
@@ -23,17 +23,8 @@ PAPER = {("nci1", "gcn"): {"mirage": 68.20, "random": 60.72}}
 
 
 def _parse(settings: list[str]) -> tuple[dict, list[str]]:
-    opts = {"datasets": ",".join(DEFAULT_DATASETS), "gnns": "gcn,gin", "seeds": "5", "out": None, "runs": "runs/bench-condense-graphs"}
-    rest = []
-    for s in settings:
-        key, sep, value = s.partition("=")
-        if not sep:
-            raise ConfigError(f"setting '{s}' is not key=value")
-        if key in opts:
-            opts[key] = value
-        else:
-            rest.append(s)
-    return opts, rest
+    return split_settings(settings, {"datasets": ",".join(DEFAULT_DATASETS), "gnns": "gcn,gin", "seeds": "5",
+                                     "out": None, "runs": "runs/bench-condense-graphs"})
 
 
 def run_condense_graphs(settings: list[str]) -> list[dict]:

@@ -130,12 +130,14 @@ class DistillMethod(nn.Module):
         self.sample_shape = tuple(teacher.sample_shape)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Abstract: each method (score distillation, consistency, regression) names its optimisers."""
         raise NotImplementedError
 
     def prepare(self, resuming: bool = False) -> None:
         """One-off work before the first step (e.g. the teacher pairs of `rectflow`)."""
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Abstract: one training iteration of the method; returns its logged scalars."""
         raise NotImplementedError
 
     def sampler(self) -> Generator:
