@@ -13,6 +13,7 @@ labels)`, `fake(...)`) and the noise schedule. `step(batch)` is pure tensor work
 """
 from __future__ import annotations
 
+import abc
 import copy
 from dataclasses import dataclass
 from typing import Callable
@@ -112,7 +113,7 @@ def check_shapes(teacher: Denoiser, generator: nn.Module, sample_shape: tuple[in
                                  f"denoises samples of shape {tuple(sample_shape)}; they must match")
 
 
-class DistillMethod(nn.Module):
+class DistillMethod(nn.Module, abc.ABC):
     """What the runner and the fast step need from a method: `step(batch) -> {name: scalar tensor}`, the modules
     and optimisers to checkpoint, `real_batches` (real batches one step consumes) and `sampler()` (the few-step
     generator to evaluate, its EMA when there is one)."""
@@ -129,16 +130,16 @@ class DistillMethod(nn.Module):
         self.num_classes = teacher.num_classes
         self.sample_shape = tuple(teacher.sample_shape)
 
+    @abc.abstractmethod
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """Abstract: each method (score distillation, consistency, regression) names its optimisers."""
-        raise NotImplementedError
+        """Each method (score distillation, consistency, regression) names its optimisers."""
 
     def prepare(self, resuming: bool = False) -> None:
         """One-off work before the first step (e.g. the teacher pairs of `rectflow`)."""
 
+    @abc.abstractmethod
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Abstract: one training iteration of the method; returns its logged scalars."""
-        raise NotImplementedError
+        """One training iteration of the method; returns its logged scalars."""
 
     def sampler(self) -> Generator:
         return self.ema.module if self.ema is not None else self.generator
