@@ -17,7 +17,7 @@ def test_split_settings_keeps_bench_options_apart_from_overrides():
 
 
 def _row(variant, seed, accuracy):
-    return {"kind": "cot", "recipe": "r", "variant": variant, "seed": seed, "overrides": [], "command": "kdkit bench cot",
+    return {"kind": "cot", "recipe": "cot-math-small", "variant": variant, "seed": seed, "overrides": [], "command": "kdkit bench cot",
             "accuracy": {k: {"accuracy": v} for k, v in accuracy.items()},
             "filter": {"correct": 3, "generated": 8} if variant == "rationale_redi" else None,
             "hardware": {"device": "cpu", "threads": 2}}
@@ -31,8 +31,8 @@ def test_cot_table_means_over_seeds_and_reads_each_eval_from_the_run_that_made_i
     for i, r in enumerate(rows):
         (tmp_path / f"{i}.json").write_text(json.dumps(r))
     table = write_cot_markdown(tmp_path, tmp_path / "t.md").read_text().splitlines()[-1].split(" | ")
-    # recipe, overrides, seeds, teacher, before, answer-only, rationale, +REDI, kept
-    assert table[2:9] == ["2", "25.0%", "0.0%", "15.0 ± 7.1%", "25.0 ± 7.1%", "30.0 ± 0.0%", "3/8"]
+    # recipe, overrides, student (as the recipe resolves it), seeds, teacher, before, answer-only, rationale, +REDI, kept
+    assert table[2:10] == ["truncated-teacher (15 layers)", "2", "25.0%", "0.0%", "15.0 ± 7.1%", "25.0 ± 7.1%", "30.0 ± 0.0%", "3/8"]
 
 
 def test_unknown_benchmark_names_the_choices(capsys):

@@ -59,6 +59,15 @@ def _fmt(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}%"
 
 
+def _student(recipe: str, overrides: list[str]) -> str:
+    """The student the rows trained, as the recipe resolves it (a truncated copy names its depth)."""
+    from ..config import load_recipe
+
+    s = load_recipe(recipe, overrides).student
+    layers = (s.options or {}).get("layers")
+    return f"{s.model} ({layers} layers)" if layers else s.model
+
+
 def write_cot_markdown(directory: Path | None = None, path: Path | None = None) -> Path:
     """The table from the result files: one row per recipe + overrides, columns per model state, mean ± std."""
     directory = Path(directory or RESULTS_DIR / KIND)
@@ -73,8 +82,8 @@ def write_cot_markdown(directory: Path | None = None, path: Path | None = None) 
              "the teacher's correct rationales (plus the dataset's own where the recipe mixes them in, cot.short_ratio)."
              " Papers' figures use far larger teachers (e.g. 540B PaLM in Distilling Step-by-Step) and are not "
              "comparable with these tiny CPU runs.", "",
-             "| recipe | overrides | seeds | teacher | student before | answer-only SFT | rationale SFT | "
-             "rationale SFT + REDI | teacher rationales kept | hardware | command |", "|" + "---|" * 11]
+             "| recipe | overrides | student | seeds | teacher | student before | answer-only SFT | rationale SFT | "
+             "rationale SFT + REDI | teacher rationales kept | hardware | command |", "|" + "---|" * 12]
     for (recipe, ov), rows in groups.items():
         def acc(variant, key):
             return [r["accuracy"][key]["accuracy"] for r in rows if r["variant"] == variant and key in r["accuracy"]]
@@ -83,7 +92,7 @@ def write_cot_markdown(directory: Path | None = None, path: Path | None = None) 
         kept = f"{f['correct']}/{f['generated']}" if f else "—"
         seeds = len({r["seed"] for r in rows})
         hw = rows[0]["hardware"]
-        lines.append(f"| {recipe} | `{ov}` | {seeds} | {_fmt(acc('rationale_redi', 'teacher'))} | "
+        lines.append(f"| {recipe} | `{ov}` | {_student(recipe, rows[0]['overrides'])} | {seeds} | {_fmt(acc('rationale_redi', 'teacher'))} | "
                      f"{_fmt(acc('answer_only', 'student_before') + acc('rationale_redi', 'student_before'))} | "
                      f"{_fmt(acc('answer_only', 'student_sft_answer_only'))} | "
                      f"{_fmt(acc('rationale_redi', 'student_sft_rationale'))} | "
