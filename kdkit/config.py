@@ -144,6 +144,7 @@ class CoTConfig:
     redi_alpha: float = 0.8  # weight of the negative term (REDI's alpha)
     redi_epochs: float = 1.0
     redi_lr: float | None = None  # default: optim.lr / 2
+    redi_reference_positives: bool = False  # no correct teacher trace for a question: pair with the dataset's own
     eval_max_new_tokens: int = 256
     eval_teacher: bool = True
     eval_student_before: bool = True  # the untrained student's accuracy (same for every run of one student)

@@ -127,7 +127,13 @@ def test_redi_loss_and_pairs():
     correct = _rows([(0, "q0", "1", "", 0, "right", 1, "stop")])
     incorrect = _rows([(0, "q0", "1", "", 1, "wrong", 1, "stop"), (1, "q1", "2", "", 0, "wrong too", 1, "stop")])
     assert build_pairs(correct, incorrect) == [{"question_id": 0, "question": "q0", "positive": "right",
-                                                "negative": "wrong"}]
+                                                "negative": "wrong", "positive_source": "teacher"}]
+    # a question the teacher never got right pairs with the dataset's rationale, when one is given
+    refs = {0: "ref 0", 1: "ref 1"}
+    assert build_pairs(correct, incorrect, references=refs) == [
+        {"question_id": 0, "question": "q0", "positive": "right", "negative": "wrong", "positive_source": "teacher"},
+        {"question_id": 1, "question": "q1", "positive": "ref 1", "negative": "wrong too",
+         "positive_source": "reference"}]
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +244,36 @@ def test_cot_pipeline_end_to_end_and_resume(tmp_path, tiny_dir):
     tok.save_pretrained(str(bare))
     assert main([*args[:-2], "name=bare", f"student.model={bare}", "student.options={}",
                  "cot.generations=" + str(run)]) == 2
+
+
+def test_redi_pairs_a_weak_teachers_negatives_with_the_datasets_rationales(tmp_path, tiny_dir, capsys):
+    """A teacher that never answers right leaves REDI without pairs: a clear error, unless
+    cot.redi_reference_positives pairs each incorrect trace with GSM8K's own rationale of its question."""
+    import datasets
+
+    from kdkit.data.gsm8k import load_gsm8k
+    from kdkit.llm.cot_generate import COLUMNS, save_dataset
+    from kdkit.llm.cot_sft import reference_rationale
+
+    train = load_gsm8k("train").select(range(3))
+    rows = [(i, q, g, a, k, f"I guess. The answer is {int(float(g.replace(',', ''))) + 1 + k}.", 8, "stop")
+            for i, (q, g, a) in enumerate(zip(train["question"], train["final_answer"], train["answer"]))
+            for k in range(2)]
+    save_dataset(datasets.Dataset.from_dict({c: [r[j] for r in rows] for j, c in enumerate(COLUMNS)}),
+                 tmp_path / "gen" / "generate" / "rationales")
+    args = ["distill", "recipe=cot-math-small", f"teacher.model={tiny_dir}", f"student.model={tiny_dir}",
+            "student.options={}", "cot.train_questions=3", "cot.test_questions=2", "cot.eval_max_new_tokens=4",
+            "cot.short_ratio=1.0", "cot.redi=true", "cot.sft_epochs=1", "data.batch_size=2",
+            f"cot.generations={tmp_path / 'gen'}", "trainer.progress=false", f"output_dir={tmp_path}",
+            "trainer.threads=1"]
+    assert main([*args, "name=plain"]) == 2  # no correct teacher trace: REDI has no pairs, and says so
+    assert "REDI needs" in capsys.readouterr().err
+    assert main([*args, "name=ref", "cot.redi_reference_positives=true"]) == 0
+    run = tmp_path / "ref"
+    pairs = datasets.load_from_disk(str(run / "redi" / "pairs"))
+    assert len(pairs) == 6 and set(pairs["positive_source"]) == {"reference"}
+    assert pairs[0]["positive"] == reference_rationale(train[0]["answer"], train[0]["final_answer"])
+    assert pairs[1]["negative"] == rows[1][5]
+    stats = json.loads((run / "redi" / "redi.json").read_text())
+    assert stats["pairs"] == 6 and stats["reference_positives"] == 6 and stats["steps"] == 3
+    assert "student_sft_redi" in json.loads((run / "report.json").read_text())["accuracy"]

@@ -185,9 +185,16 @@ class CoTDistill:
         out = self.run_dir / "redi"
         if _done(out / "model"):
             return out / "model", json.loads((out / "redi.json").read_text())
-        pairs = build_pairs(correct, incorrect, seed=self.r.trainer.seed)
+        references = None
+        if self.c.redi_reference_positives:
+            from .cot_sft import reference_rationale
+
+            train = self.questions("train")
+            references = {i: reference_rationale(a, g) for i, (a, g) in enumerate(zip(train["answer"],
+                                                                                        train["final_answer"]))}
+        pairs = build_pairs(correct, incorrect, seed=self.r.trainer.seed, references=references)
         out.mkdir(parents=True, exist_ok=True)
-        cols = ("question_id", "question", "positive", "negative")
+        cols = ("question_id", "question", "positive", "negative", "positive_source")
         save_dataset(datasets.Dataset.from_dict({c: [p[c] for p in pairs] for c in cols}), out / "pairs")
         model, tok = load_causal_lm(sft_model, device=self.device)
         model.requires_grad_(True)
@@ -198,6 +205,7 @@ class CoTDistill:
                          lr=self.c.redi_lr or self.r.optim.lr / 2, batch_size=self.r.data.batch_size,
                          max_length=self.c.max_length, seed=self.r.trainer.seed, device=self.device,
                          progress=self.r.trainer.progress)
+        stats["reference_positives"] = sum(p["positive_source"] == "reference" for p in pairs)
         (out / "redi.json").write_text(json.dumps(stats, indent=1))
         return self.save_model(model, tok, out / "model"), stats
 

@@ -9,6 +9,10 @@ trace y-) pairs:
 length-normalised sequence log-likelihoods, the negative term weighted lower so that pushing the incorrect
 traces down does not collapse the model (the failure of the symmetric alpha = 1 objective the paper reports).
 No reference model is kept (unlike DPO), so memory is that of SFT.
+
+A weak teacher has few questions with both kinds of trace; `cot.redi_reference_positives` then pairs its incorrect
+traces with the dataset's own rationale of the same question (a human-written correct trace), so the negatives
+still teach something.
 """
 from __future__ import annotations
 
@@ -35,18 +39,23 @@ def redi_loss(pos_logp: torch.Tensor, neg_logp: torch.Tensor, alpha: float = 0.8
     return (-pos_logp + alpha * neg_logp).mean()
 
 
-def build_pairs(correct, incorrect, seed: int = 0) -> list[dict]:
-    """(question_id, question, positive, negative): each incorrect trace paired with a correct one of its question,
-    questions without both kinds left out."""
+def build_pairs(correct, incorrect, seed: int = 0, references: dict[int, str] | None = None) -> list[dict]:
+    """(question_id, question, positive, negative, positive_source): each incorrect trace paired with a correct
+    teacher trace of its question; where the teacher has none, with the dataset's own rationale from `references`
+    (question_id -> text), if given. Questions without a positive are left out."""
     rng = random.Random(seed)
     pos: dict[int, list[str]] = {}
     for qid, text in zip(correct["question_id"], correct["rationale"]):
         pos.setdefault(int(qid), []).append(text)
     pairs = []
     for qid, q, text in zip(incorrect["question_id"], incorrect["question"], incorrect["rationale"]):
-        if int(qid) in pos:
-            pairs.append({"question_id": int(qid), "question": q, "positive": rng.choice(pos[int(qid)]),
-                          "negative": text})
+        qid = int(qid)
+        if qid in pos:
+            pairs.append({"question_id": qid, "question": q, "positive": rng.choice(pos[qid]), "negative": text,
+                          "positive_source": "teacher"})
+        elif references and qid in references:
+            pairs.append({"question_id": qid, "question": q, "positive": references[qid], "negative": text,
+                          "positive_source": "reference"})
     return pairs
 
 
@@ -73,8 +82,9 @@ def run_redi(model, tokenizer, pairs: list[dict], prompt_fn, *, alpha: float, ep
     from tqdm.auto import tqdm
 
     if not pairs:
-        raise ConfigError("REDI needs questions with both a correct and an incorrect teacher rationale; there are none "
-                          "(sample more per question, or set cot.redi=false)")
+        raise ConfigError("REDI needs questions with both a correct and an incorrect rationale; there are none "
+                          "(sample more per question, set cot.redi_reference_positives=true to pair the teacher's "
+                          "incorrect traces with the dataset's rationales, or set cot.redi=false)")
     g = torch.Generator().manual_seed(seed)
     steps = max(1, math.ceil(epochs * len(pairs) / batch_size))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
