@@ -90,7 +90,10 @@ def write_cot_markdown(directory: Path | None = None, path: Path | None = None) 
 
         f = next((r["filter"] for r in rows if r.get("filter")), None)
         kept = f"{f['correct']}/{f['generated']}" if f else "—"
-        seeds = len({r["seed"] for r in rows})
+        per = {v: len({r["seed"] for r in rows if r["variant"] == v}) for v in VARIANTS}
+        # a comparison still under way says how many seeds each column has
+        seeds = str(per["answer_only"]) if len(set(per.values())) == 1 else \
+            f"{per['answer_only']} answer-only, {per['rationale_redi']} rationale"
         hw = rows[0]["hardware"]
         lines.append(f"| {recipe} | `{ov}` | {_student(recipe, rows[0]['overrides'])} | {seeds} | {_fmt(acc('rationale_redi', 'teacher'))} | "
                      f"{_fmt(acc('answer_only', 'student_before') + acc('rationale_redi', 'student_before'))} | "
