@@ -176,6 +176,47 @@ def test_redi_raises_correct_and_lowers_incorrect_traces(tiny_dir):
         run_redi(model, tok, [], prompt, alpha=0.8, epochs=1, lr=1e-3, batch_size=2, max_length=8, seed=0)
 
 
+def test_redi_step_back_propagates_the_two_terms_apart_with_the_joint_losss_update(tiny_dir):
+    """run_redi back-propagates the positive and negative terms one after the other (less memory): the update must
+    be the one the joint loss gives, and the log-probs those of a full log-softmax."""
+    import copy
+
+    from kdkit.llm.generation import chat_prompt
+    from kdkit.llm.models import load_causal_lm
+    from kdkit.llm.redi import _encode, _pad, mean_token_logprob, redi_loss, run_redi
+
+    model, tok = load_causal_lm(tiny_dir)
+    pairs = [{"question": f"What is {i} + 1?", "positive": f"{i} + 1 = {i + 1}. The answer is {i + 1}.",
+              "negative": f"The answer is {i + 7}."} for i in range(4)]
+    prompt = lambda q: chat_prompt(tok, q)  # noqa: E731
+    enc = {k: _pad([_encode(tok, prompt(p["question"]), p[k], 64) for p in pairs], tok.pad_token_id)
+           for k in ("positive", "negative")}
+    with torch.no_grad():
+        ids, att, comp = enc["negative"]
+        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+        ref = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        mask = comp[:, 1:].float()
+        expected = (ref * mask).sum(1) / mask.sum(1)
+        assert torch.allclose(mean_token_logprob(model, ids, att, comp), expected, atol=1e-5)
+
+    joint = copy.deepcopy(model)
+    opt = torch.optim.AdamW(joint.parameters(), lr=1e-3, weight_decay=0.0)
+    loss = redi_loss(mean_token_logprob(joint, *enc["positive"]), mean_token_logprob(joint, *enc["negative"]), 0.6)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(joint.parameters(), 1.0)
+    opt.step()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match="alpha"):
+        run_redi(model, tok, pairs, prompt, alpha=1.5, epochs=1, lr=1e-3, batch_size=4, max_length=64, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any update
+    stats = run_redi(model, tok, pairs, prompt, alpha=0.6, epochs=1, lr=1e-3, batch_size=4, max_length=64, seed=0,
+                     progress=False)
+    assert stats["steps"] == 1 and stats["history"][0]["loss"] == pytest.approx(loss.item(), abs=1e-5)
+    for (name, a), b in zip(model.named_parameters(), joint.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 class _CountingBackend:
     """A scripted teacher: answers right for even question ids; fails on call `fail_on` (a crash mid-stage)."""
     name = "scripted"
@@ -231,9 +272,15 @@ def test_cot_pipeline_end_to_end_and_resume(tmp_path, tiny_dir):
     assert set(report["accuracy"]) == {"teacher", "student_before", "student_sft_rationale"}
     assert report["sft_stats"]["examples"] == 6 and report["sft_stats"]["steps"] == 2
     assert "Rationale distillation report" in (run / "report.md").read_text()
+    seconds = report["stage_seconds"]
+    assert set(seconds) == {"generate", "filter", "student", "sft", "eval_teacher", "eval_student_before",
+                            "eval_student_sft"} and seconds["sft"] > 0
     stamp = (run / "sft" / "model" / "config.json").stat().st_mtime
     assert main(args) == 0  # resume: every stage is done
     assert (run / "sft" / "model" / "config.json").stat().st_mtime == stamp
+    again = json.loads((run / "report.json").read_text())["stage_seconds"]
+    assert again["sft"] >= seconds["sft"]  # the resume adds its own (reload) time to what the first run cost
+    assert "Wall seconds per stage" in (run / "report.md").read_text()
     # bad input: a student without a chat template
     tok = load_tokenizer(tiny_dir)
     tok.chat_template = None
@@ -268,12 +315,19 @@ def test_redi_pairs_a_weak_teachers_negatives_with_the_datasets_rationales(tmp_p
             "trainer.threads=1"]
     assert main([*args, "name=plain"]) == 2  # no correct teacher trace: REDI has no pairs, and says so
     assert "REDI needs" in capsys.readouterr().err
-    assert main([*args, "name=ref", "cot.redi_reference_positives=true"]) == 0
+    # now the teacher gets question 0 right once, ending in its own words: that pair keeps the teacher's trace,
+    # ended the way SFT trains ("The answer is N."); questions 1 and 2 fall back to GSM8K's rationales
+    g0 = train[0]["final_answer"]
+    rows[0] = (*rows[0][:5], f"Add them up.\nSo the answer is {g0} clips", *rows[0][6:])
+    save_dataset(datasets.Dataset.from_dict({c: [r[j] for r in rows] for j, c in enumerate(COLUMNS)}),
+                 tmp_path / "gen2" / "generate" / "rationales")
+    assert main([*args, "name=ref", "cot.redi_reference_positives=true", f"cot.generations={tmp_path / 'gen2'}"]) == 0
     run = tmp_path / "ref"
     pairs = datasets.load_from_disk(str(run / "redi" / "pairs"))
-    assert len(pairs) == 6 and set(pairs["positive_source"]) == {"reference"}
-    assert pairs[0]["positive"] == reference_rationale(train[0]["answer"], train[0]["final_answer"])
-    assert pairs[1]["negative"] == rows[1][5]
+    assert list(pairs["positive_source"]) == ["teacher"] + ["reference"] * 4
+    assert pairs[0]["positive"] == f"Add them up.\nThe answer is {g0}." and pairs[0]["negative"] == rows[1][5]
+    assert pairs[1]["positive"] == reference_rationale(train[1]["answer"], train[1]["final_answer"])
+    assert pairs[2]["negative"] == rows[3][5]
     stats = json.loads((run / "redi" / "redi.json").read_text())
-    assert stats["pairs"] == 6 and stats["reference_positives"] == 6 and stats["steps"] == 3
+    assert stats["pairs"] == 5 and stats["reference_positives"] == 4 and stats["steps"] == 3
     assert "student_sft_redi" in json.loads((run / "report.json").read_text())["accuracy"]

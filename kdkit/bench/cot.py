@@ -3,7 +3,9 @@
 All variants answer the same test questions and train on the same training questions; the teacher's rationales
 are generated once (the first seed's run) and reused by every other run (`cot.generations`). Per seed: one
 `answer_only` run and one `rationale` run with REDI, which reports the accuracy after SFT and after REDI.
-Result files go to leaderboards/results/cot/, the table to leaderboards/cot-gsm8k.md.
+Result files go to leaderboards/results/cot/, the table to leaderboards/cot-gsm8k.md. A row's `wall_seconds` is
+this invocation only (a finished run reloads in seconds); `stage_seconds` is what each stage cost over every
+(re)run of the run folder.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ def run_cot(settings: list[str]) -> list[dict]:
             if generations is None and (run / "generate" / "rationales").exists():
                 generations = str(run)
             row = run_record(KIND, command, cmd, wall, recipe=opts["recipe"], variant=variant, seed=seed,
-                             overrides=overrides, accuracy=report["accuracy"], filter=report.get("filter"))
+                             overrides=overrides, accuracy=report["accuracy"], filter=report.get("filter"),
+                             stage_seconds=report.get("stage_seconds"))
             (out / f"{name}.json").write_text(json.dumps(row, indent=1))
             rows.append(row)
             print(f"{name}: " + ", ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in report["accuracy"].items()))

@@ -54,6 +54,9 @@ def write_report(run_dir: Path, report: dict, examples: dict[str, list[dict]]) -
         f = report["filter"]
         lines += ["", "Teacher rationales: " + ", ".join(f"{k} {v if isinstance(v, int) else f'{v:.3f}'}"
                                                         for k, v in f.items())]
+    if report.get("stage_seconds"):
+        lines += ["", "Wall seconds per stage, summed over every (re)run of this folder: " + ", ".join(
+            f"{k} {v:.0f}" for k, v in report["stage_seconds"].items())]
     for name, rows in examples.items():
         lines += ["", f"## Examples: {name}"]
         for r in rows:

@@ -7,13 +7,17 @@
     evaluate  RUN/eval/<model> predictions + RUN/report.{md,json}
 
 A stage whose output exists is skipped on a rerun with the same run name (`name=...`), so an interrupted run
-resumes at the stage (and, for generation, the shard; for SFT, the checkpoint) where it stopped.
+resumes at the stage (and, for generation, the shard; for SFT, the checkpoint) where it stopped. RUN/timings.json
+sums each stage's wall seconds over every (re)run of the folder, so a resumed run still reports what it cost
+(all but the attempt that crashed, whose time is not written).
 """
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -185,10 +189,13 @@ class CoTDistill:
         out = self.run_dir / "redi"
         if _done(out / "model"):
             return out / "model", json.loads((out / "redi.json").read_text())
+        from .cot_sft import reference_rationale, with_answer_sentence
+
+        # the teacher's correct traces end the way SFT trained on them: one canonical "The answer is N." line
+        correct = {"question_id": correct["question_id"],
+                   "rationale": [with_answer_sentence(t, g) for t, g in zip(correct["rationale"], correct["gold"])]}
         references = None
         if self.c.redi_reference_positives:
-            from .cot_sft import reference_rationale
-
             train = self.questions("train")
             references = {i: reference_rationale(a, g) for i, (a, g) in enumerate(zip(train["answer"],
                                                                                         train["final_answer"]))}
@@ -228,6 +235,16 @@ class CoTDistill:
 
     # ------------------------------------------------------------ the run
 
+    @contextmanager
+    def timed(self, stage: str):
+        """Add this stage's wall seconds to RUN/timings.json once it finishes."""
+        t0 = time.perf_counter()
+        yield
+        path = self.run_dir / "timings.json"
+        seconds = json.loads(path.read_text()) if path.is_file() else {}
+        seconds[stage] = round(seconds.get(stage, 0.0) + time.perf_counter() - t0, 2)
+        path.write_text(json.dumps(seconds, indent=1))
+
     def fit(self) -> dict:
         from .cot_eval import write_report
         from .cot_generate import question_prompt
@@ -235,29 +252,37 @@ class CoTDistill:
         needs_rationales = self.c.sft != "answer_only" or self.c.redi
         correct = incorrect = stats = None
         if needs_rationales:
-            correct, incorrect, stats = self.filter(self.generate())
-        student, tok = self.build_student()
-        before = self.run_dir / "student_before"
-        if not _done(before):
-            self.save_model(student, tok, before)
-        sft_model, sft_stats = self.sft(correct, student, tok)
+            with self.timed("generate"):
+                rows = self.generate()
+            with self.timed("filter"):
+                correct, incorrect, stats = self.filter(rows)
+        with self.timed("student"):
+            student, tok = self.build_student()
+            before = self.run_dir / "student_before"
+            if not _done(before):
+                self.save_model(student, tok, before)
+        with self.timed("sft"):
+            sft_model, sft_stats = self.sft(correct, student, tok)
         del student
         redi_model = redi_stats = None
         if self.c.redi and self.c.sft == "rationale":
-            redi_model, redi_stats = self.redi(correct, incorrect, sft_model)
+            with self.timed("redi"):
+                redi_model, redi_stats = self.redi(correct, incorrect, sft_model)
         accuracy = {}
-        if self.c.eval_teacher:
-            accuracy["teacher"] = self.evaluate(
-                "teacher", self.r.teacher.model, lambda t, q: question_prompt(t, q, self.c.instruction))
         student_prompt = lambda t, q: self.student_prompt(t, q)  # noqa: E731
-        if self.c.eval_student_before:
-            accuracy["student_before"] = self.evaluate("student_before", before, student_prompt)
-        accuracy[f"student_sft_{self.c.sft}"] = self.evaluate("student_sft", sft_model, student_prompt)
-        if redi_model is not None:
-            accuracy["student_sft_redi"] = self.evaluate("student_redi", redi_model, student_prompt)
+        evals = [("teacher", "teacher", self.r.teacher.model, lambda t, q: question_prompt(t, q, self.c.instruction),
+                  self.c.eval_teacher),
+                 ("student_before", "student_before", before, student_prompt, self.c.eval_student_before),
+                 (f"student_sft_{self.c.sft}", "student_sft", sft_model, student_prompt, True),
+                 ("student_sft_redi", "student_redi", redi_model, student_prompt, redi_model is not None)]
+        for key, name, model, prompt_for, wanted in evals:
+            if wanted:
+                with self.timed(f"eval_{name}"):
+                    accuracy[key] = self.evaluate(name, model, prompt_for)
         report = {"teacher": self.r.teacher.model, "student": self.r.student.model, "sft": self.c.sft,
                   "test_questions": len(self.questions("test")), "accuracy": accuracy, "sft_stats": sft_stats,
-                  "redi_stats": {k: v for k, v in (redi_stats or {}).items() if k != "history"} or None}
+                  "redi_stats": {k: v for k, v in (redi_stats or {}).items() if k != "history"} or None,
+                  "stage_seconds": json.loads((self.run_dir / "timings.json").read_text())}
         if stats is not None:
             report["filter"] = stats
         last = "student_redi" if redi_model is not None else "student_sft"

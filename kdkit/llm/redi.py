@@ -8,7 +8,9 @@ trace y-) pairs:
 
 length-normalised sequence log-likelihoods, the negative term weighted lower so that pushing the incorrect
 traces down does not collapse the model (the failure of the symmetric alpha = 1 objective the paper reports).
-No reference model is kept (unlike DPO), so memory is that of SFT.
+No reference model is kept (unlike DPO). The loss is a sum of a positive and a negative term, so each is
+back-propagated on its own: only one batch's [B, T, vocab] logits are alive at a time, and the token
+log-probabilities come from a gather minus a logsumexp rather than a full log-softmax copy.
 
 A weak teacher has few questions with both kinds of trace; `cot.redi_reference_positives` then pairs its incorrect
 traces with the dataset's own rationale of the same question (a human-written correct trace), so the negatives
@@ -28,14 +30,19 @@ def mean_token_logprob(model, input_ids, attention_mask, completion_mask) -> tor
     """[B] mean log-prob of the completion tokens (completion_mask marks them in input_ids) under `model`."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     target, mask = input_ids[:, 1:], completion_mask[:, 1:].to(logits.dtype)
-    logp = torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)
+    # log_softmax(x)[t] = x[t] - logsumexp(x): no second [B, T, vocab] tensor kept for backward
+    logp = logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
     return (logp * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"REDI alpha (cot.redi_alpha) must be in [0, 1], got {alpha}")
 
 
 def redi_loss(pos_logp: torch.Tensor, neg_logp: torch.Tensor, alpha: float = 0.8) -> torch.Tensor:
     """The REDI objective from per-sequence mean log-probs of the correct and the incorrect traces."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"REDI alpha (cot.redi_alpha) must be in [0, 1], got {alpha}")
+    _check_alpha(alpha)
     return (-pos_logp + alpha * neg_logp).mean()
 
 
@@ -85,6 +92,7 @@ def run_redi(model, tokenizer, pairs: list[dict], prompt_fn, *, alpha: float, ep
         raise ConfigError("REDI needs questions with both a correct and an incorrect rationale; there are none "
                           "(sample more per question, set cot.redi_reference_positives=true to pair the teacher's "
                           "incorrect traces with the dataset's rationales, or set cot.redi=false)")
+    _check_alpha(alpha)
     g = torch.Generator().manual_seed(seed)
     steps = max(1, math.ceil(epochs * len(pairs) / batch_size))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -101,11 +109,14 @@ def run_redi(model, tokenizer, pairs: list[dict], prompt_fn, *, alpha: float, ep
                    tokenizer.pad_token_id)
         neg = _pad([_encode(tokenizer, p, b["negative"], max_length) for p, b in zip(prompts, batch)],
                    tokenizer.pad_token_id)
-        lp_pos = mean_token_logprob(model, *(t.to(device) for t in pos))
-        lp_neg = mean_token_logprob(model, *(t.to(device) for t in neg))
-        loss = redi_loss(lp_pos, lp_neg, alpha)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # redi_loss = -mean(lp_pos) + alpha * mean(lp_neg): back-propagate the two terms one after the other
+        lp_pos = mean_token_logprob(model, *(t.to(device) for t in pos))
+        (-lp_pos.mean()).backward()
+        lp_neg = mean_token_logprob(model, *(t.to(device) for t in neg))
+        (alpha * lp_neg.mean()).backward()
+        lp_pos, lp_neg = lp_pos.detach(), lp_neg.detach()
+        loss = redi_loss(lp_pos, lp_neg, alpha)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
