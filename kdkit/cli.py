@@ -34,47 +34,31 @@ def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
     return recipe, rest
 
 
+# `kdkit distill|train`: the module that checks and runs each kind of recipe (`task:`)
+TASKS = {"classify": "kdkit.train.build", "lm": "kdkit.llm.build", "cot": "kdkit.llm.cot_pipeline"}
+
+
 def _run(mode: str, ns) -> int:
+    import importlib
+
     from .config import load_recipe
-    from .train.build import build_distiller, check_mode
 
     recipe_name, overrides = _split_recipe(ns.settings)
     if recipe_name is None:
         raise KdkitError(f"`kdkit {mode}` needs recipe=NAME (see `kdkit recipes`)")
     recipe = load_recipe(recipe_name, overrides)
+    task = importlib.import_module(TASKS[recipe.task])
+    task.check_recipe(recipe, mode)  # every rule that needs no data or model, before any work
     if ns.dry_run:
         import yaml
 
-        if recipe.task == "lm":
-            from .llm.build import check_lm_mode
+        from .config import to_plain
 
-            check_lm_mode(recipe, mode)
-        else:
-            check_mode(recipe, mode)
-        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        print(yaml.safe_dump(to_plain(recipe), sort_keys=False), end="")
         return 0
-    if recipe.task == "cot":
-        from pathlib import Path
-
-        from .llm.cot_pipeline import CoTDistill
-        from .train.build import run_name
-
-        if mode != "distill":
-            raise KdkitError("task: cot recipes run with `kdkit distill`")
-        run_dir = Path(recipe.output_dir) / run_name(recipe, recipe_name)
-        summary = CoTDistill(recipe, run_dir).fit()
+    run_dir, summary = task.run_recipe(recipe, mode, recipe_name)
+    if run_dir is not None:
         print(f"run folder: {run_dir}")
-        print("  ".join(f"{k}={v:.4g}" for k, v in summary.items()))
-        return 0
-    if recipe.task == "lm":
-        from .llm.build import build_lm_distiller
-
-        distiller = build_lm_distiller(recipe, mode, recipe_name)
-    else:
-        distiller = build_distiller(recipe, mode, recipe_name)
-    summary = distiller.fit()
-    if distiller.accelerator.is_main_process:
-        print(f"run folder: {distiller.run_dir}")
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return 0
 
@@ -209,9 +193,9 @@ def _diffusion(ns) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kdkit", description="Knowledge and dataset distillation.",
+    p = _Parser(prog="kdkit", description="Knowledge and dataset distillation.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
     for mode, text in (("distill", "distill a student from a teacher with a recipe's losses"),
                        ("train", "train a teacher or a no-teacher baseline with the same loop")):
         s = sub.add_parser(mode, help=text, description=text + ".",
@@ -293,12 +277,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with kdkit's one-line errors (no usage block): `kdkit: error: ...`, exit code 2."""
+
+    def error(self, message: str):
+        raise KdkitError(f"{message} (see `{self.prog} --help`)")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    ns = parser().parse_args(argv)
+    from .run import Interrupted
+
     try:
+        ns = parser().parse_args(argv)
         return ns.func(ns)
+    except Interrupted as e:
+        print(f"kdkit: {_one_line(e)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("kdkit: interrupted (Ctrl-C) before the run had a step to save", file=sys.stderr)
+        return 130
     except KdkitError as e:
-        print(f"kdkit: error: {e}", file=sys.stderr)
+        print(f"kdkit: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -122,7 +122,7 @@ def test_image_path_smoke(tmp_path):
     teacher, a GAN head on real images and a 2-step generator, evaluated with FD (kdkit features) on a kdkit
     classifier checkpoint. Numbers are meaningless at this size; the path is what is tested."""
     from kdkit.models import build_model
-    from kdkit.train.checkpoint import save_model
+    from kdkit.checkpoint import save_model
 
     opts = "arch_options={channels: 16, mult: [1, 2], blocks: 1, attn: [], dropout: 0.0}"
     assert main(["diffusion", "train-teacher", "data=cifar10", "steps=3", "batch_size=8", "train_limit=512", opts,

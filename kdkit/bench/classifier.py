@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import list_recipes, load_recipe, parse_overrides
 from ..errors import ConfigError, KdkitError
-from ..train.checkpoint import sha256
+from ..checkpoint import sha256
 from .results import RESULTS_DIR, git_commit, hardware
 
 KIND = "classifier-cifar10"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "leaderboards" / "results"
+REPO = Path(__file__).resolve().parents[2]
+# KDKIT_RESULTS_DIR redirects result files (tests, scratch runs) away from the committed leaderboards
+RESULTS_DIR = Path(os.environ.get("KDKIT_RESULTS_DIR") or REPO / "leaderboards" / "results")
 
 
 def hardware() -> dict:
@@ -33,13 +36,11 @@ def _cpu_name() -> str:
 
 def git_commit() -> str | None:
     """The checkout's short commit; KDKIT_GIT_COMMIT where the tree has no .git (a copied working tree)."""
-    import os
-
     if os.environ.get("KDKIT_GIT_COMMIT"):
         return os.environ["KDKIT_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=RESULTS_DIR.parent.parent, timeout=10)
+                             cwd=REPO, timeout=10)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -62,20 +63,21 @@ def read_results(kind: str, directory: Path | None = None) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
 
 
-def split_settings(settings: list[str], defaults: dict) -> tuple[dict, list[str]]:
-    """A bench's own `key=value` options (those in `defaults`) apart from the recipe overrides it passes on."""
-    from ..errors import ConfigError
+def bench_options(schema, settings: list[str], passthrough: bool = False):
+    """A benchmark's own `key=value` options as `schema` (a dataclass whose fields declare types and ranges), built
+    by `kdkit.config` like every recipe; with `passthrough`, keys that are not the bench's own are returned apart
+    (recipe overrides the bench hands on, which it must validate with its recipe before any work)."""
+    from dataclasses import fields
 
-    opts, rest = dict(defaults), []
+    from ..config import apply_overrides, build
+
+    names = {f.name for f in fields(schema)}
+    own, rest = [], []
     for s in settings:
-        key, sep, value = s.partition("=")
-        if not sep:
-            raise ConfigError(f"setting '{s}' is not key=value")
-        if key in opts:
-            opts[key] = value
-        else:
-            rest.append(s)
-    return opts, rest
+        key = s.partition("=")[0].split(".")[0]
+        (own if key in names or not passthrough else rest).append(s)
+    opts = build(schema, apply_overrides({}, own), "")
+    return (opts, rest) if passthrough else opts
 
 
 def run_kdkit(args: list[str]) -> tuple[list[str], float]:

@@ -1,6 +1,6 @@
 """Atomic, checksummed checkpoints of a distillation run: the method's networks (safetensors, the frozen teacher
 left out), every optimiser (`torch.load(weights_only=True)`), the CPU and CUDA RNG states and the loop state, so
-a resumed run continues bit for bit. Built on `kdkit.train.checkpoint` (same manifest, same atomic rename)."""
+a resumed run continues bit for bit. Built on `kdkit.checkpoint` (same manifest, same atomic rename)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..train import checkpoint as ckpt
+from .. import checkpoint as ckpt
 
 FROZEN_PREFIXES = ("teacher.", "real_score.")
 

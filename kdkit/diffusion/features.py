@@ -27,7 +27,7 @@ class ClassifierFeatures(nn.Module):
         super().__init__()
         from ..data.cifar import MEAN, STD
         from ..models import build_model
-        from ..train import checkpoint as ckpt
+        from .. import checkpoint as ckpt
         from ..train.build import model_file
 
         f = model_file(path)

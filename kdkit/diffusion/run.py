@@ -26,7 +26,7 @@ import yaml
 
 from ..config import build, coerce, parse_overrides
 from ..errors import ConfigError
-from ..train import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from . import consistency, dmd2, rectified_flow, sid  # noqa: F401  (registers the methods)
 from .checkpoint import load_run_checkpoint, save_run_checkpoint
 from .data import MixtureSpec, load_real_data

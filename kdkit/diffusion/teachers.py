@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..train import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from .edm import Denoiser, as_sigma
 from .mlp import MLPDenoiser
 from .unet import UNetDenoiser

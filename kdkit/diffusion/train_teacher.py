@@ -17,7 +17,7 @@ import yaml
 
 from ..config import build, parse_overrides
 from ..errors import ConfigError
-from ..train import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from .checkpoint import load_run_checkpoint, save_run_checkpoint
 from .data import MixtureSpec, load_real_data
 from .edm import loss_weight, sample_lognormal_sigma

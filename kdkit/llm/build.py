@@ -246,3 +246,15 @@ class TRLGKDRun:
             self.tokenizer.save_pretrained(str(self.run_dir / "student"))
             (self.run_dir / "metrics.json").write_text(json.dumps({"summary": metrics}, indent=1, default=str))
         return metrics
+
+
+def check_recipe(recipe: Recipe, mode: Mode) -> None:
+    """Every rule of an LM recipe that needs no data or model (what `--dry-run` checks too)."""
+    check_lm_mode(recipe, mode)
+
+
+def run_recipe(recipe: Recipe, mode: Mode, recipe_name: str | None = None):
+    """`kdkit train|distill` for an LM recipe: (run folder, summary); only the main process reports."""
+    distiller = build_lm_distiller(recipe, mode, recipe_name)
+    summary = distiller.fit()
+    return (distiller.run_dir if distiller.accelerator.is_main_process else None), summary

@@ -294,3 +294,19 @@ class CoTDistill:
         (self.run_dir / "metrics.json").write_text(json.dumps({"summary": summary, "report": report}, indent=1,
                                                               default=str))
         return summary
+
+
+def check_recipe(recipe: Recipe, mode: str) -> None:
+    """Every rule of a CoT recipe that needs no data or model (what `--dry-run` checks too)."""
+    if mode != "distill":
+        raise ConfigError("task: cot recipes run with `kdkit distill`")
+    if not recipe.teacher.model:
+        raise ConfigError("rationale distillation needs teacher.model (the model that writes rationales)")
+
+
+def run_recipe(recipe: Recipe, mode: str, recipe_name: str | None = None):
+    """`kdkit distill` for a CoT recipe: (run folder, summary)."""
+    from ..train.build import run_name
+
+    run_dir = Path(recipe.output_dir) / run_name(recipe, recipe_name)
+    return run_dir, CoTDistill(recipe, run_dir).fit()

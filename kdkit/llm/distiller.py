@@ -26,7 +26,7 @@ from torch import nn
 from ..config import Recipe
 from ..errors import ConfigError
 from ..models.outputs import Outputs
-from ..train import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from ..train.distiller import _flat_scalars, _match_accelerator_state, use_cpu
 from ..train.optim import build_optimizer, lr_at, set_lr
 from ..train.run_dir import RunLog

@@ -220,7 +220,7 @@ def _write_options(cols: dict) -> dict:
 
 
 def _sha256_file(path: Path) -> str:
-    from ..train.checkpoint import sha256
+    from ..checkpoint import sha256
 
     return sha256(path)
 

@@ -88,7 +88,7 @@ class CachedTeacher(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from ..train.checkpoint import atomic_path
+        from ..checkpoint import atomic_path
 
         rows = torch.arange(len(images)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         was = teacher.training

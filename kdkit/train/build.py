@@ -12,7 +12,7 @@ from ..data import load_dataset_by_name
 from ..data.subsets import balanced_subset
 from ..losses import LOSSES
 from ..models import CachedTeacher, Teacher, build_model
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from .distiller import Distiller, use_cpu
 
 Mode = Literal["train", "distill"]
@@ -161,3 +161,15 @@ def build_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = None, 
         if not found and recipe.resume != "auto":
             raise ConfigError(f"resume={recipe.resume}: no checkpoint found there")
     return distiller
+
+
+def check_recipe(recipe: Recipe, mode: Mode) -> None:
+    """Every rule of a classifier recipe that needs no data or model (what `--dry-run` checks too)."""
+    check_mode(recipe, mode)
+
+
+def run_recipe(recipe: Recipe, mode: Mode, recipe_name: str | None = None):
+    """`kdkit train|distill` for a classifier recipe: (run folder, summary); only the main process reports."""
+    distiller = build_distiller(recipe, mode, recipe_name)
+    summary = distiller.fit()
+    return (distiller.run_dir if distiller.accelerator.is_main_process else None), summary

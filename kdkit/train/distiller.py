@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..losses.base import DistillLoss
 from ..models.outputs import Outputs
 from ..models.teacher import CachedTeacher, Student, Teacher
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from .optim import build_optimizer, lr_at, set_lr
 from .run_dir import RunLog
 

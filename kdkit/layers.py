@@ -1,0 +1,19 @@
+"""kdkit's layers, lowest first: a package may import its own layer's packages or lower ones, never a higher one,
+and the import graph has no circles (`tests/test_layering.py`, `python scripts/import_graph.py`).
+
+    errors, registry      names and the error types every layer raises
+    checkpoint            the one file format (safetensors + JSON + manifest)
+    config                the one options mechanism (types, ranges, recipes, overrides)
+    run, method           the one Run and the one method contract + training loop
+    data, models          datasets (offline first) and networks with feature taps
+    losses                the loss zoo (pure tensor functions + modules)
+    kernels               fused kernels with their pure-torch references
+    train                 the accelerate step shared by classifier and LM distillation
+    llm, condense, diffusion   the pillars
+    bench, demo           benchmarks and the demo, over the pillars
+    cli                   the `kdkit` command
+"""
+LAYERS: list[list[str]] = [
+    ["layers"], ["errors"], ["registry"], ["checkpoint"], ["config"], ["run"], ["method"], ["data", "models"], ["losses"],
+    ["kernels"], ["train"], ["llm", "condense", "diffusion"], ["bench", "demo"], ["cli"],
+]

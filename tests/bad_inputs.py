@@ -1,0 +1,102 @@
+"""Bad command lines across every verb: each must end in one `kdkit: error:` line, exit code 2, before any work.
+
+`{tmp}` in an argument is replaced by a scratch folder holding `corrupt.safetensors` (random bytes),
+`checkpoint.pt` (a planted pickle) and `empty/` (a folder with nothing in it). Used by
+`tests/test_bad_input_fuzz.py` (in `make test`) and `scripts/fuzz_cli.py` (the same cases as real processes,
+counted as clear error / traceback / accepted).
+"""
+from __future__ import annotations
+
+import itertools
+
+KD = ["distill", "recipe=demo-kd"]
+TRAIN = ["train", "recipe=demo-teacher"]
+LM = ["distill", "recipe=smollm2-kd-small"]
+COT = ["distill", "recipe=cot-math-small"]
+IMG = ["condense", "cifar10"]
+MTT = ["condense", "cifar10", "--method", "mtt"]
+CVDD = ["condense", "cifar10", "--method", "cvdd"]
+GRAPH = ["condense", "mutag"]
+DMD2 = ["diffusion", "dmd2"]
+TT = ["diffusion", "train-teacher"]
+SIGNAL = ["teacher-signal", "recipe=smollm2-kd-small", "out={tmp}/store"]
+CHECK = ["check", "teacher=smollm2-135m-instruct", "student=truncated-teacher"]
+
+
+def _with(prefix: list[str], *overrides: str) -> list[list[str]]:
+    return [prefix + [o] for o in overrides]
+
+
+CASES: list[list[str]] = list(itertools.chain(
+    # classifier KD and teacher training
+    _with(KD, "trainer.epochs=-1", "trainer.epochs=0", "trainer.epochs=abc", "trainer.epochs=1.5",
+          "trainer.grad_accum=0", "trainer.grad_accum=-2", "trainer.eval_every=0", "trainer.log_every=0",
+          "trainer.keep_checkpoints=-1", "trainer.save_every_steps=-5", "trainer.threads=0", "trainer.seed=abc",
+          "trainer.seed=-1", "trainer.mixed_precision=fp8", "trainer.compile=maybe", "trainer.bogus=1",
+          "optim.lr=-1", "optim.lr=nan", "optim.lr=inf", "optim.lr=0", "optim.momentum=-0.5",
+          "optim.weight_decay=-1", "optim.betas=[1.5,0.9]", "optim.betas=[0.9]", "optim.name=lamb",
+          "scheduler.gamma=-1", "scheduler.gamma=nan", "scheduler.milestones=[a]", "scheduler.warmup_epochs=-1",
+          "scheduler.min_lr=-1", "scheduler.name=linear", "data.batch_size=0", "data.batch_size=-1",
+          "data.eval_batch_size=0", "data.train_per_class=0", "data.test_limit=-1", "data.name=imagenet",
+          "losses.kd.T=0", "losses.kd.T=-4", "losses.kd.T=nan", "losses.kd.weight=nan", "losses.kd.weight=-1",
+          "losses.nope.weight=1", "losses.kd.alpha=1", "losses.kd.type=unknown", "ce_weight=nan", "ce_weight=-1",
+          "name=../../x", "name=/tmp/kdkit-abs", "name=a/b", "name=..", "resume={tmp}/empty",
+          "teacher.checkpoint={tmp}/missing.safetensors", "teacher.checkpoint={tmp}/corrupt.safetensors",
+          "student.model=resnet9000", "student.options={width: -3}", "student.options={bogus: 1}",
+          "trainer.epochs", "=5", "a..b=1", "teacher.cache={tmp}/missing-cache"),
+    [["distill", "recipe=dkd-resnet32x4-resnet8x4", "losses.dkd.beta=-8"],
+     ["distill", "recipe=kd-resnet32x4-resnet8x4", "optim.nesterov=true", "optim.momentum=0"],
+     ["distill", "recipe=does-not-exist"], ["distill"], ["distill", "recipe=demo-kd", "--no-such-flag"]],
+    _with(TRAIN, "trainer.epochs=-1", "optim.lr=nan", "losses.kd.weight=1", "data.batch_size=0",
+          "scheduler.milestones=[-5]"),
+    # LM KD
+    _with(LM, "llm.block_size=0", "llm.block_size=-1", "llm.chunk_size=0", "llm.max_steps=0",
+          "llm.train_examples=0", "llm.eval_examples=-1", "llm.on_policy.fraction=1.5", "llm.on_policy.fraction=nan",
+          "llm.on_policy.temperature=0", "llm.on_policy.top_p=0", "llm.on_policy.top_p=1.5",
+          "llm.on_policy.max_new_tokens=0", "llm.dtype=int8", "llm.lora.r=0", "llm.lora.dropout=1.5",
+          "losses.kd.divergence=foo", "losses.kd.beta=2", "llm.eval_every_steps=-1", "teacher.model=null",
+          "llm.on_policy.prompt_tokens=-1"),
+    [LM + ["--dry-run", "llm.block_size=0"], LM + ["--dry-run", "optim.lr=nan"]],
+    # chain-of-thought distillation
+    _with(COT, "cot.samples=0", "cot.temperature=-1", "cot.top_p=0", "cot.max_new_tokens=0",
+          "cot.train_questions=0", "cot.shard_size=0", "cot.sft=foo", "cot.short_ratio=2", "cot.redi_alpha=nan",
+          "cot.sft_epochs=0", "cot.kd_weight=-1", "cot.max_length=0", "cot.backend=sglang", "cot.redi_lr=-1",
+          "cot.eval_max_new_tokens=0", "cot.kd_divergence=foo", "cot.generations={tmp}/empty", "name=../x"),
+    # image dataset distillation
+    [IMG + ["--ipc", "0"], IMG + ["--ipc", "-1"], IMG + ["--ipc", "abc"], IMG + ["--method", "foo"],
+     IMG + ["--eval", "foo"], ["condense", "imagenet"]],
+    _with(IMG, "iterations=-1", "lr_img=nan", "lr_img=-1", "width=0", "eval_epochs=-1", "eval_nets=0",
+          "train_subset=0", "seed=abc", "checkpoint_every=0", "dsa_strategy=foo", "name=../x", "unknown_key=1",
+          "zca=banana", "batch_real=0", "device=tpu", "eval_lr=nan", "test_subset=-3", "seed=-1"),
+    _with(MTT, "experts=0", "experts=-1", "syn_steps=0", "match_epochs=0", "max_start_epoch=-1", "batch_syn=0",
+          "lr_lr=nan", "lr_teacher=0", "tesla=maybe", "expert_epochs=0", "experts_dir={tmp}/missing"),
+    _with(CVDD, "preset=gpu", "members=foo", "voters=0", "recover_lr=nan", "r_bn=-1", "patch_difficulty=hard2",
+          "jitter=-1"),
+    # graph dataset distillation
+    _with(GRAPH, "depth=0", "epochs=0", "seeds=0", "lr=nan", "lr=-1", "dropout=1.5", "pool=max",
+          "samples_per_epoch=0", "min_support=-1", "top_trees=0", "hidden=0", "batch_size=0", "baselines=foo",
+          "unknown=1", "weight_decay=-1", "name=../x", "first_seed=-1", "min_support=abc"),
+    [GRAPH + ["--seeds", "-1"], GRAPH + ["--gnn", "foo"], GRAPH + ["--method", "dm"]],
+    # few-step diffusion distillation and teacher training
+    _with(DMD2, "steps=0", "steps=-1", "batch_size=0", "eval_samples=0", "teacher_steps=0", "fake_steps=0",
+          "guidance_scale=nan", "lr_generator=-1", "lr_generator=nan", "lr_fake=0", "ema_decay=1.5", "sampler=ddim",
+          "fast=jit", "device=tpu", "width=0", "depth=0", "eval_every=-1", "save_every=-1", "name=../x",
+          "teacher={tmp}/missing", "data=mnist", "unknown=1", "generator_steps=0", "threads=0",
+          "teacher={tmp}/corrupt.safetensors", "resume={tmp}/empty"),
+    [["diffusion", "sid", "alpha=nan"], ["diffusion", "cd", "lr=-1"], ["diffusion", "rectflow", "teacher_steps=0"],
+     ["diffusion", "foo"]],
+    _with(TT, "steps=0", "lr=nan", "label_dropout=1.5", "ema_decay=2", "batch_size=0", "arch=vit", "p_std=-1",
+          "grad_clip=-1", "eval_steps=0"),
+    # stored teacher signals, pre-flight check
+    _with(SIGNAL, "kind=foo", "k=0", "k=abc", "temperature=0", "batch_size=0", "samples=0"),
+    [["teacher-signal", "recipe=smollm2-kd-small"]],
+    _with(CHECK, "dtype=int4", "seq_len=0", "batch_size=-1", "unknown=1"),
+    # benchmarks
+    [["bench", "foo"], ["bench", "throughput", "batch=0"], ["bench", "throughput", "steps=abc"],
+     ["bench", "throughput", "variants=foo"], ["bench", "classifier", "method=nope"],
+     ["bench", "classifier", "seeds=0"], ["bench", "kernels", "tokens=0"], ["bench", "kernels", "divergences=foo"],
+     ["bench", "llm", "seeds=0"], ["bench", "generation", "prompts=0"], ["bench", "condense-graphs", "datasets=foo"],
+     ["bench", "condense-graphs", "seeds=0"], ["bench", "condense-images", "seeds=0"], ["bench", "cot", "seeds=0"],
+     ["bench", "diffusion", "steps=0"], ["bench", "diffusion", "modes=foo"], ["bench", "classifier-table", "x=1"],
+     ["recipes", "extra"]],
+))
