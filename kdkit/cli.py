@@ -43,7 +43,7 @@ def _run(mode: str, ns) -> int:
 
     from .config import load_recipe
 
-    recipe_name, overrides = _split_recipe(ns.settings)
+    recipe_name, overrides = _split_recipe(ns.settings + ns.after_flag)
     if recipe_name is None:
         raise KdkitError(f"`kdkit {mode}` needs recipe=NAME (see `kdkit recipes`)")
     recipe = load_recipe(recipe_name, overrides)
@@ -64,34 +64,35 @@ def _run(mode: str, ns) -> int:
 
 
 def _recipes(ns) -> int:
+    """Every pillar's recipes (the verb each runs with), then the models and losses recipes can name."""
     from rich.console import Console
     from rich.table import Table
 
-    from .config import list_recipes, recipe_description
-    from .losses import LOSSES
-    from .models import model_names
+    from .config import list_recipes, recipe_description, recipe_pillar
+    from .registry import LOSSES, MODELS
 
     console = Console()
-    table = Table("recipe", "description", title="kdkit recipes (kdkit distill|train recipe=NAME)")
+    table = Table("recipe", "verb", "description", title="kdkit recipes: kdkit VERB recipe=NAME key=value ...")
     for name in list_recipes():
-        table.add_row(name, recipe_description(name))
+        pillar = recipe_pillar(name)
+        verb = "distill|train" if pillar == "distill" else pillar
+        table.add_row(name, f"kdkit {verb}", recipe_description(name))
     console.print(table)
-    console.print(f"[bold]models[/]: {', '.join(model_names())}, timm:<name>")
+    console.print(f"[bold]models[/]: {', '.join(MODELS.names())}, timm:<name>")
     console.print(f"[bold]losses[/]: {', '.join(LOSSES.names())}")
     return 0
 
 
 def _teacher_signal(ns) -> int:
     from .config import load_recipe
-    from .llm.build import write_store_from_recipe
+    from .llm.build import teacher_signal_options, write_store_from_recipe
 
     recipe_name, rest = _split_recipe(ns.settings)
     if recipe_name is None:
         raise KdkitError("`kdkit teacher-signal` needs recipe=NAME (an LM recipe with teacher.model)")
-    keys = ("out", "kind", "k", "samples", "temperature", "batch_size")
-    store = {a.partition("=")[0]: a.partition("=")[2] for a in rest if a.partition("=")[0] in keys}
-    recipe = load_recipe(recipe_name, [a for a in rest if a.partition("=")[0] not in keys])
-    print(f"wrote {write_store_from_recipe(recipe, store)}")
+    options, overrides = teacher_signal_options(rest)
+    recipe = load_recipe(recipe_name, overrides)
+    print(f"wrote {write_store_from_recipe(recipe, options)}")  # every option checked before the teacher loads
     return 0
 
 
@@ -116,8 +117,18 @@ class _OptionThenSettings(argparse.Action):
         namespace.settings = list(getattr(namespace, "settings", None) or []) + rest
 
 
+class _FlagThenSettings(argparse.Action):
+    """`--dry-run recipe=x a=1` and `recipe=x --dry-run a=1`: a flag, and the `key=value`s after it are settings
+    (kept in `after_flag`: argparse assigns the positional settings after the options)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        namespace.after_flag = list(values)
+
+
 def _condense(ns) -> int:
     from .condense import condense
+    from .condense.resolve import default_method
 
     options = {}
     if ns.gnn is not None:
@@ -128,11 +139,7 @@ def _condense(ns) -> int:
         options["ipc"] = ns.ipc
     if ns.eval is not None:
         options["eval"] = ns.eval
-    method = ns.method
-    if method is None:  # each dataset kind has its own default method
-        from .condense import dataset_kind
-
-        method = "dm" if dataset_kind(ns.dataset) == "image" else "mirage"
+    method = ns.method or default_method(ns.dataset, ns.settings)  # each dataset kind has its own default
     metrics = condense(ns.dataset, method, ns.settings, **options)
     print(f"run folder: {metrics['run_dir']}")
     return 0
@@ -174,19 +181,22 @@ def _bench(ns) -> int:
 
 
 def _diffusion(ns) -> int:
-    """`kdkit diffusion METHOD|train-teacher [key=value ...]` (the few-step diffusion distillation pillar)."""
-    if ns.what == "train-teacher":
-        from .diffusion.train_teacher import train_teacher
+    """`kdkit diffusion METHOD|train-teacher [recipe=NAME] [key=value ...]` (few-step diffusion distillation)."""
+    from .diffusion.run import run_diffusion
 
-        out = train_teacher(ns.settings)
-    else:
-        from .diffusion.run import run_method
+    dry_run = ns.dry_run is not None  # settings may follow the flag: `--dry-run fake_steps=10`
+    out = run_diffusion(ns.what, [*ns.settings, *(ns.dry_run or [])], dry_run=dry_run)
+    if dry_run:
+        import yaml
 
-        out = run_method(ns.what, ns.settings)
+        from .config import to_plain
+
+        print(yaml.safe_dump(to_plain(out), sort_keys=False), end="")
+        return 0
     print(f"run folder: {out['run_dir']}")
-    final = out.get("final") or out.get("eval") or {}
-    teacher = out.get("teacher") or {}
-    for label, rep in (("teacher", teacher), ("student", final)):
+    reports = (("teacher", out.get("eval")),) if ns.what == "train-teacher" else (
+        ("teacher", out.get("teacher")), ("student", out.get("final")))
+    for label, rep in reports:
         if rep:
             print(f"{label}: " + "  ".join(f"{k}={v:.4g}" for k, v in rep.items() if isinstance(v, float)))
     return 0
@@ -202,13 +212,15 @@ def parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
         s.add_argument("settings", nargs="*", metavar="recipe=NAME|key=value",
                        help="the recipe, then overrides of nested fields, e.g. trainer.epochs=10 losses.kd.T=2")
-        s.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
-        s.set_defaults(func=lambda ns, m=mode: _run(m, ns))
+        s.add_argument("--dry-run", nargs="*", default=None, action=_FlagThenSettings, metavar="key=value",
+                       help="check everything a run checks before its work, print the resolved recipe and exit")
+        s.set_defaults(func=lambda ns, m=mode: _run(m, ns), after_flag=[])
     s = sub.add_parser("check", help="pre-flight for LM distillation: tokenizers, vocab, dtype, memory",
                        description="Check that a teacher and a student LM can be distilled: vocabulary and tokenizer "
                                    "compatibility, special tokens, dtype/device, and a memory estimate.")
     s.add_argument("settings", nargs="*", metavar="key=value",
-                   help="teacher=NAME student=NAME [student.layers=N dtype=bfloat16 seq_len=1024 batch_size=8]")
+                   help="teacher=NAME student=NAME [student.layers=N dtype=float32|bfloat16|float16 seq_len=1024 "
+                        "batch_size=8 device=auto|cpu|cuda chunk_size=1024 lora=true lora.r=16]")
     s.set_defaults(func=_check)
     s = sub.add_parser("teacher-signal", help="run an LM recipe's teacher once and store its signal on disk",
                        description="Run the recipe's teacher over its training blocks once and store dense, top-k or "
@@ -220,22 +232,24 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_teacher_signal)
     s = sub.add_parser("condense", help="dataset distillation: condense a dataset, train on it, compare with baselines",
                        description="Condense a dataset with a method, train models on the condensed set, a random "
-                                   "subset of the same storage size and the full set, and write a run folder. Graph "
-                                   "sets (mutag, ptc_mr, proteins, nci1, nci109): --method mirage. Settings: "
-                                   "depth=2 min_support=0.15|[0.28,0.36] top_trees=12 epochs=100 pool=sum "
-                                   "samples_per_epoch=512 baselines=random,full output_dir=runs ...")
-    s.add_argument("dataset", help="mutag | ptc_mr | proteins | nci1 | nci109 | cifar10")
+                                   "subset of the same storage size (or random real images) and the full set, and "
+                                   "write a run folder. The paper settings per method and IPC are recipes "
+                                   "(`kdkit recipes`: condense-*), picked from the dataset, --method, --ipc and "
+                                   "preset=NAME, or named with recipe=NAME; key=value overrides any setting, e.g. "
+                                   "iterations=200 experts=10 tesla=true eval_epochs=300 (images), depth=2 "
+                                   "min_support=0.1 epochs=100 pool=sum (graphs); resume=auto|false, name=NAME.")
+    s.add_argument("dataset", help="cifar10 | mutag | ptc_mr | proteins | nci1 | nci109")
     s.add_argument("--method", default=None, nargs="+", action=_OptionThenSettings, metavar="METHOD",
-                   help="condensation method (graphs: mirage; images: dm (default), mtt, datm, cvdd)")
+                   help="condensation method (images: dm by default, mtt, datm, cvdd, ...; graphs: mirage)")
     s.add_argument("--ipc", default=None, nargs="+", action=_OptionThenSettings, metavar="K",
-                   help="images: synthetic images per class (1, 10, 50)")
+                   help="images: synthetic images per class (the papers publish 1, 10, 50)")
     s.add_argument("--eval", default=None, nargs="+", action=_OptionThenSettings, metavar="PROTOCOL",
                    help="images: evaluation protocol, convnet (default; cvdd: resnet18) | resnet18")
     s.add_argument("--gnn", default=None, nargs="+", action=_OptionThenSettings, metavar="GNN",
                    help="gcn | gin | gat | sage, or a comma list (default gcn)")
     s.add_argument("--seeds", default=None, nargs="+", action=_OptionThenSettings, metavar="N",
                    help="splits/seeds to run (default 5)")
-    s.add_argument("settings", nargs="*", metavar="key=value")
+    s.add_argument("settings", nargs="*", metavar="recipe=NAME|preset=NAME|key=value")
     s.set_defaults(func=_condense)
     s = sub.add_parser("recipes", help="list recipes, models and losses",
                        description="List the named recipes with one-line descriptions, the models and the losses.")
@@ -249,16 +263,20 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Distill a many-step diffusion teacher into a one- or few-step generator. Methods: "
                                    "dmd2, sid, cd (consistency distillation), rectflow (paired regression). The "
-                                   "default is a 2-D Gaussian mixture with its exact teacher on CPU. Settings: "
+                                   "default is a 2-D Gaussian mixture with its exact teacher on CPU (the recipe "
+                                   "diffusion-METHOD-mixture). Settings: recipe=NAME "
                                    "data=mixture|cifar10 teacher=analytic|RUN|diffusers:FOLDER steps=N batch_size=N "
                                    "generator_steps=K fast=eager|compile|cuda_graph resume=auto name=NAME, and the "
-                                   "method's options (e.g. fake_steps=5 guidance_scale=2 gan=true lr_generator=1e-5).",
+                                   "method's options, bare or as options.KEY (e.g. fake_steps=5 guidance_scale=2 "
+                                   "gan=true lr_generator=1e-5).",
                        epilog="examples:\n  kdkit diffusion dmd2\n  kdkit diffusion sid steps=3000\n"
                               "  kdkit diffusion train-teacher data=cifar10 steps=200000 batch_size=128\n"
                               "  kdkit diffusion dmd2 data=cifar10 teacher=runs/diffusion-teacher-cifar10-... "
                               "guidance_scale=2 fd_classifier=runs/train-resnet56-...")
     s.add_argument("what", help="dmd2 | sid | cd | rectflow | train-teacher")
-    s.add_argument("settings", nargs="*", metavar="key=value")
+    s.add_argument("settings", nargs="*", metavar="recipe=NAME|key=value")
+    s.add_argument("--dry-run", nargs="*", default=None, metavar="key=value",
+                   help="check every setting, print the resolved ones and exit")
     s.set_defaults(func=_diffusion)
     s = sub.add_parser("bench", help="benchmarks that write results JSON",
                        description="Benchmarks. `throughput`: KD training images/s (student alone, with a teacher, "

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .config import load_recipe
-from .train.build import build_distiller
+from .train.build import run_recipe
 
 STEPS = (
     ("teacher", "train", "demo-teacher"),
@@ -32,13 +32,12 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo") -> dict:
             overrides.append(f"teacher.checkpoint={teacher_dir}")
         recipe = load_recipe(name, overrides)
         console.rule(f"[bold]{label}[/]: kdkit {mode} recipe={name}")
-        distiller = build_distiller(recipe, mode, name)
-        summary = distiller.fit()
+        run_dir, summary = run_recipe(recipe, mode, name)  # checked before any work, like `kdkit train|distill`
         opts = ", ".join(f"{k}={v}" for k, v in recipe.student.options.items())
         results[label] = {"recipe": name, "model": f"{recipe.student.model}({opts})" if opts else
                           recipe.student.model, **summary}
         if mode == "train" and label == "teacher":
-            teacher_dir = distiller.run_dir
+            teacher_dir = run_dir
     minutes = (time.perf_counter() - t0) / 60
     table = Table(title=f"kdkit demo: CIFAR-10 test accuracy ({minutes:.1f} min, "
                         f"{'quick' if quick else 'small'} demo - see recipes/ for full runs)")

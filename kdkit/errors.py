@@ -30,3 +30,7 @@ class UnknownNameError(KdkitError, KeyError):
 
 class TokenizerMismatchError(KdkitError, ValueError):
     """Teacher and student tokenize differently, so their token distributions cannot be compared position by position."""
+
+
+class DataFileError(KdkitError, ValueError):
+    """A data file is unreadable or holds a malformed row; the message names the file and the row (or line)."""

@@ -4,16 +4,21 @@ import json
 import pytest
 
 from kdkit.bench.cot import write_cot_markdown
-from kdkit.bench.results import split_settings
+from kdkit.bench.llm import LLMBenchOptions
+from kdkit.bench.results import bench_options
 from kdkit.errors import ConfigError
 
 
-def test_split_settings_keeps_bench_options_apart_from_overrides():
-    opts, rest = split_settings(["seeds=3", "optim.lr=1e-4", "cot.samples=2"], {"seeds": "1", "out": None})
-    assert opts == {"seeds": "3", "out": None}
-    assert rest == ["optim.lr=1e-4", "cot.samples=2"]
+def test_bench_options_keep_the_bench_options_apart_from_recipe_overrides():
+    opts, rest = bench_options(LLMBenchOptions, ["seeds=3", "optim.lr=1e-4", "ce_weight=0.5"], passthrough=True)
+    assert (opts.seeds, opts.out, opts.names()) == (3, None, ["kd", "baseline"])
+    assert rest == ["optim.lr=1e-4", "ce_weight=0.5"]
     with pytest.raises(ConfigError, match="'seeds' is not key=value"):
-        split_settings(["seeds"], {"seeds": "1"})
+        bench_options(LLMBenchOptions, ["seeds"], passthrough=True)
+    with pytest.raises(ConfigError, match="seeds=0 is not allowed: expected an integer >= 1"):
+        bench_options(LLMBenchOptions, ["seeds=0"], passthrough=True)
+    with pytest.raises(ConfigError, match="methods='kd,nope' is not allowed: expected a comma list of kd, baseline"):
+        bench_options(LLMBenchOptions, ["methods=kd,nope"], passthrough=True)
 
 
 def _row(variant, seed, accuracy):
@@ -44,3 +49,19 @@ def test_unknown_benchmark_names_the_choices(capsys):
     assert main(["bench", "nope"]) != 0
     err = capsys.readouterr().err
     assert "unknown benchmark 'nope'" in err and all(name in err for name in [*BENCHMARKS, "classifier-table"])
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["seeds=0"], "seeds=0 is not allowed: expected an integer >= 1"),
+    (["cot.samples=0"], "cot.samples=0 is not allowed"),  # a recipe override, checked before the first run
+    (["recipe=demo-kd"], "task: cot recipes"),
+    (["cot.generations=/nonexistent"], "cot.generations='/nonexistent' is not allowed"),
+])
+def test_bench_cot_refuses_bad_options_and_overrides_before_any_run(settings, message, tmp_path, monkeypatch):
+    from kdkit.bench import cot
+
+    started = []
+    monkeypatch.setattr(cot, "run_kdkit", lambda args: started.append(args))
+    with pytest.raises(ConfigError, match=message):
+        cot.run_cot([*settings, f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
+    assert not started and list(tmp_path.iterdir()) == []

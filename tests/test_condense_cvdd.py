@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdkit.checkpoint import latest_checkpoint, load_checkpoint
 from kdkit.condense import condense
 from kdkit.condense.committee import Member, committee_weights, member_model, parse_members, train_member
 from kdkit.condense.committee_voting import (BNStatHooks, CommitteeVoting, batch_statistics, bn_statistic_loss,
@@ -266,10 +267,11 @@ def test_cli_end_to_end_writes_run_folder_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("KDKIT_CACHE_DIR", str(tmp_path / "cache"))
     assert cli.main(["condense", "cifar10", "--method", "cvdd", "--ipc", "2", *_tiny(tmp_path, "full")]) == 0
     run = tmp_path / "runs" / "condense-cifar10-cvdd-ipc2-full"
-    for f in ("config.json", "synthetic.safetensors", "grid.png", "eval.json", "curves.json", "crop_labels.safetensors",
-              "crop_labels_random_real.safetensors", "checkpoint.pt"):
+    for f in ("config.yaml", "synthetic.safetensors", "grid.png", "metrics.json", "curves.json", "crop_labels.safetensors",
+              "crop_labels_random_real.safetensors", "train.log", "metrics.jsonl"):
         assert (run / f).is_file(), f
-    ev = json.loads((run / "eval.json").read_text())
+    assert latest_checkpoint(run).name == "step-00000008"
+    ev = json.loads((run / "metrics.json").read_text())
     assert ev["eval"]["protocol"] == "resnet18" and ev["eval"]["crop_labels"] and ev["iterations"] == 8
     assert ev["eval"]["label_bytes"] == load_crop_labels(run / "crop_labels.safetensors").nbytes()
     assert {"random_real", "random_real_relabelled"} <= set(ev) and len(ev["committee"]) == 2
@@ -296,13 +298,13 @@ def test_cli_end_to_end_writes_run_folder_and_resumes(tmp_path, monkeypatch):
     b = load_synthetic(tmp_path / "runs" / "condense-cifar10-cvdd-ipc2-part" / "synthetic.safetensors")["images"]
     assert torch.allclose(a, b, atol=1e-6)
     # a checkpoint made with another number of iterations per batch cannot be resumed (its steps map elsewhere)
-    state = torch.load(tmp_path / "runs" / "condense-cifar10-cvdd-ipc2-part" / "checkpoint.pt", weights_only=False)
-    x = state["state"]["images"]
+    state = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "condense-cifar10-cvdd-ipc2-part"))["method"]
+    x = state["algorithm"]["images"]
     other = CommitteeVoting([_member("convnet2_bn_w8", 0.5, 0, warm=False)], x, torch.arange(10).repeat_interleave(2),
                             2, iterations=6, lr=0.1, r_bn=0.01, first_bn_multiplier=10, jitter=4, voters=2,
                             temperature=5, bounds=(x.min(), x.max()))
     with pytest.raises(ConfigError, match="iterations per batch"):
-        other.load_state_dict(state["state"])
+        other.load_state_dict(state["algorithm"])
 
 
 def test_bad_input_gets_clear_errors(tmp_path):

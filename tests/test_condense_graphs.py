@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from kdkit.condense.computation_trees import (GraphLabelError, LabelledGraph, TreeVocabulary, computation_tree_ids,
                                               decompose, labelled_graph_from_pyg, labelled_graphs)
@@ -172,7 +173,7 @@ def test_bad_inputs_get_clear_errors(mutag):
         condense("mutag", settings=["gnns=gcnn"])
     with pytest.raises(ConfigError, match="unknown setting"):
         condense("mutag", settings=["epoch=3"])
-    with pytest.raises(ConfigError, match="depth must be a positive integer"):
+    with pytest.raises(ConfigError, match="depth=0 is not allowed: expected an integer >= 1"):
         condense("mutag", settings=["depth=0"])
 
 
@@ -316,7 +317,7 @@ def test_cli_condense_writes_run_folder(tmp_path, capsys):
     # the random subset gets no more bytes than Mirage, unless it is just the one graph per class it always has
     assert seed["random"]["nbytes"] <= condensed.nbytes or seed["random"]["graphs"] == 2
     assert seed["original_bytes"] > 4 * condensed.nbytes  # MUTAG at its default support: ~4.6x smaller
-    assert json.loads((run / "config.json").read_text())["gnns"] == ["sage"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["gnns"] == ["sage"]
 
 
 def test_cli_condense_options_and_settings_mix():
@@ -329,7 +330,7 @@ def test_cli_condense_options_and_settings_mix():
     from kdkit.condense.graph_run import build_config
 
     cfg = build_config(ns.dataset, ns.settings, gnns=ns.gnn, seeds=ns.seeds)
-    assert (cfg.gnns, cfg.depth, cfg.epochs, cfg.min_support) == (["gcn", "gin"], 3, 3, 0.1)
+    assert (cfg.gnns, cfg.options["depth"], cfg.epochs, cfg.options["min_support"]) == (["gcn", "gin"], 3, 3, 0.1)
 
 
 def test_bench_writes_results_and_leaderboard(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from kdkit.data import (
     to_float_normalized,
 )
 from kdkit.data.transforms import crop_at
-from kdkit.errors import MissingDatasetError
+from kdkit.errors import DataFileError, MissingDatasetError
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA = Path(os.environ.get("KDKIT_DATA_DIR") or DEFAULT_DATA)
@@ -161,6 +162,61 @@ def test_cifar10_changed_source_invalidates_cache(cifar_test, monkeypatch, tmp_p
     assert torch.equal(second.images, cifar_test.images[100:130])
     assert torch.equal(second.labels, cifar_test.labels[100:130])
     assert torch.equal(first.images, cifar_test.images[:40])
+
+
+def _cifar_copy(tmp_path, monkeypatch, rows: int = 6):
+    """The first `rows` rows of the real test split, as a table to damage and write under a temp KDKIT_DATA_DIR
+    (the shared data folder is read-only and never touched), with a temp cache."""
+    import pyarrow.parquet as pq
+
+    _need("cifar10/test.parquet")
+    table = pq.read_table(DATA / "cifar10" / "test.parquet").slice(0, rows)
+    (tmp_path / "data" / "cifar10").mkdir(parents=True)
+    monkeypatch.setenv("KDKIT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("KDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    return table, tmp_path / "data" / "cifar10" / "test.parquet"
+
+
+def _replace_row(table, column: str, row: int, value):
+    import pyarrow as pa
+
+    values = table.column(column).to_pylist()
+    values[row] = value
+    return table.set_column(table.schema.get_field_index(column), column, pa.array(values, table.schema.field(column).type))
+
+
+def test_cifar10_corrupt_jpeg_names_the_file_and_the_row(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    table, target = _cifar_copy(tmp_path, monkeypatch)
+    img = table.column("img").to_pylist()[3]
+    bad = _replace_row(table, "img", 3, {"bytes": img["bytes"][:40] + b"\x00" * 20, "path": img["path"]})
+    pq.write_table(bad, target)
+    with pytest.raises(DataFileError, match=rf"^{re.escape(str(target))}: row 3: the image does not decode") as e:
+        load_cifar10("test")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "cache" / "cifar10" / "test-uint8.safetensors").exists()  # nothing cached
+    pq.write_table(_replace_row(table, "label", 2, None), target)
+    with pytest.raises(DataFileError, match=rf"{re.escape(str(target))}: row 2 has no label"):
+        load_cifar10("test")
+    pq.write_table(_replace_row(table, "label", 5, 10), target)
+    with pytest.raises(DataFileError, match=r"row 5 has label 10, expected a class id in 0..9"):
+        load_cifar10("test")
+    pq.write_table(table, target)  # repaired: loads, equal to the real rows
+    assert len(load_cifar10("test")) == 6
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_cifar10_file_that_is_not_parquet_names_the_file(tmp_path, monkeypatch, damage):
+    import pyarrow.parquet as pq
+
+    table, target = _cifar_copy(tmp_path, monkeypatch)
+    pq.write_table(table, target)
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2] if damage == "truncated" else np.random.default_rng(0).bytes(4096))
+    with pytest.raises(DataFileError, match=rf"^{re.escape(str(target))}: not a readable CIFAR-10 parquet") as e:
+        load_cifar10("test")
+    assert "\n" not in str(e.value)
 
 
 def test_cifar10_unknown_split():

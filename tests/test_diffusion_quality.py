@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from kdkit.diffusion.run import Runner, resolve_config
+from kdkit.diffusion.run import distill, resolve_config
 
 
 def _run(tmp_path, steps: int, samples: int, teacher_steps: int, extra=(), width: int = 128, depth: int = 3):
@@ -27,7 +27,7 @@ def _run(tmp_path, steps: int, samples: int, teacher_steps: int, extra=(), width
         f"steps={steps}", "batch_size=256", f"width={width}", f"depth={depth}", "eval_every=0", "sample_every=0", "save_every=0",
         f"eval_samples={samples}", f"teacher_steps={teacher_steps}", "progress=false", f"output_dir={tmp_path}",
         "name=q", "seed=0", *extra])
-    metrics = Runner(cfg).fit()
+    metrics = distill(cfg)
     teacher, student = metrics["teacher"], metrics["final"]
     print(f"teacher {teacher_steps}-step Heun: sw2={teacher['sw2']:.4f} mmd={teacher['mmd']:.5f} "
           f"mode err={teacher['mode_mass_max_err']:.2f}")

@@ -327,5 +327,5 @@ def test_bench_kernels_cpu_rows_and_markdown(tmp_path):
     assert rows["kdkit-torch"]["loss"] == pytest.approx(rows["plain"]["loss"], rel=1e-5)
     md = write_kernels_markdown(tmp_path, tmp_path / "kernels.md").read_text()
     assert record["device"] in md and "| jsd | 64 | 16 | 256 |" in md and "Liger" in md
-    with pytest.raises(ConfigError, match="unknown bench setting 'tokenz'"):
+    with pytest.raises(ConfigError, match=r"unknown .*'tokenz'"):
         run_kernels(["tokenz=4"])

@@ -1,6 +1,7 @@
 """Rationale distillation (`task: cot`): answer parsing, filtering, SFT data and loss, REDI, resumable generation,
 and the whole pipeline end to end on GSM8K with a tiny Llama over SmolLM2's real tokenizer and chat template."""
 import json
+import os
 
 import pytest
 import torch
@@ -217,6 +218,33 @@ def test_redi_step_back_propagates_the_two_terms_apart_with_the_joint_losss_upda
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_redi_saves_on_ctrl_c_and_resumes_bit_exactly(tiny_dir, tmp_path):
+    from kdkit.checkpoint import load_checkpoint
+    from kdkit.errors import CheckpointError
+    from kdkit.llm.generation import chat_prompt
+    from kdkit.llm.models import load_causal_lm
+    from kdkit.llm.redi import run_redi
+
+    tok = load_tokenizer(tiny_dir)
+    pairs = [{"question": f"What is {i} + 2?", "positive": f"The answer is {i + 2}.",
+              "negative": f"The answer is {i + 5}."} for i in range(5)]
+    prompt = lambda q: chat_prompt(tok, q)  # noqa: E731
+    kw = dict(alpha=0.8, epochs=2, lr=3e-3, batch_size=2, max_length=48, seed=0, progress=False)
+    straight = load_causal_lm(tiny_dir)[0]
+    full = run_redi(straight, tok, pairs, prompt, **kw)
+    asked = []
+    model = load_causal_lm(tiny_dir)[0]
+    stopped = run_redi(model, tok, pairs, prompt, checkpoint_dir=tmp_path / "ckpt", **kw,
+                       should_stop=lambda: asked.append(1) or len(asked) == 2)  # Ctrl-C during step 2
+    assert stopped is None and load_checkpoint(tmp_path / "ckpt")["step"] == 2
+    model = load_causal_lm(tiny_dir)[0]  # a new process starts again from the SFT weights
+    resumed = run_redi(model, tok, pairs, prompt, checkpoint_dir=tmp_path / "ckpt", **kw)
+    assert resumed["history"] == full["history"] and resumed["steps"] == 5
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), straight.state_dict().values()))
+    with pytest.raises(CheckpointError, match="another run"):
+        run_redi(model, tok, pairs[:3], prompt, checkpoint_dir=tmp_path / "ckpt", **kw)
+
+
 class _CountingBackend:
     """A scripted teacher: answers right for even question ids; fails on call `fail_on` (a crash mid-stage)."""
     name = "scripted"
@@ -250,13 +278,21 @@ def test_generation_resumes_at_the_first_missing_shard(tmp_path):
     again = generate_rationales(qs, tok, lambda: built.append(1), tmp_path, spec, "Think.", shard_size=2,
                                 progress=False)
     assert not built and len(again) == 10  # everything done: no backend is even built
+    # Ctrl-C: the stage stops after the shard it is writing; a rerun keeps the size the stage began with
+    third = _CountingBackend()
+    assert generate_rationales(qs, tok, lambda: third, tmp_path / "c", spec, "", shard_size=2, progress=False,
+                               should_stop=lambda: True) is None and third.prompts == 2
+    rows = generate_rationales(qs, tok, lambda: third, tmp_path / "c", spec, "", shard_size=3, progress=False)
+    assert third.prompts == 5 and list(rows["question_id"]) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     with pytest.raises(ConfigError, match="final_answer"):
         generate_rationales(qs.remove_columns("final_answer"), tok, lambda: second, tmp_path / "b", spec, "")
 
 
-def test_cot_pipeline_end_to_end_and_resume(tmp_path, tiny_dir):
+def test_cot_pipeline_end_to_end_and_resume(tmp_path, tiny_dir, capsys, monkeypatch):
     """All five stages from the CLI on real GSM8K questions with the tiny model as teacher and a truncated copy as
-    student; rerunning the same run name redoes nothing."""
+    student, in the one run-folder layout; rerunning the same run name redoes nothing, refuses a changed training
+    setting and redoes only an evaluation whose settings changed; Ctrl-C during SFT saves, exits 130, and the
+    rerun finishes with the same model as an uninterrupted run."""
     args = ["distill", "recipe=cot-math-small", f"teacher.model={tiny_dir}", "student.options={layers: 1}",
             "cot.train_questions=6", "cot.test_questions=4", "cot.samples=2", "cot.max_new_tokens=12",
             "cot.eval_max_new_tokens=12", "cot.shard_size=4", "cot.short_ratio=1.0", "cot.redi=false",
@@ -275,12 +311,64 @@ def test_cot_pipeline_end_to_end_and_resume(tmp_path, tiny_dir):
     seconds = report["stage_seconds"]
     assert set(seconds) == {"generate", "filter", "student", "sft", "eval_teacher", "eval_student_before",
                             "eval_student_sft"} and seconds["sft"] > 0
+    # the one run-folder layout: each stage is a step of the shared loop, checkpointed with what it produced
+    assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4] and "sft_seconds" in rows[3] and "train_loss" in rows[3]
+    assert rows[4]["accuracy/student_sft_rationale"] == report["accuracy"]["student_sft_rationale"]["accuracy"]
+    from kdkit.checkpoint import latest_checkpoint, load_checkpoint
+
+    state = load_checkpoint(latest_checkpoint(run))
+    assert state["step"] == 4 and state["method"]["stages"] == ["generate", "filter", "student", "sft"]
+    assert state["method"]["results"]["sft"]["stats"]["steps"] == 2
+    assert json.loads((run / "metrics.json").read_text())["summary"].keys() == report["accuracy"].keys()
     stamp = (run / "sft" / "model" / "config.json").stat().st_mtime
+    capsys.readouterr()
     assert main(args) == 0  # resume: every stage is done
     assert (run / "sft" / "model" / "config.json").stat().st_mtime == stamp
     again = json.loads((run / "report.json").read_text())["stage_seconds"]
-    assert again["sft"] >= seconds["sft"]  # the resume adds its own (reload) time to what the first run cost
+    assert again["sft"] == seconds["sft"]  # a finished stage is not run (nor timed) again
     assert "Wall seconds per stage" in (run / "report.md").read_text()
+    # a changed training setting is refused, naming it, before anything is written
+    assert main([*args, "cot.sft_epochs=2", "optim.lr=0.001"]) == 2
+    err = capsys.readouterr().err
+    assert "cot.sft_epochs: 1.0 -> 2.0" in err and "optim.lr: 0.0001 -> 0.001" in err
+    # an evaluation setting may change: only the evaluations are redone
+    assert main([*args, "cot.test_questions=2"]) == 0
+    assert json.loads((run / "report.json").read_text())["test_questions"] == 2
+    assert json.loads((run / "eval" / "teacher.json").read_text())["questions"] == 2
+    assert (run / "sft" / "model" / "config.json").stat().st_mtime == stamp
+    # Ctrl-C during SFT: a TRL checkpoint at that step, one line, exit 130; the same command finishes the run
+    import signal
+
+    import kdkit.llm.cot_sft as cot_sft
+
+    losses = cot_sft.completion_losses
+    calls = []
+
+    def interrupt_once(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return losses(*a, **kw)
+
+    monkeypatch.setattr(cot_sft, "completion_losses", interrupt_once)
+    again = [*args[:-2], "name=sigint", "trainer.threads=1", f"cot.generations={run}", "cot.eval_teacher=false",
+             "cot.eval_student_before=false"]
+    capsys.readouterr()
+    assert main(again) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kdkit")]  # (and HF's bars)
+    assert len(err) == 1 and err[0].startswith("kdkit: interrupted at step 3") and "resume=auto" in err[0]
+    assert (tmp_path / "sigint" / "sft" / "checkpoints" / "checkpoint-1").is_dir()
+    assert not (tmp_path / "sigint" / "sft" / "model").exists()
+    assert main(again) == 0
+    stats = json.loads((tmp_path / "sigint" / "report.json").read_text())["sft_stats"]
+    assert stats["resumed_from"].endswith("checkpoint-1") and stats["steps"] == 2
+    from safetensors.torch import load_file
+
+    resumed = load_file(str(tmp_path / "sigint" / "sft" / "model" / "model.safetensors"))
+    straight = load_file(str(run / "sft" / "model" / "model.safetensors"))
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
     # bad input: a student without a chat template
     tok = load_tokenizer(tiny_dir)
     tok.chat_template = None
@@ -331,3 +419,39 @@ def test_redi_pairs_a_weak_teachers_negatives_with_the_datasets_rationales(tmp_p
     stats = json.loads((run / "redi" / "redi.json").read_text())
     assert stats["pairs"] == 5 and stats["reference_positives"] == 4 and stats["steps"] == 3
     assert "student_sft_redi" in json.loads((run / "report.json").read_text())["accuracy"]
+
+
+def test_corrupt_text_data_is_refused_naming_the_file_and_line(tmp_path, tiny_dir, monkeypatch, capsys):
+    """A GSM8K line without `answer` or not JSON, and bad rows of the LM text loaders: one line naming file and
+    row, from the loaders and from `kdkit distill`."""
+    import re
+
+    from kdkit.data.gsm8k import load_gsm8k
+    from kdkit.errors import DataFileError
+    from kdkit.llm.text_data import load_texts
+
+    gsm = tmp_path / "data" / "gsm8k"
+    gsm.mkdir(parents=True)
+    good = json.dumps({"question": "How many?", "answer": "2 + 2 = 4\n#### 4"}) + "\n"
+    (gsm / "train.jsonl").write_text(good + "\n" + json.dumps({"question": "And now?"}) + "\n")
+    (gsm / "test.jsonl").write_text(good + '{"question": "Broken", "answer": \n')
+    monkeypatch.setenv("KDKIT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("KDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(DataFileError, match=re.escape(f"{gsm / 'train.jsonl'}, line 3: no 'answer' field")):
+        load_gsm8k("train")
+    with pytest.raises(DataFileError, match=re.escape(f"{gsm / 'test.jsonl'}, line 2: not valid JSON")):
+        load_gsm8k("test")
+    assert main(["distill", "recipe=cot-math-small", f"teacher.model={tiny_dir}", "cot.backend=transformers",
+                 f"output_dir={tmp_path / 'runs'}", "name=bad", "trainer.progress=false"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kdkit")]
+    assert err == [f"kdkit: error: {gsm / 'train.jsonl'}, line 3: no 'answer' field (each record needs 'question', "
+                   "'answer')"]
+    for name, text, message in (("a.jsonl", '{"body": "ok"}\n{"body": 3}\n', "line 2: 'body' is 3, not text"),
+                                ("b.jsonl", '{"body": "ok"}\n{"body": "x"\n', "line 2: not valid JSON"),
+                                ("c.csv", "body,id\nok,1\n,2\n", "row 2: 'body' is null, not text")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataFileError, match=re.escape(f"{tmp_path / name}, {message}")):
+            load_texts(str(tmp_path / name), "train", text_field="body")
+    (tmp_path / "d.txt").write_bytes(b"fine\n\xff\xfe\n")
+    with pytest.raises(DataFileError, match=re.escape(f"{tmp_path / 'd.txt'}, line 2: not UTF-8 text")):
+        load_texts(str(tmp_path / "d.txt"), "train")

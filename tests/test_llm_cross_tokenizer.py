@@ -4,17 +4,19 @@ binarised chunk-likelihood loss against hand computations, the refusal of token-
 a tiny end-to-end distillation of a student with one tokenizer from a teacher with the other."""
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Literal
 
 import pytest
 import torch
 
-from kdkit.config import loss_params
+from kdkit.config import PositiveFloat, loss_params, show, validate_losses
 from kdkit.data.paths import data_dir
 from kdkit.errors import ConfigError, ShapeMismatchError, TokenizerMismatchError
-from kdkit.llm.cross_tokenizer import (AlignedChunk, CrossTokenizerBatcher, CrossTokenizerLoss, align_tokenizations,
-                                       alm_loss, chunk_logprobs)
+from kdkit.llm.cross_tokenizer import AlignedChunk, CrossTokenizerBatcher, align_tokenizations
+from kdkit.losses.cross_tokenizer import CrossTokenizerLoss, alm_loss, chunk_logprobs
 from kdkit.llm.tokenizers import require_same_tokenizer
 from kdkit.models.outputs import Outputs
 from kdkit.registry import LOSSES
@@ -324,11 +326,18 @@ def test_chunks_at_position_zero_or_one_sided_are_not_scored():
 
 def test_loss_registered_and_validates():
     assert LOSSES.get("cross_tokenizer") is CrossTokenizerLoss
-    assert loss_params(CrossTokenizerLoss) == {"T": float, "divergence": str, "append_space": bool, "chunks": str}
+    assert loss_params(CrossTokenizerLoss) == {
+        "T": PositiveFloat, "divergence": Literal["binary_kl", "binary_ce", "reverse_binary_kl", "abs"],
+        "append_space": bool, "chunks": Literal["unconstrained", "space"]}
     with pytest.raises(ConfigError, match="binary_kl"):
         CrossTokenizerLoss(divergence="kl")
-    with pytest.raises(ConfigError, match="T must be > 0"):
+    with pytest.raises(ConfigError, match=r"T=0.0 is not allowed: expected a number > 0"):
         CrossTokenizerLoss(T=0.0)
+    for option, value, allowed in (("T", 0, "a number > 0"), ("divergence", "kl", "one of 'binary_kl'"),
+                                   ("chunks", "words", "one of 'unconstrained', 'space'")):
+        with pytest.raises(ConfigError, match=re.escape(f"losses.ct.{option}={show(value)} is not allowed: "
+                                                         f"expected {allowed}")):
+            validate_losses({"ct": {"type": "cross_tokenizer", option: value}})  # the recipe check, before any work
     ids = {"input_ids": torch.zeros(1, 2, dtype=torch.long)}
     with pytest.raises(ConfigError, match=r"student.features\['chunk_ids'\]"):
         CrossTokenizerLoss()(Outputs(torch.zeros(1, 2, 3), ids), Outputs(torch.zeros(1, 2, 3), ids))

@@ -345,7 +345,7 @@ def test_preflight_different_tokenizer(other_lm, capsys):
 def test_check_errors():
     with pytest.raises(KdkitError, match="unknown model"):
         preflight("no-such-teacher", "truncated-teacher")
-    with pytest.raises(ConfigError, match="unknown setting 'sequence'"):
+    with pytest.raises(ConfigError, match="unknown key 'sequence'. Did you mean 'seq_len'"):
         run_check([f"teacher={SMOL}", "sequence=5"])
     with pytest.raises(ConfigError, match="needs teacher"):
         run_check(["student=truncated-teacher"])

@@ -2,6 +2,8 @@
 import inspect
 import math
 import re
+import types
+import typing
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from kdkit.losses import (
     DKDLoss,
     FitNetLoss,
     KDLoss,
+    NDLoss,
     build_loss,
     dkd_loss,
     dkd_parts,
@@ -395,20 +398,64 @@ def test_registry_build_and_unknown():
         build_loss("kd", temperature=2.0)
 
 
+def _base_types(tp) -> set:
+    """The plain types an option annotation allows: Annotated[float, Range(...)] -> float, Literal["a"] -> str,
+    X | None -> X and NoneType."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _base_types(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*map(_base_types, args))
+    if origin is typing.Literal:
+        return {type(a) for a in args}
+    return {tp}
+
+
 @pytest.mark.parametrize("name", LOSSES.names())
 def test_loss_signatures_are_simple_keyword_options(name):
-    """Every registered loss: a cited docstring, and options the recipe validator can read and check."""
-    from kdkit.config import loss_params
+    """Every registered loss: a cited docstring, and keyword options whose annotations declare a simple type with its
+    range or choices, as the recipe validator reads them; every default is an allowed value."""
+    from kdkit.config import coerce, describe_type, loss_params
 
     cls = LOSSES.get(name)
     assert issubclass(cls, DistillLoss)
     assert cls.__doc__ and re.search(r"\b(19|20)\d\d\b", cls.__doc__), f"{name}: docstring must cite its paper"
-    assert loss_params(cls) == {p.name: p.annotation for p in inspect.signature(cls).parameters.values()}
-    for p in inspect.signature(cls).parameters.values():
+    params = inspect.signature(cls).parameters
+    declared = loss_params(cls)
+    assert list(declared) == list(params)
+    for p in params.values():
+        tp = declared[p.name]
         assert p.kind is inspect.Parameter.KEYWORD_ONLY, (name, p)
-        assert p.annotation in (int, float, str, bool), (name, p)
-        assert p.default is not inspect.Parameter.empty and isinstance(p.default, p.annotation), (name, p)
+        assert _base_types(tp) <= {int, float, str, bool, type(None)}, (name, p, tp)
+        assert p.default is not inspect.Parameter.empty and coerce(p.default, tp, p.name) == p.default, (name, p)
+        assert describe_type(tp), (name, p)
     cls()  # defaults build
+
+
+def test_each_option_range_is_refused_by_the_recipe_check_and_the_constructor():
+    """One declaration serves both: `validate_losses` (a recipe, before any work) and the constructor (Python)."""
+    from kdkit.config import validate_losses
+
+    for name, option, value, allowed in [("kd", "T", 0, "a number > 0"), ("kd", "T", -4, "a number > 0"),
+                                         ("dkd", "beta", -8, "a number >= 0"), ("dkd", "warmup", 1.5, "an integer"),
+                                         ("jsd", "beta", 2, "a number >= 0 and <= 1"),
+                                         ("token_kd", "divergence", "foo", "one of 'fkl', 'rkl', 'jsd'"),
+                                         ("token_kd", "skew", 1, "a number >= 0 and < 1"),
+                                         ("crd", "num_samples", 1, "an integer >= 2"),
+                                         ("nd", "online_epochs", 0, "a number > 0"),
+                                         ("taid", "t_end", 0, "a number > 0 and <= 1"),
+                                         ("adakd", "score", "loss", "one of 'hellinger', 'divergence'"),
+                                         ("weighted", "scheme", "x", "one of 'teacher_confidence'")]:
+        shown = repr(value) if isinstance(value, str) else value
+        with pytest.raises(ConfigError, match=re.escape(f"losses.{name}.{option}={shown} is not allowed: "
+                                                        f"expected {allowed}")):
+            validate_losses({name: {option: value}})
+        with pytest.raises(ConfigError, match=re.escape(f"{option}={shown} is not allowed: expected {allowed}")):
+            build_loss(name, **{option: value})
+    entry = {"kd": {"T": 2, "weight": 1}}
+    validate_losses(entry)
+    assert entry["kd"]["T"] == 2.0 and isinstance(entry["kd"]["T"], float)
+    assert NDLoss(online_epochs=math.inf).online_epochs == math.inf  # the one option where infinity means something
 
 
 def test_paper_defaults():

@@ -100,7 +100,7 @@ def test_at_errors():
         at_loss(torch.randn(2, 3), torch.randn(2, 3))
     with pytest.raises(ConfigError, match="pair up"):
         ATLoss(student_layers="layer1,layer2", teacher_layers="layer3")
-    with pytest.raises(ConfigError, match="p must be > 0"):
+    with pytest.raises(ConfigError, match="p=0.0 is not allowed: expected a number > 0"):
         ATLoss(p=0.0)
     loss = ATLoss(student_layers="layer1", teacher_layers="layer1")
     so, to = Outputs(None, {"layer1": torch.randn(2, 4, 8, 8)}), Outputs(None, {"layer1": torch.randn(2, 4, 4, 4)})
@@ -527,7 +527,7 @@ def test_crd_exact_errors():
         loss.set_dataset_labels(torch.zeros(40))
     with pytest.raises(ConfigError, match=">= 0"):
         loss.set_dataset_labels(torch.full((40,), -1))
-    with pytest.raises(ConfigError, match="mode must be one of 'exact', 'uniform'"):
+    with pytest.raises(ConfigError, match="mode='relax' is not allowed: expected one of 'exact', 'uniform'"):
         CRDLoss(num_samples=40, nce_k=20, mode="relax")
     # Uniform mode needs no labels at all.
     uni = CRDLoss(num_samples=40, feat_dim=4, nce_k=20, mode="uniform")

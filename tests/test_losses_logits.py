@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
+from kdkit.config import coerce, loss_params
 from kdkit.errors import ConfigError, ShapeMismatchError
 from kdkit.losses import LOSSES, build_loss
 from kdkit.losses.logits import (
@@ -395,11 +396,12 @@ def test_registry_and_signatures():
     for cls in (*NAMES.values(), KDLoss, DKDLoss):
         params = list(inspect.signature(cls).parameters.values())
         assert params and all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params), cls
-        assert all(p.annotation in (int, float, str, bool) and p.default is not inspect.Parameter.empty for p in params)
+        declared = loss_params(cls)  # each option's type, with its range (temperatures > 0, JSD beta in [0, 1], ...)
+        assert all(coerce(p.default, declared[p.name], p.name) == p.default for p in params)
         assert cls.__doc__ and cls.__doc__.strip()
     for cls in (KDLoss, DKDLoss, NKDLoss, DISTLoss, RKLLoss, JSDLoss):
         p = inspect.signature(cls).parameters["standardize"]
-        assert p.annotation is bool and p.default is False
+        assert loss_params(cls)["standardize"] is bool and p.default is False
     assert "standardize" not in inspect.signature(LabelFreeKDLoss).parameters
     assert NKDLoss.needs_labels and not DISTLoss.needs_labels and not RKLLoss.needs_labels
     assert not JSDLoss.needs_labels and not LabelFreeKDLoss.needs_labels

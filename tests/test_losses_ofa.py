@@ -227,7 +227,7 @@ def test_module_registry_and_option_errors():
     loss = build_loss("ofa", stages="blocks.1, blocks.3", eps=1.5, width=64, prefix_tokens=1)
     assert loss.student_taps == ("blocks.1", "blocks.3") and loss.eps == 1.5
     for opts, msg in [({"stages": " , "}, "at least one"), ({"stages": "layer1,layer1"}, "twice"),
-                      ({"eps": 0.0}, "eps"), ({"T": 0.0}, "temperature"), ({"stage_weight": -1.0}, "weight"),
+                      ({"eps": 0.0}, "eps"), ({"T": 0.0}, "T=0.0 is not allowed: expected a number > 0"), ({"stage_weight": -1.0}, "weight"),
                       ({"width": -2}, "width"), ({"prefix_tokens": -2}, "prefix_tokens")]:
         with pytest.raises(ConfigError, match=msg):
             OFALoss(**opts)

@@ -4,6 +4,7 @@ Hand-computed values, float64 gradchecks, agreement with reference implementatio
 models through `Outputs`, recipes through the validator, and errors.
 """
 import math
+import typing
 
 import pytest
 import torch
@@ -243,21 +244,36 @@ def test_weighted_errors():
         WeightedLoss()(Outputs(torch.randn(2, 3)), Outputs(torch.randn(2, 3)), None)
 
 
-def test_wrapper_options_reach_the_recipe_validator():
-    r = load_recipe("weighted-kd-resnet32x4-resnet8x4", ["teacher.checkpoint=x", "losses.kd.T=2"])
+def test_wrapper_options_reach_the_recipe_validator(tmp_path):
+    from kdkit.config import NonNegFloat, PositiveFloat, Probability
+
+    ckpt = tmp_path / "teacher.safetensors"
+    ckpt.write_bytes(b"")  # the recipe check only needs the file to exist
+    r = load_recipe("weighted-kd-resnet32x4-resnet8x4", [f"teacher.checkpoint={ckpt}", "losses.kd.T=2"])
     assert r.losses["kd"]["T"] == 2.0 and isinstance(r.losses["kd"]["T"], float)  # coerced by the inner type
     with pytest.raises(ConfigError, match="unknown option 'losses.kd.foo' for loss 'weighted'"):
         load_recipe("weighted-kd-resnet32x4-resnet8x4", ["losses.kd.foo=1"])
-    assert WeightedLoss.options_for("kd") == {"inner": str, "scheme": str, "wrong_weight": float, "entropy_T": float,
-                                              "normalize": bool, "T": float, "standardize": bool}
+    with pytest.raises(ConfigError, match=r"losses.kd.T=0 is not allowed: expected a number > 0"):
+        load_recipe("weighted-kd-resnet32x4-resnet8x4", ["losses.kd.T=0"])
+    with pytest.raises(ConfigError, match=r"losses.kd.beta=2 is not allowed: expected a number >= 0 and <= 1"):
+        load_recipe("weighted-kd-resnet32x4-resnet8x4", ["losses.kd.inner=jsd", "losses.kd.beta=2"])
+    assert load_recipe("weighted-kd-resnet32x4-resnet8x4", ["losses.kd.inner=dkd", "losses.kd.beta=2"])
+    with pytest.raises(ConfigError, match=r"losses.dhkd.head='mlp' is not allowed"):
+        load_recipe("dualhead-kd-resnet32x4-resnet8x4", ["losses.dhkd.head=mlp"])
+    assert WeightedLoss.options_for("kd") == {
+        "inner": str, "scheme": typing.Literal["teacher_confidence", "teacher_correct", "entropy"],
+        "wrong_weight": NonNegFloat, "entropy_T": PositiveFloat, "normalize": bool, "T": PositiveFloat,
+        "standardize": bool}
+    assert WeightedLoss.options_for("jsd")["beta"] == Probability
     assert set(DualHeadLoss.options_for("binary_kl_norm")) == {"inner", "feature_layer", "head", "detach", "T",
                                                                "standardize"}
+    assert build_loss("weighted", inner="jsd", beta=0.25).inner.beta == 0.25  # from Python, options of that inner
     from kdkit.train.build import build_losses, check_mode
 
     check_mode(r, "distill")
     (weight, loss), = build_losses(r).values()
     assert weight == 0.9 and isinstance(loss, WeightedLoss) and loss.inner.T == 2.0
-    check_mode(load_recipe("dualhead-kd-resnet32x4-resnet8x4", ["teacher.checkpoint=x"]), "distill")
+    check_mode(load_recipe("dualhead-kd-resnet32x4-resnet8x4", [f"teacher.checkpoint={ckpt}"]), "distill")
     check_mode(load_recipe("byot-resnet8x4"), "train")
 
 
@@ -306,7 +322,7 @@ def test_dual_head_inner_options_labels_and_errors():
     aux = dkd.aux_logits(s)
     _close(dkd(s, t, y), float(DKDLoss(beta=2.0, warmup=0)(Outputs(aux), t, y).detach()), rel=1e-6)
     assert torch.equal(dkd.per_sample(s, t, y).mean(), dkd(s, t, y))
-    with pytest.raises(ConfigError, match="head must be one of linear, nonlinear"):
+    with pytest.raises(ConfigError, match="head='mlp' is not allowed: expected one of 'linear', 'nonlinear'"):
         DualHeadLoss(head="mlp")
     with pytest.raises(ConfigError, match="'tau' is not an option of loss 'kd'"):
         DualHeadLoss(inner="kd", tau=2.0)

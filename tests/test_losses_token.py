@@ -296,13 +296,16 @@ def test_token_kd_options_are_validated_by_the_recipe_and_at_construction():
         validate_losses({"kd": {"type": "token_kd", "temperature": 2.0}})
     with pytest.raises(ConfigError, match="losses.kd.T"):
         validate_losses({"kd": {"type": "token_kd", "T": "hot"}})
-    bogus = {"kd": {"type": "token_kd", "divergence": "bogus"}}
-    validate_losses(bogus)  # a string is the right type; the value is checked when the loss is built
-    with pytest.raises(ConfigError, match="unknown divergence 'bogus'.*fkl, rkl, jsd, skl, srkl, tvd"):
-        build_loss(**{k if k != "type" else "name": v for k, v in bogus["kd"].items()})
-    for name in ("taid", "adakd"):
-        with pytest.raises(ConfigError, match="unknown divergence"):
+    choices = "one of 'fkl', 'rkl', 'jsd', 'skl', 'srkl', 'tvd'"
+    with pytest.raises(ConfigError, match=f"losses.kd.divergence='bogus' is not allowed: expected {choices}"):
+        validate_losses({"kd": {"type": "token_kd", "divergence": "bogus"}})  # the recipe check, before any work
+    with pytest.raises(ConfigError, match=r"losses.kd.beta=2 is not allowed: expected a number >= 0 and <= 1"):
+        validate_losses({"kd": {"type": "token_kd", "divergence": "jsd", "beta": 2}})
+    for name in ("token_kd", "taid", "adakd"):
+        with pytest.raises(ConfigError, match=f"divergence='bogus' is not allowed: expected {choices}"):
             build_loss(name, divergence="bogus")
+        with pytest.raises(ConfigError, match=f"losses.{name}.divergence='bogus' is not allowed"):
+            validate_losses({name: {"divergence": "bogus"}})
         assert name in LOSSES
 
 

@@ -482,8 +482,10 @@ def test_nd_errors(tmp_path):
         NDLoss(online_epochs=0.0)
     with pytest.raises(ConfigError, match="num_classes"):
         NDLoss(num_classes=-1)
+    with pytest.raises(ConfigError, match=r"centres='.* is not allowed: expected an existing file"):
+        NDLoss(centres=str(tmp_path / "missing.safetensors"))  # as the recipe check refuses it, before any work
     with pytest.raises(ConfigError, match="does not exist"):
-        NDLoss(centres=str(tmp_path / "missing.safetensors"))
+        load_class_centres(tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match="not a readable safetensors"):

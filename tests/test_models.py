@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkit.errors import ConfigError, KdkitError
-from kdkit.models import Outputs, Student, Teacher, build_model, model_names, stage_paths
+from kdkit.models import Outputs, Student, Teacher, build_model, check_model, model_names, stage_paths
 
 torch.set_num_threads(2)
 
@@ -145,6 +145,46 @@ def test_unknown_name_lists_choices():
 def test_unknown_option_is_a_config_error():
     with pytest.raises(ConfigError, match="width"):
         build_model("convnet3", widht=3)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("resnet9000", {}, "student.model='resnet9000' is not allowed: expected one of convnet3, "),
+    ("resnet8x4", {"width": -3}, "unknown option 'student.options.width' for model 'resnet8x4'. Allowed: (none)"),
+    ("resnet8x4", {"bogus": 1}, "unknown option 'student.options.bogus' for model 'resnet8x4'"),
+    ("convnet3", {"width": -3}, "student.options.width=-3 is not allowed: expected an integer >= 1"),
+    ("convnet3", {"width": 2.5}, "student.options.width=2.5 is not allowed: expected an integer >= 1"),
+    ("convnet3", {"widht": 3}, "Did you mean 'student.options.width'?"),
+    ("convnet3", {"norm": "layer"}, "student.options.norm='layer' is not allowed: expected one of 'instancenorm'"),
+    ("convnet3", {"im_size": 30}, "student.options.im_size=30 does not fit student.options.depth=3"),
+    ("convnet3", {"num_classes": 5}, "student.options.num_classes is not a model option: the dataset sets it"),
+    ("mobilenetv2", {"width_mult": 0}, "student.options.width_mult=0 is not allowed: expected a number >= 0.0625"),
+    ("wrn_16_2", {"drop_rate": 1}, "student.options.drop_rate=1 is not allowed: expected a number >= 0 and < 1"),
+    ("convnet3", [64], "student.options=[64] is not allowed: expected a mapping"),
+])
+def test_check_model_refuses_in_one_line_without_building(name, options, message, monkeypatch):
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda *a, **k: pytest.fail("check_model built a model"))
+    with pytest.raises(ConfigError) as e:
+        check_model(name, options, "student")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_check_model_accepts_what_builds():
+    for name, options in [("resnet8x4", {}), ("convnet3", {"width": 16, "depth": 4, "im_size": 64}),
+                          ("convnet3_w8", {"im_size": 28, "in_channels": 1}), ("mobilenetv2", {"width_mult": 1.0})]:
+        check_model(name, options, "teacher")
+        build_model(name, num_classes=10, **options)
+    with pytest.raises(ConfigError, match="width=0 is not allowed: expected an integer >= 1"):
+        build_model("convnet3", width=0)  # build_model runs the same check
+
+
+def test_check_model_timm_names_are_looked_up_not_built(monkeypatch):
+    timm = pytest.importorskip("timm")
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("check_model built a timm model"))
+    check_model("timm:resnet18", {"pretrained": False, "drop_rate": 0.1}, "student")
+    with pytest.raises(ConfigError, match=r"teachers.1.model=timm:resnet19x: unknown timm model 'resnet19x'"):
+        check_model("timm:resnet19x", {}, "teachers.1")
+    with pytest.raises(ConfigError, match=r"student.options.pretrained='maybe' is not allowed: expected true"):
+        check_model("timm:resnet18", {"pretrained": "maybe"}, "student")
 
 
 def test_timm_resnet18_on_cifar_input(x):

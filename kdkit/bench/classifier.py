@@ -13,21 +13,42 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from ..config import list_recipes, load_recipe, parse_overrides
-from ..errors import ConfigError, KdkitError
 from ..checkpoint import sha256
-from .results import RESULTS_DIR, git_commit, hardware
+from ..config import ExistingPath, NonNegInt, PositiveInt, list_recipes, load_recipe
+from ..errors import ConfigError, KdkitError
+from .results import RESULTS_DIR, bench_options, git_commit, hardware
 
 KIND = "classifier-cifar10"
 STANDARD_EPOCHS = 240
 MILESTONES = (150, 180, 210)
 # CRD / mdistiller protocol: the light-weight students train with LR 0.01 instead of 0.05.
 STUDENT_LR = {"shufflenetv2": 0.01, "mobilenetv2": 0.01}
-SETTINGS = {"method": None, "pair": None, "seeds": 3, "seed0": 0, "epochs": STANDARD_EPOCHS, "jobs": 1,
-            "teacher": None, "fast": "auto", "runs": "runs/bench-classifier", "out": None}
 FAST = ["trainer.mixed_precision=bf16", "trainer.channels_last=true", "trainer.compile=true"]
+
+
+@dataclass
+class ClassifierBenchOptions:
+    """`kdkit bench classifier method=NAME pair=TEACHER-STUDENT [key=value ...] [recipe overrides a.b=v ...]`."""
+
+    method: str | None = None  # teacher, baseline, or a distillation method with a recipe (kd, dkd, ...)
+    pair: str | None = None  # TEACHER-STUDENT, e.g. resnet32x4-resnet8x4
+    seeds: PositiveInt = 3
+    seed0: NonNegInt = 0  # the first seed
+    epochs: PositiveInt = STANDARD_EPOCHS  # < 240: a shorter protocol (milestones and warm-ups scaled)
+    jobs: PositiveInt = 1  # runs at once
+    teacher: ExistingPath | None = None  # a teacher checkpoint instead of the newest recorded teacher row
+    fast: Literal["auto"] | bool = "auto"  # bf16 + channels_last + compile (auto: on CUDA)
+    runs: str = "runs/bench-classifier"
+    out: str | None = None  # result folder (default: leaderboards/results/classifier-cifar10, and the table)
+
+    def validate(self, at: str) -> None:
+        if not self.method or not self.pair:
+            raise ConfigError("kdkit bench classifier needs method=NAME and pair=TEACHER-STUDENT")
+        method_recipe(self.method, *parse_pair(self.pair))  # an unknown method or model, named
 
 
 def parse_pair(pair: str) -> tuple[str, str]:
@@ -95,9 +116,11 @@ def find_teacher(arch: str, out: str | None = None) -> dict | None:
     return None
 
 
-def bench_command(opts: dict) -> str:
-    keys = ["method", "pair", "seeds", "epochs"] + [k for k in ("seed0", "teacher") if opts.get(k) != SETTINGS[k]]
-    return "kdkit bench classifier " + " ".join([f"{k}={opts[k]}" for k in keys] + opts["overrides"])
+def bench_command(opts: ClassifierBenchOptions, overrides: list[str]) -> str:
+    defaults = ClassifierBenchOptions(method=opts.method, pair=opts.pair)
+    keys = ["method", "pair", "seeds", "epochs"] + [k for k in ("seed0", "teacher")
+                                                     if getattr(opts, k) != getattr(defaults, k)]
+    return "kdkit bench classifier " + " ".join([f"{k}={getattr(opts, k)}" for k in keys] + overrides)
 
 
 def _launch(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -107,75 +130,70 @@ def _launch(cmd: list[str], log: Path) -> subprocess.Popen:
 
 
 def run_classifier(settings: list[str]) -> list[dict]:
-    opts = dict(SETTINGS)
     extra = [s for s in settings if "." in s.partition("=")[0]]  # recipe overrides, passed through verbatim
-    for key, value in parse_overrides([s for s in settings if s not in extra]).items():
-        if key not in SETTINGS:
-            raise ConfigError(f"unknown bench setting '{key}'; allowed: {', '.join(SETTINGS)} or recipe overrides "
-                              "like losses.dkd.beta=4")
-        opts[key] = value
-    opts["overrides"] = extra
-    if not opts["method"] or not opts["pair"]:
-        raise ConfigError("kdkit bench classifier needs method=NAME and pair=TEACHER-STUDENT")
-    t_arch, s_arch = parse_pair(opts["pair"])
-    epochs, seeds, jobs = int(opts["epochs"]), int(opts["seeds"]), max(1, int(opts["jobs"]))
-    verb, recipe_name, overrides = method_recipe(str(opts["method"]), t_arch, s_arch)
+    opts = bench_options(ClassifierBenchOptions, [s for s in settings if s not in extra])
+    t_arch, s_arch = parse_pair(opts.pair)
+    verb, recipe_name, overrides = method_recipe(opts.method, t_arch, s_arch)
     overrides += extra
     recipe = load_recipe(recipe_name, overrides)
-    overrides += protocol_overrides(epochs, recipe)
+    overrides += protocol_overrides(opts.epochs, recipe)
     import torch
 
-    fast = opts["fast"] == "auto" and torch.cuda.is_available() or opts["fast"] is True
+    fast = opts.fast == "auto" and torch.cuda.is_available() or opts.fast is True
     if fast:
         overrides += FAST
     teacher_row = None
     if verb == "distill":
-        if opts["teacher"]:
-            path = Path(str(opts["teacher"]))
+        if opts.teacher:
+            path = Path(opts.teacher)
             path = path / "model.safetensors" if path.is_dir() else path
             if not path.is_file():
-                raise ConfigError(f"teacher={opts['teacher']}: no such checkpoint")
+                raise ConfigError(f"teacher={opts.teacher}: no such checkpoint")
             teacher_row = {"checkpoint": {"path": str(path), "sha256": sha256(path)}, "final_acc": None,
                            "epochs": None}
         else:
-            teacher_row = find_teacher(t_arch, opts["out"])
+            teacher_row = find_teacher(t_arch, opts.out)
             if teacher_row is None:
-                raise KdkitError(f"no trained {t_arch} teacher recorded in {results_dir(opts['out'])}: run "
-                                 f"`kdkit bench classifier method=teacher pair={opts['pair']} seeds=1 "
-                                 f"epochs={epochs}` first, or pass teacher=PATH")
+                raise KdkitError(f"no trained {t_arch} teacher recorded in {results_dir(opts.out)}: run "
+                                 f"`kdkit bench classifier method=teacher pair={opts.pair} seeds=1 "
+                                 f"epochs={opts.epochs}` first, or pass teacher=PATH")
         overrides.append(f"teacher.checkpoint={teacher_row['checkpoint']['path']}")
+    from ..train.build import check_recipe
 
-    command = bench_command(opts)
+    check_recipe(load_recipe(recipe_name, overrides), verb)  # what each seed's run checks, before any of them
+
+    epochs, seeds, jobs = opts.epochs, opts.seeds, opts.jobs
+    command = bench_command(opts, extra)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     procs: list[tuple[int, str, subprocess.Popen]] = []
-    pending = list(range(int(opts["seed0"]), int(opts["seed0"]) + seeds))
+    pending = list(range(opts.seed0, opts.seed0 + seeds))
     rows = []
     while pending or procs:
         while pending and len(procs) < jobs:
             seed = pending.pop(0)
-            name = f"{opts['method']}-{opts['pair']}-e{epochs}-s{seed}-{stamp}"
+            name = f"{opts.method}-{opts.pair}-e{epochs}-s{seed}-{stamp}"
             cmd = [sys.executable, "-m", "kdkit.cli", verb, f"recipe={recipe_name}", *overrides,
-                   f"trainer.seed={seed}", f"name={name}", f"output_dir={opts['runs']}", "trainer.progress=false"]
+                   f"trainer.seed={seed}", f"name={name}", f"output_dir={opts.runs}", "trainer.progress=false"]
             print(f"[seed {seed}] {' '.join(cmd[2:])}", flush=True)
-            procs.append((seed, name, _launch(cmd, Path(opts["runs"]) / f"{name}.log")))
+            procs.append((seed, name, _launch(cmd, Path(opts.runs) / f"{name}.log")))
         time.sleep(2)
         for item in list(procs):
             seed, name, proc = item
             if proc.poll() is None:
                 continue
             procs.remove(item)
-            run_dir = Path(opts["runs"]) / name
+            run_dir = Path(opts.runs) / name
             if proc.returncode != 0:
                 print(f"[seed {seed}] FAILED (exit {proc.returncode}); log: {run_dir}.log", flush=True)
                 continue
             rows.append(_record(opts, command, verb, recipe_name, overrides, seed, run_dir, t_arch, s_arch,
                                 epochs, fast, teacher_row))
     if len(rows) != seeds:
-        raise KdkitError(f"{seeds - len(rows)} of {seeds} runs failed; see the logs in {opts['runs']}")
+        raise KdkitError(f"{seeds - len(rows)} of {seeds} runs failed; see the logs in {opts.runs}")
     accs = [r["final_acc"] for r in rows]
-    print(f"{opts['method']} {opts['pair']} ({epochs} epochs): final test acc " +
+    print(f"{opts.method} {opts.pair} ({epochs} epochs): final test acc " +
           ", ".join(f"{a:.2f}" for a in accs))
-    if not opts["out"]:
+    if not opts.out:
         print(f"wrote {write_markdown()}")
     return rows
 
@@ -186,8 +204,8 @@ def _record(opts, command, verb, recipe_name, overrides, seed, run_dir: Path, t_
     summary = metrics["summary"]
     weights = run_dir / "model.safetensors"
     row = {
-        "kind": KIND, "method": opts["method"], "pair": opts["pair"], "teacher": t_arch,
-        "student": t_arch if opts["method"] == "teacher" else s_arch, "seed": seed, "epochs": epochs,
+        "kind": KIND, "method": opts.method, "pair": opts.pair, "teacher": t_arch,
+        "student": t_arch if opts.method == "teacher" else s_arch, "seed": seed, "epochs": epochs,
         "shorter_protocol": epochs != STANDARD_EPOCHS, "fast": bool(fast),
         "final_acc": summary["final_acc"], "best_acc": summary["best_acc"],
         "teacher_acc": summary.get("teacher_acc"), "train_seconds": summary["train_seconds"],
@@ -199,9 +217,9 @@ def _record(opts, command, verb, recipe_name, overrides, seed, run_dir: Path, t_
         f" trainer.seed={seed}", "git_commit": git_commit(),
         "hardware": hardware(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    out = results_dir(opts["out"])
+    out = results_dir(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{opts['method']}__{opts['pair']}__e{epochs}__s{seed}.json").write_text(json.dumps(row, indent=1))
+    (out / f"{opts.method}__{opts.pair}__e{epochs}__s{seed}.json").write_text(json.dumps(row, indent=1))
     print(f"[seed {seed}] final {row['final_acc']:.2f}% best {row['best_acc']:.2f}% "
           f"({row['train_seconds']:.0f} s, {row['images_per_s']:.0f} img/s)", flush=True)
     return row

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import re
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..condense.catalog import KINDS
+from ..config import PositiveInt, show
 from ..errors import ConfigError
-from .results import RESULTS_DIR, read_results, split_settings, write_result
+from .results import RESULTS_DIR, bench_options, read_results, write_result
 
 KIND = "condense-graphs"
 MARKDOWN = RESULTS_DIR.parent / "condense-graphs.md"
@@ -22,23 +25,33 @@ DEFAULT_DATASETS = ("nci1", "mutag", "proteins", "ptc_mr", "nci109")
 PAPER = {("nci1", "gcn"): {"mirage": 68.20, "random": 60.72}}
 
 
-def _parse(settings: list[str]) -> tuple[dict, list[str]]:
-    return split_settings(settings, {"datasets": ",".join(DEFAULT_DATASETS), "gnns": "gcn,gin", "seeds": "5",
-                                     "out": None, "runs": "runs/bench-condense-graphs"})
+@dataclass
+class CondenseGraphsBench:
+    """The bench's own options; any other `key=value` is a `kdkit condense` setting for every dataset."""
+
+    datasets: list[str] | str = field(default_factory=lambda: list(DEFAULT_DATASETS))  # a list or a comma list
+    gnns: list[str] | str = "gcn,gin"
+    seeds: PositiveInt = 5
+    out: str | None = None  # write result files here and leave the leaderboard alone
+    runs: str = "runs/bench-condense-graphs"  # where the run folders go
+
+    def validate(self, at: str) -> None:
+        names = self.datasets.split(",") if isinstance(self.datasets, str) else self.datasets
+        self.datasets = [d.strip().lower() for d in names if d.strip()]
+        bad = [d for d in self.datasets if d not in KINDS["graph"].datasets]
+        if bad or not self.datasets:
+            raise ConfigError(f"{at}datasets={show(names)} is not allowed: expected TU sets from "
+                              f"{', '.join(KINDS['graph'].datasets)} (a list, or a comma list)")
 
 
 def run_condense_graphs(settings: list[str]) -> list[dict]:
     """Run every dataset, write one result per dataset x GNN, regenerate the leaderboard (unless out=DIR)."""
     from ..condense.graph_run import build_config, run_graph_condense
 
-    opts, overrides = _parse(settings)
-    datasets = [d for d in opts["datasets"].split(",") if d]
-    try:
-        seeds = int(opts["seeds"])
-    except ValueError:
-        raise ConfigError(f"seeds must be an integer, got {opts['seeds']!r}") from None
-    configs = [build_config(d, overrides, gnns=opts["gnns"], seeds=seeds, output_dir=opts["runs"]) for d in datasets]
-    out = Path(opts["out"]) if opts["out"] else None
+    opts, overrides = bench_options(CondenseGraphsBench, list(settings), passthrough=True)
+    gnns = opts.gnns if isinstance(opts.gnns, str) else ",".join(opts.gnns)
+    configs = [build_config(d, overrides, gnns=gnns, seeds=opts.seeds, output_dir=opts.runs) for d in opts.datasets]
+    out = Path(opts.out) if opts.out else None
     rows = []
     for cfg in configs:
         metrics = run_graph_condense(cfg)

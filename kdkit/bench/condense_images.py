@@ -15,9 +15,13 @@ expert count/length) is stored in the row and printed in the table, so no CPU ro
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from .results import RESULTS_DIR, read_results, write_result
+from ..config import PositiveInt, bad_value, coerce
+from ..errors import ConfigError
+from .results import RESULTS_DIR, bench_options, read_results, write_result
 
 KIND = "condense-cifar10"
 TABLE = Path(__file__).resolve().parents[2] / "leaderboards" / "condense-cifar10.md"
@@ -31,52 +35,96 @@ PAPER_BUDGET = {"dm": "20,000 iterations, full train set, width 128, eval 1,000 
                 "cvdd": "committee ResNet-18/50, ShuffleNetV2, MobileNetV2, DenseNet-121 (200 epochs each), "
                         "2 voters, 4,000 iterations per batch, 300 epochs of crop labels, ResNet-18 student 300 "
                         "epochs"}
-CVDD_KEYS = ("preset", "members", "member_epochs", "iterations", "recover_lr", "patch_candidates", "train_subset",
+CVDD_KEYS = ("recipe", "members", "member_epochs", "iterations", "recover_lr", "patch_candidates", "train_subset",
              "test_subset", "eval_student", "eval_epochs", "eval_nets")
 SHORTENING_KEYS = ("iterations", "train_subset", "test_subset", "width", "eval_epochs", "eval_nets", "batch_real",
                    "experts", "expert_epochs", "syn_steps", "tesla", "zca")
 
 
-def _split(settings: list[str]) -> tuple[dict, list[str]]:
-    own, rest = {}, []
-    for item in settings:
-        key, _, value = item.partition("=")
-        if key in ("methods", "ipcs", "table"):
-            own[key] = value
-        else:
-            rest.append(item)
-    return own, rest
+@dataclass
+class CondenseImagesBench:
+    """The bench's own options; any other `key=value` is a `kdkit condense` setting, given to each method that has
+    it (`experts=10` reaches mtt and datm, not dm) and refused when none has."""
+
+    methods: list[str] | str = "dm"  # a list or a comma list
+    ipcs: list[PositiveInt] | PositiveInt | str = 10  # a list or a comma list
+    table: Literal["run", "only", "speed"] = "run"  # only: regenerate the table; speed: `run_tm_speed`
+
+    def validate(self, at: str) -> None:
+        self.methods = [m.strip() for m in (self.methods.split(",") if isinstance(self.methods, str)
+                                            else self.methods) if m.strip()]
+        ipcs = self.ipcs
+        items = ipcs.split(",") if isinstance(ipcs, str) else ipcs if isinstance(ipcs, list) else [ipcs]
+        try:
+            self.ipcs = [coerce(int(str(i).strip()), PositiveInt, f"{at}ipcs") for i in items]
+        except ValueError:
+            raise bad_value(f"{at}ipcs", ipcs, "integers >= 1 (a list, or a comma list such as 1,10)") from None
+
+
+@dataclass
+class TMSpeedBench:
+    """`table=speed`: seconds per trajectory-matching iteration, unrolled vs constant-memory, per N."""
+
+    table: Literal["speed"] = "speed"
+    steps: list[PositiveInt] | PositiveInt | str = "30,80"  # syn_steps N to time (a comma list)
+    ipc: PositiveInt = 10
+    width: PositiveInt = 128
+    iters: PositiveInt = 5
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self, at: str) -> None:
+        items = self.steps.split(",") if isinstance(self.steps, str) else self.steps \
+            if isinstance(self.steps, list) else [self.steps]
+        try:
+            self.steps = [coerce(int(str(i).strip()), PositiveInt, f"{at}steps") for i in items]
+        except ValueError:
+            raise bad_value(f"{at}steps", self.steps, "integers >= 1 (a comma list such as 30,80)") from None
+
+
+def _configs(opts: CondenseImagesBench, rest: list[str]) -> list:
+    """Every (method, IPC) config, validated before the first run; each method gets the settings it has."""
+    from ..condense.image_run import build_image_config
+    from ..condense.resolve import setting_names
+
+    accepted = {m: setting_names("image", "cifar10", m) for m in opts.methods}
+    for item in rest:
+        key = item.partition("=")[0].strip().split(".")[0]
+        if not any(key in names for names in accepted.values()):
+            raise ConfigError(f"unknown setting '{key}' for methods {', '.join(opts.methods)}; settings: "
+                              f"{', '.join(sorted(set().union(*accepted.values()) - {'options'}))}")
+    return [build_image_config("cifar10", method, [s for s in rest if s.partition("=")[0].strip().split(".")[0]
+                                                   in accepted[method]] + ["baseline=true"], ipc=ipc)
+            for method in opts.methods for ipc in opts.ipcs]
 
 
 def run_condense_images(settings: list[str] | None = None) -> Path:
-    from ..condense.image_run import build_image_config, run_image_condense
+    from ..condense.image_run import run_image_condense
 
-    own, rest = _split(list(settings or []))
-    if own.get("table") == "speed":
-        return run_tm_speed(rest)
-    if own.get("table") != "only":
-        for method in own.get("methods", "dm").split(","):
-            for ipc in [int(x) for x in own.get("ipcs", "10").split(",")]:
-                cfg = build_image_config("cifar10", method.strip(), rest + ["baseline=true"], ipc=ipc)
-                m = run_image_condense(cfg)
-                record = {"method": cfg.method, "ipc": ipc, "protocol": cfg.eval,
-                          "acc_mean": 100 * m["eval"]["mean"], "acc_std": 100 * m["eval"]["std"],
-                          "random_real_mean": 100 * m["random_real"]["mean"],
-                          "random_real_std": 100 * m["random_real"]["std"],
-                          "image_bytes": m["eval"]["image_bytes"], "label_bytes": m["eval"]["label_bytes"],
-                          "condense_seconds": m["condense_seconds"], "run_dir": m["run_dir"],
-                          "settings": {k: getattr(cfg, k) for k in
-                                       (CVDD_KEYS if cfg.method == "cvdd" else SHORTENING_KEYS)}}
-                if cfg.method == "cvdd":
-                    rr = m["random_real_relabelled"]
-                    record.update({"random_real_relabelled_mean": 100 * rr["mean"],
-                                   "random_real_relabelled_std": 100 * rr["std"],
-                                   "student": m["eval"]["student"], "committee": m["committee"],
-                                   "relabel_seconds": m["relabel_seconds"]})
-                print(f"wrote {write_result(KIND, record)}")
-    path = write_table()
-    print(f"wrote {path}")
-    return path
+    settings = list(settings or [])
+    if any(s.partition("=")[0].strip() == "table" and s.partition("=")[2].strip() == "speed" for s in settings):
+        return run_tm_speed(bench_options(TMSpeedBench, settings))
+    opts, rest = bench_options(CondenseImagesBench, settings, passthrough=True)
+    if opts.table == "only" and rest:
+        raise ConfigError(f"table=only regenerates the table from the result files; it takes no settings ({rest[0]})")
+    if opts.table != "only":
+        for cfg in _configs(opts, rest):
+            m = run_image_condense(cfg)
+            record = {"method": cfg.method, "ipc": cfg.ipc, "protocol": cfg.eval,
+                      "acc_mean": 100 * m["eval"]["mean"], "acc_std": 100 * m["eval"]["std"],
+                      "random_real_mean": 100 * m["random_real"]["mean"],
+                      "random_real_std": 100 * m["random_real"]["std"],
+                      "image_bytes": m["eval"]["image_bytes"], "label_bytes": m["eval"]["label_bytes"],
+                      "condense_seconds": m["condense_seconds"], "run_dir": m["run_dir"],
+                      "settings": {k: cfg.setting(k) for k in
+                                   (CVDD_KEYS if cfg.method == "cvdd" else SHORTENING_KEYS)}}
+            if cfg.method == "cvdd":
+                rr = m["random_real_relabelled"]
+                record.update({"random_real_relabelled_mean": 100 * rr["mean"],
+                               "random_real_relabelled_std": 100 * rr["std"],
+                               "student": m["eval"]["student"], "committee": m["committee"],
+                               "relabel_seconds": m["relabel_seconds"]})
+            print(f"wrote {write_result(KIND, record)}")
+    return write_table()  # `kdkit bench` prints the path
 
 
 def write_table(results_dir: Path | None = None, out: Path | None = None) -> Path:
@@ -148,7 +196,7 @@ def write_table(results_dir: Path | None = None, out: Path | None = None) -> Pat
     return out
 
 
-def run_tm_speed(settings: list[str]) -> Path:
+def run_tm_speed(opts: TMSpeedBench) -> Path:
     """Seconds per trajectory-matching iteration and peak memory, unrolled vs constant-memory, per N.
 
     `kdkit bench condense-images table=speed steps=30,80 ipc=10 width=128 iters=5`: ConvNet-3 on 32x32 images,
@@ -162,11 +210,10 @@ def run_tm_speed(settings: list[str]) -> Path:
 
     from ..condense.convnet_functional import FlatConvNet, make_convnet
     from ..condense.trajectory import constant_memory_grads, make_plan, unrolled_matching_loss
+    from ..run import pick_device
 
-    opts = dict(item.split("=", 1) for item in settings)
-    steps = [int(x) for x in opts.get("steps", "30,80").split(",")]
-    ipc, width, iters = int(opts.get("ipc", 10)), int(opts.get("width", 128)), int(opts.get("iters", 5))
-    dev = torch.device(opts.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
+    steps, ipc, width, iters = opts.steps, opts.ipc, opts.width, opts.iters
+    dev = pick_device(opts.device)
     torch.manual_seed(0)
     net = FlatConvNet(make_convnet(10, width=width).to(dev))
     start = net.flatten()
@@ -197,9 +244,7 @@ def run_tm_speed(settings: list[str]) -> Path:
             rows.append({"syn_steps": n, "mode": mode, "sec_per_iter": sum(times) / len(times),
                          "peak_bytes": peak, "ipc": ipc, "width": width, "iters": iters})
             print(rows[-1])
-    path = write_result(KIND + "-speed", {"rows": rows, "device_used": str(dev)})
-    print(f"wrote {path}")
-    return path
+    return write_result(KIND + "-speed", {"rows": rows, "device_used": str(dev)})  # `kdkit bench` prints it
 
 
 __all__ = ["run_condense_images", "run_tm_speed", "write_table", "RESULTS_DIR"]

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
-from .results import RESULTS_DIR, run_kdkit, run_record, split_settings
+from ..config import PositiveInt
+from ..errors import ConfigError
+from .results import RESULTS_DIR, bench_options, run_kdkit, run_record
 
 KIND = "cot"
 MARKDOWN = RESULTS_DIR.parent / "cot-gsm8k.md"
@@ -21,35 +24,60 @@ VARIANTS = {"answer_only": ["cot.sft=answer_only", "cot.redi=false"], "rationale
                                                                                          "cot.redi=true"]}
 
 
+@dataclass
+class CoTBench:
+    """`kdkit bench cot` options; any other `key=value` is an override of the recipe, checked before any run."""
+
+    recipe: str = "cot-math-small"
+    seeds: PositiveInt = 1
+    runs: str = "runs/bench-cot"  # the run folders' output_dir
+    out: str | None = None  # result files here instead of leaderboards/results/cot (and no table)
+
+
+def _check_runs(opts: CoTBench, overrides: list[str]) -> None:
+    """Every run this bench will start, validated as `kdkit distill` would validate it, before the first one."""
+    from ..config import load_recipe
+    from ..llm.cot_pipeline import check_recipe
+
+    for seed in range(opts.seeds):
+        for variant, extra in VARIANTS.items():
+            recipe = load_recipe(opts.recipe, [*overrides, *extra, f"trainer.seed={seed}", f"output_dir={opts.runs}",
+                                               f"name={opts.recipe}__{variant}__s{seed}"])
+            if recipe.task != "cot":
+                raise ConfigError(f"recipe={opts.recipe} is a task: {recipe.task} recipe; `kdkit bench cot` runs "
+                                  "task: cot recipes (e.g. cot-math-small, cot-math-cpu)")
+            check_recipe(recipe, "distill")
+
+
 def run_cot(settings: list[str]) -> list[dict]:
-    opts, overrides = split_settings(settings, {"recipe": "cot-math-small", "seeds": "1", "runs": "runs/bench-cot",
-                                                "out": None})
-    out = Path(opts["out"] or RESULTS_DIR / KIND)
+    opts, overrides = bench_options(CoTBench, settings, passthrough=True)
+    _check_runs(opts, overrides)
+    out = Path(opts.out or RESULTS_DIR / KIND)
     out.mkdir(parents=True, exist_ok=True)
     command = "kdkit bench cot " + " ".join(settings)
     rows, generations = [], None
-    for seed in range(int(opts["seeds"])):
+    for seed in range(opts.seeds):
         for variant, extra in VARIANTS.items():
-            name = f"{opts['recipe']}__{variant}__s{seed}"
+            name = f"{opts.recipe}__{variant}__s{seed}"
             reuse = [f"cot.generations={generations}"] if generations else []
             # the teacher and the untrained student answer the same questions in every run: evaluate each once
             skip_evals = [] if seed == 0 and variant == "rationale_redi" else ["cot.eval_teacher=false"]
             if seed > 0 or variant != "answer_only":
                 skip_evals.append("cot.eval_student_before=false")
-            cmd, wall = run_kdkit(["distill", f"recipe={opts['recipe']}", *overrides, *extra, *reuse, *skip_evals,
-                                   f"trainer.seed={seed}", f"output_dir={opts['runs']}", f"name={name}",
+            cmd, wall = run_kdkit(["distill", f"recipe={opts.recipe}", *overrides, *extra, *reuse, *skip_evals,
+                                   f"trainer.seed={seed}", f"output_dir={opts.runs}", f"name={name}",
                                    "trainer.progress=false"])
-            run = Path(opts["runs"]) / name
+            run = Path(opts.runs) / name
             report = json.loads((run / "report.json").read_text())
             if generations is None and (run / "generate" / "rationales").exists():
                 generations = str(run)
-            row = run_record(KIND, command, cmd, wall, recipe=opts["recipe"], variant=variant, seed=seed,
+            row = run_record(KIND, command, cmd, wall, recipe=opts.recipe, variant=variant, seed=seed,
                              overrides=overrides, accuracy=report["accuracy"], filter=report.get("filter"),
                              stage_seconds=report.get("stage_seconds"))
             (out / f"{name}.json").write_text(json.dumps(row, indent=1))
             rows.append(row)
             print(f"{name}: " + ", ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in report["accuracy"].items()))
-    if opts["out"] is None:
+    if opts.out is None:
         print(f"wrote {write_cot_markdown()}")
     return rows
 

@@ -24,33 +24,45 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
-from ..errors import ConfigError, KdkitError
-from .results import RESULTS_DIR, read_results, write_result
+from ..config import NonNegFloat, NonNegInt, PositiveInt, Range, bad_value
+from ..errors import KdkitError
+from .results import RESULTS_DIR, bench_options, read_results, write_result
 
 KIND = "generation"
 MARKDOWN = RESULTS_DIR.parent / "generation.md"
 REPO = Path(__file__).resolve().parents[2]
-DEFAULTS = {"model": "smollm2-135m-instruct", "prompts": "64", "max_new_tokens": "128", "n": "4",
-            "temperature": "0.7", "top_p": "1.0", "seed": "0", "dtype": "float32", "batch_size": "16",
-            "backends": "transformers,vllm", "threads": "1", "vllm_python": str(REPO / ".venv-vllm" / "bin" / "python"),
-            "split": "test", "out": None}
+BACKEND_NAMES = ("transformers", "vllm")
 
 
-def _parse(settings: list[str]) -> dict:
-    opts = dict(DEFAULTS)
-    for s in settings:
-        key, sep, value = s.partition("=")
-        if not sep:
-            raise ConfigError(f"setting '{s}' is not key=value")
-        if key not in opts:
-            raise ConfigError(f"unknown setting '{key}' for `kdkit bench generation`; choices: {', '.join(opts)}")
-        opts[key] = value
-    unknown = sorted(set(opts["backends"].split(",")) - {"transformers", "vllm"})
-    if unknown:
-        raise ConfigError(f"backends: unknown {unknown}; choices: transformers, vllm")
-    return opts
+@dataclass
+class GenerationBench:
+    """`kdkit bench generation` options (the model, the prompts, the sampling, each backend's worker)."""
+
+    model: str = "smollm2-135m-instruct"
+    prompts: PositiveInt = 64  # the first N GSM8K questions of `split`
+    max_new_tokens: PositiveInt = 128
+    n: PositiveInt = 4  # completions per prompt
+    temperature: NonNegFloat = 0.7  # 0 = greedy
+    top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
+    seed: NonNegInt = 0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    batch_size: PositiveInt = 16  # prompts per transformers `generate` call
+    backends: str | list[str] = "transformers,vllm"  # a comma list or a list of transformers, vllm
+    threads: PositiveInt = 1
+    vllm_python: str = str(REPO / ".venv-vllm" / "bin" / "python")
+    split: Literal["train", "test"] = "test"
+    out: str | None = None  # result files here instead of leaderboards/results/generation (and no table)
+
+    def validate(self, at: str) -> None:
+        names = self.backends.split(",") if isinstance(self.backends, str) else self.backends
+        self.backends = [b.strip() for b in names if b.strip()]
+        unknown = [b for b in self.backends if b not in BACKEND_NAMES]
+        if unknown or not self.backends:
+            raise bad_value(f"{at}backends", ",".join(names), "a comma list of transformers, vllm")
 
 
 def gsm8k_prompts(model: str, count: int, split: str = "test") -> list[str]:
@@ -66,30 +78,29 @@ def gsm8k_prompts(model: str, count: int, split: str = "test") -> list[str]:
 
 def run_generation(settings: list[str]) -> list[dict]:
     """Time each backend on the same prompts; one result file per backend; regenerate the leaderboard."""
-    opts = _parse(settings)
-    backends = [b for b in opts["backends"].split(",") if b]
-    prompts = gsm8k_prompts(opts["model"], int(opts["prompts"]), opts["split"])
-    spec = {"n": int(opts["n"]), "temperature": float(opts["temperature"]), "top_p": float(opts["top_p"]),
-            "max_new_tokens": int(opts["max_new_tokens"]), "seed": int(opts["seed"])}
-    job = {"model": opts["model"], "dtype": opts["dtype"], "batch_size": int(opts["batch_size"]), "spec": spec,
-           "prompts": prompts, "threads": int(opts["threads"])}
-    setting = {"model": opts["model"], "prompts": len(prompts), "dataset": f"gsm8k/{opts['split']}", **spec,
-               "dtype": opts["dtype"], "threads": int(opts["threads"])}
+    opts = bench_options(GenerationBench, settings)
+    if "vllm" in opts.backends and not Path(opts.vllm_python).is_file():
+        raise KdkitError(f"the vLLM side runs in its own environment, and {opts.vllm_python} does not exist: build it "
+                         "with `make vllm-env` (or pass vllm_python=PATH, or backends=transformers)")
+    prompts = gsm8k_prompts(opts.model, opts.prompts, opts.split)
+    spec = {"n": opts.n, "temperature": opts.temperature, "top_p": opts.top_p, "max_new_tokens": opts.max_new_tokens,
+            "seed": opts.seed}
+    job = {"model": opts.model, "dtype": opts.dtype, "batch_size": opts.batch_size, "spec": spec,
+           "prompts": prompts, "threads": opts.threads}
+    setting = {"model": opts.model, "prompts": len(prompts), "dataset": f"gsm8k/{opts.split}", **spec,
+               "dtype": opts.dtype, "threads": opts.threads}
     rows = []
-    for backend in backends:
-        python = sys.executable if backend == "transformers" else opts["vllm_python"]
-        if backend == "vllm" and not Path(python).is_file():
-            raise KdkitError(f"the vLLM side runs in its own environment, and {python} does not exist: build it with "
-                             "`make vllm-env` (or pass vllm_python=PATH, or backends=transformers)")
+    for backend in opts.backends:
+        python = sys.executable if backend == "transformers" else opts.vllm_python
         measured = _run_worker(python, backend, job)
         row = {"backend": backend, "setting": setting, **measured}
         if backend == "transformers":
             row["batch_size"] = job["batch_size"]
-        path = write_result(KIND, row, Path(opts["out"]) if opts["out"] else None)
+        path = write_result(KIND, row, Path(opts.out) if opts.out else None)
         rows.append(row)
         print(f"{backend}: {measured['tokens_per_s']:.1f} generated tokens/s ({measured['generated_tokens']} tokens, "
               f"{measured['generate_s']:.1f} s; load {measured['load_s']:.1f} s) -> {path}")
-    if opts["out"] is None:
+    if opts.out is None:
         print(f"wrote {write_generation_markdown()}")
     return rows
 

@@ -23,46 +23,75 @@ import re
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+import yaml
 
-from ..config import parse_overrides
-from ..errors import ConfigError
-from .results import RESULTS_DIR, git_commit, hardware
+from ..config import NonNegInt, PositiveFloat, PositiveInt, bad_value, coerce
+from ..losses.token import DIVERGENCES, JSDBeta
+from .results import RESULTS_DIR, bench_options, git_commit, hardware
 
 IMPLS = ("plain", "liger", "kdkit-triton", "kdkit-torch")
 GOALS = ("faster than Liger on every shape", "at least 1.3x Liger's speed on the large shapes "
          f"(>= {2e13:.0e} FLOPs per step)", "peak memory at most Liger's",
          "at least 60% of the measured bf16 matmul roofline")
 LARGE_FLOPS = 2e13
-DEFAULTS = {"divergences": "jsd", "tokens": None, "hidden": None, "teacher_hidden": None, "vocab": None,
-            "dtype": None, "impls": None, "repeats": None, "warmup": None, "chunk_size": None, "beta": 0.5,
-            "T": 1.0, "out": None}
 CUDA_GRID = {"tokens": [4096, 16384], "hidden": [2048, 4096], "vocab": [49152, 151936]}
 CPU_SHAPES = [(2048, 576, 49152), (512, 576, 8192)]  # SmolLM2-135M's hidden size and vocabulary, and a small one
 
 
+Axis = PositiveInt | list[PositiveInt] | str | None  # 4096, [4096, 16384] or "4096,16384"
+
+
+@dataclass
+class KernelOptions:
+    """`kdkit bench kernels [key=value ...]`; unset values take the device's defaults (CUDA grid or CPU shapes)."""
+
+    divergences: str = "jsd"  # comma list of token divergences
+    tokens: Axis = None  # any of tokens/hidden/vocab replaces that axis of the default grid
+    hidden: Axis = None
+    vocab: Axis = None
+    teacher_hidden: PositiveInt | None = None  # default: the student's hidden size
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: bfloat16 on CUDA, float32 on CPU
+    impls: str | None = None  # comma list of IMPLS (default: all on CUDA, plain,kdkit-torch on CPU)
+    repeats: PositiveInt | None = None  # timed repeats (default 10 on CUDA, 2 on CPU)
+    warmup: NonNegInt | None = None  # untimed repeats after the first (default 3 on CUDA, 1 on CPU)
+    chunk_size: PositiveInt | None = None  # tokens per chunk of the fused kernels (default 1024 on CUDA, 256 on CPU)
+    beta: JSDBeta = 0.5
+    T: PositiveFloat = 1.0
+    out: str | None = None  # result folder (default: leaderboards/results/kernels, and the table)
+
+    def validate(self, at: str) -> None:
+        for key, allowed in (("divergences", DIVERGENCES), ("impls", IMPLS)):
+            value = getattr(self, key)
+            if value is not None and (not _list(value, str) or set(_list(value, str)) - set(allowed)):
+                raise bad_value(f"{at}{key}", value, f"a comma list of {', '.join(allowed)}")
+        for key in ("tokens", "hidden", "vocab"):
+            value = getattr(self, key)
+            if value is not None:
+                setattr(self, key, [coerce(v, PositiveInt, f"{at}{key}") for v in _list(value, yaml.safe_load)])
+
+
 def run_kernels(settings: list[str]) -> Path:
     """Measure every (shape, divergence, implementation), write the device's JSON (and the leaderboard)."""
-    opts = _options(settings)
+    o = bench_options(KernelOptions, settings)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = getattr(torch, opts["dtype"] or ("bfloat16" if cuda else "float32"))
-    impls = _list(opts["impls"] or ("plain,liger,kdkit-triton,kdkit-torch" if cuda else "plain,kdkit-torch"), str)
-    for impl in impls:
-        if impl not in IMPLS:
-            raise ConfigError(f"unknown impl '{impl}'; choices: {', '.join(IMPLS)}")
-    repeats = int(opts["repeats"] or (10 if cuda else 2))  # CPU: a JSD step at SmolLM2 size takes ~25 s on 2 cores
+    dtype = getattr(torch, o.dtype or ("bfloat16" if cuda else "float32"))
+    impls = _list(o.impls or ("plain,liger,kdkit-triton,kdkit-torch" if cuda else "plain,kdkit-torch"), str)
+    repeats = o.repeats or (10 if cuda else 2)  # CPU: a JSD step at SmolLM2 size takes ~25 s on 2 cores
     # CPU: 256-token chunks, so the SmolLM2 shape (2048 tokens) runs in 8 chunks and the memory bound shows.
-    opts["chunk_size"] = int(opts["chunk_size"] or (1024 if cuda else 256))
-    warmup = int(opts["warmup"] if opts["warmup"] is not None else (3 if cuda else 1))
+    opts = {"T": o.T, "beta": o.beta, "chunk_size": o.chunk_size or (1024 if cuda else 256)}
+    warmup = o.warmup if o.warmup is not None else (3 if cuda else 1)
     roofline = _matmul_tflops(dtype) if cuda else None
     command = " ".join(["kdkit bench kernels", *settings])
     rows = []
-    for tokens, hidden, vocab in _shapes(opts, cuda):
-        t_hidden = int(opts["teacher_hidden"] or hidden)
-        for divergence in _list(opts["divergences"], str):
+    for tokens, hidden, vocab in _shapes(o, cuda):
+        t_hidden = o.teacher_hidden or hidden
+        for divergence in _list(o.divergences, str):
             by_impl = {}
             for impl in impls:
                 row = {"impl": impl, "divergence": divergence, "tokens": tokens, "hidden": hidden,
@@ -80,19 +109,10 @@ def run_kernels(settings: list[str]) -> Path:
                 rows.append(row)
                 print(_line(row), flush=True)
             _compare(by_impl)
-    path = _write(rows, device, roofline, command, Path(opts["out"]) if opts["out"] else None)
-    if not opts["out"]:
+    path = _write(rows, device, roofline, command, Path(o.out) if o.out else None)
+    if not o.out:
         print(f"wrote {write_kernels_markdown()}")
     return path
-
-
-def _options(settings: list[str]) -> dict:
-    opts = dict(DEFAULTS)
-    for key, value in parse_overrides(settings).items():
-        if key not in DEFAULTS:
-            raise ConfigError(f"unknown bench setting '{key}'; allowed: {', '.join(DEFAULTS)}")
-        opts[key] = value
-    return opts
 
 
 def _list(value, kind) -> list:
@@ -101,15 +121,16 @@ def _list(value, kind) -> list:
     return [kind(str(v).strip()) for v in items if str(v).strip()]
 
 
-def _shapes(opts: dict, cuda: bool) -> list[tuple[int, int, int]]:
+def _shapes(o: KernelOptions, cuda: bool) -> list[tuple[int, int, int]]:
     """The CUDA grid or the CPU shapes; any of tokens/hidden/vocab given replaces that axis (a grid then)."""
-    if not any(opts[k] is not None for k in ("tokens", "hidden", "vocab")):
+    given = {k: getattr(o, k) for k in ("tokens", "hidden", "vocab")}
+    if all(v is None for v in given.values()):
         if cuda:
             return [(t, h, v) for t in CUDA_GRID["tokens"] for h in CUDA_GRID["hidden"] for v in CUDA_GRID["vocab"]]
         return list(CPU_SHAPES)
     base = CUDA_GRID if cuda else {"tokens": [CPU_SHAPES[0][0]], "hidden": [CPU_SHAPES[0][1]],
                                    "vocab": [CPU_SHAPES[0][2]]}
-    axes = {k: _list(opts[k], int) if opts[k] is not None else base[k] for k in ("tokens", "hidden", "vocab")}
+    axes = {k: v if v is not None else base[k] for k, v in given.items()}
     return [(t, h, v) for t in axes["tokens"] for h in axes["hidden"] for v in axes["vocab"]]
 
 

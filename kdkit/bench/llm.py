@@ -7,41 +7,66 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
-from .results import RESULTS_DIR, run_kdkit, run_record, split_settings
+from ..config import PositiveInt, bad_value, load_recipe
+from .results import RESULTS_DIR, bench_options, run_kdkit, run_record
 
 KIND = "llm"
 MARKDOWN = RESULTS_DIR.parent / "llm-distill.md"
 
 
+METHODS = {"kd": ("distill", []), "baseline": ("train", ["losses={}", "ce_weight=1.0"])}  # verb, extra overrides
+
+
+@dataclass
+class LLMBenchOptions:
+    """`kdkit bench llm [key=value ...] [recipe overrides ...]`."""
+
+    recipe: str = "smollm2-kd-small"
+    seeds: PositiveInt = 1
+    methods: str = "kd,baseline"  # comma list of kd, baseline
+    out: str | None = None  # result folder (default: leaderboards/results/llm, and the table)
+    runs: str = "runs/bench-llm"
+
+    def validate(self, at: str) -> None:
+        if not self.names() or set(self.names()) - set(METHODS):
+            raise bad_value(f"{at}methods", self.methods, f"a comma list of {', '.join(METHODS)}")
+
+    def names(self) -> list[str]:
+        return [m for m in self.methods.split(",") if m]
+
+
 def run_llm(settings: list[str]) -> list[dict]:
     """Run each method × seed as its own `kdkit` process (one fresh accelerate state each), write one JSON each."""
-    opts, overrides = split_settings(settings, {"recipe": "smollm2-kd-small", "seeds": "1", "methods": "kd,baseline",
-                                                "out": None, "runs": "runs/bench-llm"})
-    out = Path(opts["out"] or RESULTS_DIR / KIND)
+    from ..llm.build import check_recipe
+
+    opts, overrides = bench_options(LLMBenchOptions, settings, passthrough=True)
+    for method in opts.names():  # every run's recipe, checked before the first one starts
+        verb, extra = METHODS[method]
+        recipe = load_recipe(opts.recipe, [*overrides, *extra])
+        if recipe.task != "lm":
+            raise bad_value("recipe", opts.recipe, "an LM recipe (task: lm), e.g. smollm2-kd-small")
+        check_recipe(recipe, verb)
+    out = Path(opts.out or RESULTS_DIR / KIND)
     out.mkdir(parents=True, exist_ok=True)
-    methods = [m for m in opts["methods"].split(",") if m]
-    unknown = sorted(set(methods) - {"kd", "baseline"})
-    if unknown:
-        raise ConfigError(f"methods: unknown {unknown}; choices: kd, baseline")
     command = "kdkit bench llm " + " ".join(settings)
     rows = []
-    for seed in range(int(opts["seeds"])):
-        for method in methods:
-            name = f"{opts['recipe']}__{method}__s{seed}"
-            verb, extra = ("distill", []) if method == "kd" else ("train", ["losses={}", "ce_weight=1.0"])
-            cmd, wall = run_kdkit([verb, f"recipe={opts['recipe']}", *overrides, *extra, f"trainer.seed={seed}",
-                                   f"output_dir={opts['runs']}", f"name={name}", "trainer.progress=false"])
-            metrics = json.loads((Path(opts["runs"]) / name / "metrics.json").read_text())["summary"]
-            row = run_record(KIND, command, cmd, wall, recipe=opts["recipe"], method=method, seed=seed,
+    for seed in range(opts.seeds):
+        for method in opts.names():
+            name = f"{opts.recipe}__{method}__s{seed}"
+            verb, extra = METHODS[method]
+            cmd, wall = run_kdkit([verb, f"recipe={opts.recipe}", *overrides, *extra, f"trainer.seed={seed}",
+                                   f"output_dir={opts.runs}", f"name={name}", "trainer.progress=false"])
+            metrics = json.loads((Path(opts.runs) / name / "metrics.json").read_text())["summary"]
+            row = run_record(KIND, command, cmd, wall, recipe=opts.recipe, method=method, seed=seed,
                              overrides=overrides, metrics=metrics)
             (out / f"{name}.json").write_text(json.dumps(row, indent=1))
             rows.append(row)
             print(f"{name}: student ppl {metrics['student_ppl']:.3f} (before {metrics['student_ppl_before']:.3f}"
                   + (f", teacher {metrics['teacher_ppl']:.3f}" if metrics.get("teacher_ppl") else "") + ")")
-    if opts["out"] is None:
+    if opts.out is None:
         print(f"wrote {write_llm_markdown()}")
     return rows
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from ..config import load_recipe, parse_overrides
+from ..config import PositiveInt, bad_value, load_recipe
 from ..errors import ConfigError
-from .results import RESULTS_DIR, read_results, write_result
+from .results import RESULTS_DIR, bench_options, read_results, write_result
 
-DEFAULTS = {"teacher": "resnet32x4", "student": "resnet8x4", "batch": 64, "steps": 20, "warmup": 5,
-            "variants": "plain,fp32,bf16,channels_last", "compile_mode": None, "out": None}
 VARIANTS = {
     "plain": None,  # the straightforward PyTorch loop, not the Distiller
     "fp32": [],
@@ -25,22 +25,56 @@ VARIANTS = {
     "compile": ["trainer.compile=true"],
     "fast": ["trainer.mixed_precision=bf16", "trainer.channels_last=true", "trainer.compile=true"],
 }
+CIFAR_TRAIN = 50_000
+
+
+@dataclass
+class ThroughputOptions:
+    """`kdkit bench throughput [key=value ...]`."""
+
+    teacher: str = "resnet32x4"
+    student: str = "resnet8x4"
+    batch: PositiveInt = 64
+    steps: PositiveInt = 20  # timed optimiser steps
+    warmup: PositiveInt = 5  # untimed steps before them (the first stamp starts the clock)
+    variants: str = "plain,fp32,bf16,channels_last"  # comma list of VARIANTS
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    out: str | None = None  # result folder (default: leaderboards/results/throughput, and the table)
+
+    def validate(self, at: str) -> None:
+        from ..models import check_model
+
+        for v in self.names():
+            if v not in VARIANTS:
+                raise bad_value(f"{at}variants", self.variants, f"a comma list of {', '.join(VARIANTS)}")
+        check_model(self.teacher, {}, "teacher")
+        check_model(self.student, {}, "student")
+        if (self.steps + self.warmup) * self.batch > CIFAR_TRAIN:
+            raise ConfigError(f"(steps + warmup) * batch = {(self.steps + self.warmup) * self.batch} images: more than "
+                              f"CIFAR-10's {CIFAR_TRAIN:,} training images; lower steps, warmup or batch")
+
+    def names(self) -> list[str]:
+        return [v for v in self.variants.split(",") if v]
+
+
+def recipe_for(batch: int, steps: int, warmup: int, overrides: list[str]):
+    """The one-epoch CIFAR-10 recipe a kdkit variant times (validated before any work)."""
+    per_class = math.ceil((steps + warmup) * batch / 10)
+    return load_recipe("cifar10-240ep", [f"data.batch_size={batch}", f"data.train_per_class={per_class}",
+                                         "data.test_limit=64", "trainer.epochs=1", "trainer.progress=false",
+                                         "output_dir=runs/bench", "name=throughput", *overrides]), per_class
 
 
 def measure(teacher: str | None, student: str, batch: int, steps: int, warmup: int, overrides: list[str]) -> float:
     """Images/s over `steps` optimiser steps after `warmup` steps, KD (teacher set) or CE only."""
     from ..data import load_dataset_by_name
+    from ..data.subsets import balanced_subset
     from ..losses import KDLoss
     from ..models import build_model
     from ..train.distiller import Distiller
 
-    per_class = math.ceil((steps + warmup) * batch / 10)
-    recipe = load_recipe("cifar10-240ep", [f"data.batch_size={batch}", f"data.train_per_class={per_class}",
-                                           "data.test_limit=64", "trainer.epochs=1", "trainer.progress=false",
-                                           "output_dir=runs/bench", "name=throughput", *overrides])
+    recipe, per_class = recipe_for(batch, steps, warmup, overrides)
     train, test = load_dataset_by_name("cifar10", "train"), load_dataset_by_name("cifar10", "test")
-    from ..data.subsets import balanced_subset
-
     stamps: list[float] = []
     t_model = build_model(teacher) if teacher else None
     losses = {"kd": (0.9, KDLoss(T=4.0))} if teacher else {}
@@ -58,24 +92,21 @@ def measure(teacher: str | None, student: str, batch: int, steps: int, warmup: i
 
 
 def run_throughput(settings: list[str]) -> dict:
-    opts = dict(DEFAULTS)
-    for key, value in parse_overrides(settings).items():
-        if key not in DEFAULTS:
-            raise ConfigError(f"unknown bench setting '{key}'; allowed: {', '.join(DEFAULTS)}")
-        opts[key] = value
+    opts = bench_options(ThroughputOptions, settings)
+    extra = {v: VARIANTS[v] + ([f"trainer.compile_mode={opts.compile_mode}"] if opts.compile_mode else [])
+             for v in opts.names() if VARIANTS[v] is not None}
+    for overrides in extra.values():  # every recipe a variant runs, validated before the first measurement
+        recipe_for(opts.batch, opts.steps, opts.warmup, overrides)
     rows, plain = [], None
-    for variant in str(opts["variants"]).split(","):
-        if variant not in VARIANTS:
-            raise ConfigError(f"unknown variant '{variant}'; choices: {', '.join(VARIANTS)}")
-        args = (opts["batch"], opts["steps"], opts["warmup"])
+    for variant in opts.names():
+        args = (opts.batch, opts.steps, opts.warmup)
         if VARIANTS[variant] is None:
             from .plain_loop import measure_plain
 
-            alone, kd = measure_plain(None, opts["student"], *args), measure_plain(opts["teacher"], opts["student"], *args)
+            alone, kd = measure_plain(None, opts.student, *args), measure_plain(opts.teacher, opts.student, *args)
         else:
-            extra = VARIANTS[variant] + ([f"trainer.compile_mode={opts['compile_mode']}"] if opts["compile_mode"] else [])
-            alone = measure(None, opts["student"], *args, extra)
-            kd = measure(opts["teacher"], opts["student"], *args, extra)
+            alone = measure(None, opts.student, *args, extra[variant])
+            kd = measure(opts.teacher, opts.student, *args, extra[variant])
         row = {"variant": variant, "student_alone_img_s": alone, "kd_img_s": kd, "kd_over_alone": kd / alone}
         if variant == "plain":
             plain = row
@@ -85,12 +116,11 @@ def run_throughput(settings: list[str]) -> dict:
         vs = f"   KD vs plain loop {row['kd_over_plain_kd']:.2f}x" if "kd_over_plain_kd" in row else ""
         print(f"{variant:>14}: student alone {alone:8.1f} img/s   KD {kd:8.1f} img/s   ratio {kd / alone:.2f}{vs}",
               flush=True)
-    path = write_result("throughput", {"teacher": opts["teacher"], "student": opts["student"],
-                                       "batch": opts["batch"], "steps": opts["steps"],
-                                       "compile_mode": opts["compile_mode"], "rows": rows},
-                        Path(opts["out"]) if opts["out"] else None)
+    path = write_result("throughput", {"teacher": opts.teacher, "student": opts.student, "batch": opts.batch,
+                                       "steps": opts.steps, "compile_mode": opts.compile_mode, "rows": rows},
+                        Path(opts.out) if opts.out else None)
     print(f"wrote {path}")
-    if not opts["out"]:
+    if not opts.out:
         write_markdown()
     return {"rows": rows, "path": str(path)}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,21 @@ def parse_strategy(strategy: str) -> list[str]:
         raise ConfigError(f"unknown DSA op(s) {bad or strategy!r}; ops are {', '.join(OPS)} joined by '_' "
                           f"(default '{DEFAULT_STRATEGY}'), or 'none'")
     return ops
+
+
+@dataclass(frozen=True)
+class Ops:
+    """A DSA strategy option: ops joined by '_', or 'none' (checked beside the option's type)."""
+
+    def ok(self, v) -> bool:
+        ops = [s for s in str(v).split("_") if s]
+        return v == "none" or (bool(ops) and all(s in OPS for s in ops))
+
+    def describe(self) -> str:
+        return f"DSA ops ({', '.join(OPS)}) joined by '_', or 'none'"
+
+
+Strategy = Annotated[str, Ops()]
 
 
 def _rand(n: int, g: torch.Generator, siamese: bool) -> torch.Tensor:

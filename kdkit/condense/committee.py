@@ -3,11 +3,8 @@
 CV-DD (Cui et al., 2025) recovers images against several models at once and weighs each model by how well
 it did on held-out data (its "prior performance"), so a member is stored together with that accuracy.
 The paper's CIFAR committee is ResNet-18/50, ShuffleNetV2, MobileNetV2 and DenseNet-121 trained for hundreds
-of GPU epochs; the members here are named by `member_model` so that a CPU run can use small ones:
-
-- `convnet<D>_bn_w<W>`: ConvNet-D (batch norm, width W), e.g. `convnet3_bn_w32`;
-- any name in `kdkit.registry.MODELS` that has batch norm (`resnet20`, `resnet8x4`, ...), plus `resnet18`
-  (the CIFAR ResNet-18 of the relabel protocol).
+of GPU epochs; the members here are named as in `networks.member_model` (`convnet3_bn_w32`, `resnet18`, zoo
+batch-norm networks) so that a CPU run can use small ones.
 
 Every member needs BatchNorm2d layers: recovery matches their running statistics. A member trains with SGD
 (momentum 0.9, weight decay 5e-4, cosine schedule, random crop + flip) on `1 - val_fraction` of the given
@@ -19,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..checkpoint import clean_stale, load_model, read_metadata, save_model
+from ..errors import CheckpointError, ConfigError
 from .image_data import ImageSplit
-
-_CONVNET = re.compile(r"^convnet(\d)_bn_w(\d+)$")
+from .networks import member_model  # noqa: F401  (re-exported: `committee.member_model`)
 
 
 @dataclass
@@ -40,33 +36,6 @@ class Member:
     name: str
     model: nn.Module
     prior: float
-
-
-def member_model(name: str, num_classes: int, im_size: int = 32, in_channels: int = 3) -> nn.Module:
-    """A fresh, untrained member network by name (see the module docstring for the names)."""
-    m = _CONVNET.match(name)
-    if m:
-        from ..models.cifar.convnet import ConvNet
-
-        model = ConvNet(num_classes, width=int(m.group(2)), depth=int(m.group(1)), norm="batchnorm",
-                        im_size=im_size, in_channels=in_channels)
-    elif name == "resnet18":
-        from .image_eval import cifar_resnet18
-
-        model = cifar_resnet18(num_classes)
-    else:
-        import kdkit.models  # noqa: F401  (registers the zoo)
-        from ..registry import MODELS
-
-        if name not in MODELS:
-            raise ConfigError(f"unknown committee member '{name}'; use convnet<depth>_bn_w<width> (e.g. "
-                              f"convnet3_bn_w32), resnet18, or a batch-norm model of the zoo: "
-                              f"{', '.join(MODELS.names())}")
-        model = MODELS.get(name)(num_classes=num_classes)
-    if not any(isinstance(mod, nn.BatchNorm2d) for mod in model.modules()):
-        raise ConfigError(f"committee member '{name}' has no BatchNorm2d layer; CV-DD matches batch-norm "
-                          "statistics, so every member needs batch norm")
-    return model
 
 
 def parse_members(spec) -> list[str]:
@@ -144,29 +113,19 @@ def committee_dir(dataset: str, train: ImageSplit, settings: dict, root: str | P
 
 
 def save_member(member: Member, path: Path, settings: dict) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in member.model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"prior": repr(member.prior), "name": member.name,
-                                         "settings": json.dumps(settings, sort_keys=True)})
-    tmp.replace(path)
+    """The member's weights as safetensors (atomic), its prior and settings in the metadata."""
+    save_model(member.model, path, metadata={"prior": repr(member.prior), "name": member.name,
+                                             "settings": json.dumps(settings, sort_keys=True)})
 
 
 def load_member(name: str, path: Path, num_classes: int, im_size: int = 32, in_channels: int = 3,
                 device: torch.device | str = "cpu") -> Member:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    """A cached member (safetensors only; a damaged file is named, never half-read)."""
+    meta = read_metadata(path)
     if "prior" not in meta:
-        from ..errors import CheckpointError
-
         raise CheckpointError(f"{path} has no 'prior' metadata; delete it so the member is trained again")
     model = member_model(name, num_classes, im_size, in_channels)
-    model.load_state_dict(load_file(str(path)))
+    load_model(model, path)
     return Member(name, freeze(model.to(device)), float(meta["prior"]))
 
 
@@ -178,6 +137,7 @@ def build_committee(names, train: ImageSplit, *, dataset: str = "cifar10", epoch
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "val_fraction": val_fraction, "seed": seed,
                 "dataset": dataset}
     folder = committee_dir(dataset, train, settings, root)
+    clean_stale(folder)  # what a killed write left behind
     members = []
     for k, name in enumerate(names):
         path = folder / f"{name}.safetensors"

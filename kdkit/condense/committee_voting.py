@@ -19,9 +19,10 @@ train mode: normalised with the statistics of the synthetic batch itself (in sub
 with the running statistics of the real data. Running statistics are left untouched. Labels are stored per
 student epoch and crop (see `crop_labels.py`).
 
-Paper/reference defaults (CIFAR-10): 4,000 iterations per batch, Adam lr 0.25, r_bn 0.01, first-layer BN
-multiplier 10, jitter 4, 2 voters, T_recover 5, T_relabel 10; crops scale 0.08-1, CutMix, batch 16 split in
-two for batch norm, fp16 labels, 300 student epochs with AdamW lr 1e-3, wd 0.01, cosine, KL at T = 20.
+Paper/reference defaults (CIFAR-10; `recipes/condense-cifar10-cvdd.yaml`): 4,000 iterations per batch, Adam
+lr 0.25, r_bn 0.01, first-layer BN multiplier 10, jitter 4, 2 voters, T_recover 5, T_relabel 10; crops scale
+0.08-1, CutMix, batch 16 split in two for batch norm, fp16 labels, 300 student epochs with AdamW lr 1e-3, wd
+0.01, cosine, KL at T = 20.
 """
 from __future__ import annotations
 
@@ -38,20 +39,6 @@ from .committee import Member, committee_weights
 from .crop_labels import apply_crops, sample_crop_boxes
 from .image_data import ImageSplit
 
-PAPER_DEFAULTS = {"iterations": 4000, "recover_lr": 0.25, "r_bn": 0.01, "first_bn_multiplier": 10.0, "jitter": 4,
-                  "voters": 2, "recover_temperature": 5.0, "relabel_temperature": 10.0, "patch_factor": 2,
-                  "patch_difficulty": "medium", "patch_candidates": 300, "label_batch": 16, "bn_batch": 8,
-                  "cutmix": True, "label_topk": None, "eval_temperature": 20.0, "eval_lr_adamw": 1e-3,
-                  "min_scale": 0.08, "member_epochs": 200,
-                  # the paper's ResNet-18, ResNet-50, ShuffleNetV2, MobileNetV2, DenseNet-121; kdkit's zoo has no
-                  # ResNet-50 / DenseNet-121, so resnet32x4 and wrn_40_2 stand in for them
-                  "members": "resnet18,resnet32x4,shufflenetv2,mobilenetv2,wrn_40_2"}
-# Minutes on a 2-core CPU: a tiny committee of narrow ConvNets, few recovery steps, short student training.
-# recover_lr 0.05 instead of 0.25: with 150 steps and a weak committee, the paper's lr rewrites the real patches
-# into one class texture per class (measured: 47.3 vs 49.0 student accuracy at lr 0.25 vs 0.05).
-CPU_PRESET = {"members": "convnet3_bn_w32,convnet3_bn_w16,convnet2_bn_w32", "member_epochs": 8,
-              "iterations": 150, "recover_lr": 0.05, "patch_candidates": 100, "train_subset": 5000, "test_subset": 2000,
-              "eval_epochs": 150, "eval_nets": 3, "eval_student": "convnet3_bn_w32"}
 DIFFICULTIES = ("easy", "medium", "hard")
 
 
@@ -280,46 +267,14 @@ class CommitteeVoting:
     def load_state_dict(self, state: dict) -> None:
         if state.get("iterations", self.iterations) != self.iterations:
             raise ConfigError(f"the checkpoint recovered {state['iterations']} iterations per batch, this run asks "
-                              f"for {self.iterations}; keep iterations={state['iterations']} to resume, or pass "
-                              "resume=false")
+                              f"for {self.iterations}; keep iterations={state['iterations']} to resume, or start "
+                              "over (resume=false)")
         self.images = state["images"].to(self.images.device)
         self.param, self.batch_k, self.opt = None, None, None
         if state.get("batch_k") is not None:
             self._open_batch(int(state["batch_k"]))
             if state.get("opt") is not None:
                 self.opt.load_state_dict(state["opt"])
-
-
-# --- wiring for the image run --------------------------------------------------------------------------------
-
-def resolve_cvdd(cfg) -> dict:
-    """Every CV-DD setting: the config's value, else the CPU preset's (with `preset=cpu`), else the paper's."""
-    preset = CPU_PRESET if getattr(cfg, "preset", None) == "cpu" else {}
-    out = {}
-    for key, paper in PAPER_DEFAULTS.items():
-        val = getattr(cfg, key, None)
-        out[key] = val if val is not None else preset.get(key, paper)
-    return out
-
-
-def build_committee_voting(cfg, train: ImageSplit, run_dir):
-    """(method, total iterations) for `kdkit condense ... --method cvdd`."""
-    from .committee import build_committee, parse_members
-
-    s = resolve_cvdd(cfg)
-    names = parse_members(s["members"])
-    members = build_committee(names, train, dataset=cfg.dataset, epochs=int(s["member_epochs"]),
-                              seed=cfg.seed, progress=cfg.progress)
-    observer = max(members, key=lambda m: m.prior).model
-    x0, y0 = patch_init(train, observer, cfg.ipc, factor=int(s["patch_factor"]), difficulty=s["patch_difficulty"],
-                        candidates=int(s["patch_candidates"]), seed=cfg.seed)
-    method = CommitteeVoting(members, x0, y0, cfg.ipc, iterations=int(s["iterations"]), lr=float(s["recover_lr"]),
-                             r_bn=float(s["r_bn"]), first_bn_multiplier=float(s["first_bn_multiplier"]),
-                             jitter=int(s["jitter"]), voters=int(s["voters"]),
-                             temperature=float(s["recover_temperature"]), bounds=pixel_bounds(train, x0.device),
-                             min_scale=float(s["min_scale"]), seed=cfg.seed)
-    method.settings = s
-    return method, method.total_iterations
 
 
 def relabel(method: CommitteeVoting, images: torch.Tensor, epochs: int, seed: int = 0, progress: bool = False):

@@ -26,7 +26,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..checkpoint import read_safetensors, save_tensors
+from ..errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -70,23 +71,14 @@ class CropLabels:
 
 
 def save_crop_labels(store: CropLabels, path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = str(path) + ".tmp"
-    save_file(store.tensors(), tmp,
-              metadata={"batch_size": str(store.batch_size), "num_classes": str(store.num_classes)})
-    import os
-
-    os.replace(tmp, str(path))
+    """The store as one safetensors file, written atomically."""
+    save_tensors(path, store.tensors(), metadata={"batch_size": store.batch_size, "num_classes": store.num_classes})
 
 
 def load_crop_labels(path) -> CropLabels:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    t = load_file(str(path))
+    t, meta = read_safetensors(path)
+    if "order" not in t or "batch_size" not in meta:
+        raise CheckpointError(f"{path} is not a crop-label store written by kdkit")
     return CropLabels(order=t["order"], coords=t["coords"], flips=t["flips"], mix_src=t.get("mix_src"),
                       mix_box=t.get("mix_box"), batch_size=int(meta["batch_size"]), labels=t.get("labels"),
                       label_values=t.get("label_values"), label_index=t.get("label_index"),

@@ -7,7 +7,7 @@ synthetic pixels move to bring the class-mean embeddings together:
     L = sum_c || mean_i f(A(x_real_c,i)) - mean_j f(A(x_syn_c,j)) ||^2
 
 SGD on pixels (lr 1, momentum 0.5), synthetic images initialised from random real ones, real batch 256 per
-class, 20,000 iterations: the paper's settings, the same for IPC 1/10/50.
+class, 20,000 iterations: the paper's settings, the same for IPC 1/10/50 (`recipes/condense-cifar10-dm.yaml`).
 
 All randomness of iteration `it` (network init, real batch, DSA seeds) is derived from (seed, it), so a run
 resumed from a checkpoint continues exactly as the uninterrupted run would.
@@ -19,12 +19,6 @@ import torch
 from .augment import DEFAULT_STRATEGY, dsa
 from .convnet_functional import make_convnet
 from .image_data import ImageSplit
-
-# The paper's defaults; DM uses the same settings at every IPC.
-PAPER_DEFAULTS: dict[int, dict] = {
-    ipc: {"iterations": 20000, "lr_img": 1.0, "momentum": 0.5, "batch_real": 256} for ipc in (1, 10, 50)
-}
-
 
 def embed(model, x: torch.Tensor) -> torch.Tensor:
     """ConvNet features before the classifier (the `embed` of the DM paper), flattened."""

@@ -3,7 +3,8 @@
 MTT's buffer: SGD lr 0.01, no momentum, no weight decay, batch 256, DSA on, 50 epochs, 100 experts at paper
 scale. Each expert is one safetensors file `expert_<k>.safetensors` holding `trajectory` [epochs + 1, P]: the
 flat parameters (order of `named_parameters()`) at the start and after every epoch, fp16 by default (half the
-bytes; matching works in fp32 after loading). Experts already on disk are kept, so training them resumes.
+bytes; matching works in fp32 after loading), written atomically. Experts already on disk are kept, so training
+them resumes.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import clean_stale, read_safetensors, save_tensors
+from ..errors import CheckpointError
 from .augment import DEFAULT_STRATEGY, dsa
 from .convnet_functional import FlatConvNet, make_convnet
 from .image_data import ImageSplit
@@ -51,24 +54,25 @@ def train_experts(train: ImageSplit, folder: Path, count: int, epochs: int, *, l
                   dsa_strategy: str = DEFAULT_STRATEGY, seed: int = 0, fp16: bool = True,
                   progress: bool = True) -> list[Path]:
     """Train the missing experts of `folder` (expert k uses seed + k); returns all `count` paths."""
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    clean_stale(folder)  # what a killed write left behind
     paths = [expert_path(folder, k) for k in range(count)]
     for k in tqdm(range(count), desc="experts", disable=not progress):
         if paths[k].is_file():
             continue
         traj = train_expert(train, epochs, lr=lr, width=width, dsa_strategy=dsa_strategy, seed=seed + k)
-        tmp = paths[k].with_suffix(".tmp")
-        save_file({"trajectory": traj.half() if fp16 else traj}, str(tmp),
-                  metadata={"epochs": str(epochs), "lr": str(lr), "width": str(width)})
-        tmp.replace(paths[k])
+        save_tensors(paths[k], {"trajectory": traj.half() if fp16 else traj},
+                     metadata={"epochs": epochs, "lr": lr, "width": width})
     return paths
 
 
 def load_expert(path: Path) -> torch.Tensor:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))["trajectory"].float()
+    """An expert's [epochs + 1, P] snapshots in fp32 (safetensors only; a damaged file is named)."""
+    tensors, _ = read_safetensors(path)
+    if "trajectory" not in tensors:
+        raise CheckpointError(f"{path} is not an expert trajectory (no 'trajectory' tensor); delete it so the "
+                              "expert is trained again")
+    return tensors["trajectory"].float()

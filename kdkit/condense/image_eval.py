@@ -6,7 +6,7 @@
     1,000 epochs by default. Mean ± std of test accuracy over `nets` fresh networks.
 (b) `resnet18`: the relabel protocol (SRe2L / CV-DD): a CIFAR ResNet-18 trained on the synthetic images
     against the set's labels (learned soft labels when it has them), SGD with cosine decay; reported separately.
-    (CV-DD's committee relabelling with FKD crop-level soft labels is not implemented yet.)
+    With crop labels (`evaluate_crop_labels`: CV-DD's committee relabelling) the student replays FKD crops.
 
 `label_bytes` is reported beside `image_bytes`: soft labels can cost more storage than the pixels.
 """
@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import ConfigError
 from .augment import DEFAULT_STRATEGY, dsa
 from .convnet_functional import make_convnet
+from .networks import cifar_resnet18, member_model
 
 PROTOCOLS = ("convnet", "resnet18")
 
@@ -49,16 +50,6 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     if targets.ndim == 1:
         return F.cross_entropy(logits, targets)
     return -(F.softmax(targets, dim=1) * F.log_softmax(logits, dim=1)).sum(1).mean()
-
-
-def cifar_resnet18(num_classes: int = 10) -> nn.Module:
-    """torchvision ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), as in the relabel literature."""
-    from torchvision.models import resnet18
-
-    net = resnet18(num_classes=num_classes)
-    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    net.maxpool = nn.Identity()
-    return net
 
 
 @torch.no_grad()
@@ -113,8 +104,6 @@ def relabel_student(settings: EvalSettings, num_classes: int, images: torch.Tens
     """Protocol (b)'s fresh network: ResNet-18 unless `settings.student` names another one."""
     if settings.student in (None, "resnet18"):
         return cifar_resnet18(num_classes)
-    from .committee import member_model
-
     return member_model(settings.student, num_classes, images.shape[-1], images.shape[1])
 
 

@@ -20,7 +20,7 @@ Where kdkit deviates from the paper / official code (github frigategnn/Mirage), 
   with class 1 (none is unique to class 0), and a GCN trained on that scored 0.47 test ROC-AUC;
   keeping them, with frequency sampling, tells the GNN how often each set occurs in each class.
 - Minimum supports are fractions per dataset picked on validation ROC-AUC (see
-  `graph_run.DATASET_DEFAULTS`), not the official NCI1 counts 460 / 590 (0.28 / 0.36 of a class):
+  `recipes/condense-<dataset>-mirage.yaml`), not the official NCI1 counts 460 / 590 (0.28 / 0.36 of a class):
   those mine ~15 sets on our splits and scored 0.66 validation ROC-AUC against 0.71 at 0.1.
 - Records are drawn in proportion to frequency within a class, classes in proportion to their size
   (`sampling_weights`), as the paper describes. The official scripts compute such a sample and then
@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import atomic_path
 from ..errors import ConfigError
 from .computation_trees import LabelledGraph, TreeVocabulary, check_depth, decompose, labelled_graphs
 from .tree_mining import mine_per_class
@@ -196,13 +197,11 @@ class MirageDataset:
         from safetensors.numpy import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "depth": str(self.depth), "num_node_labels": str(self.num_node_labels),
                 "num_edge_labels": str(self.num_edge_labels), "num_classes": str(self.num_classes),
                 "info": json.dumps(self.info)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: np.ascontiguousarray(getattr(self, k)) for k in self.ARRAYS}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({k: np.ascontiguousarray(getattr(self, k)) for k in self.ARRAYS}, str(tmp), metadata=meta)
         return path
 
     @classmethod

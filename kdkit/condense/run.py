@@ -1,73 +1,49 @@
-"""`kdkit condense DATASET --method M`: one dispatch from (kind of dataset, method) to the code that runs it.
+"""`kdkit condense DATASET --method M`: a validated config, the method's factory, one `Run`, `fit`.
 
-Datasets are grouped by kind (graph sets today; image sets such as CIFAR-10 when image condensation
-lands). Each kind registers its datasets and its methods with a runner `runner(dataset, method, gnns,
-seeds, settings) -> metrics`; adding a kind or a method is one `register_kind` / `register_method`
-call here, next to the existing ones, and nothing else in the CLI changes.
+Every bad setting is refused while the config is built and the factory checks its options, before the run
+folder is touched or any data loads. The run folder has kdkit's one layout (`kdkit/run.py`): `config.yaml`,
+`metrics.jsonl`, `metrics.json` (the evaluation), `train.log`, `checkpoints/step-N/`, and the method's artefacts.
+`resume=auto` (the default) continues the folder's newest checkpoint exactly, and refuses one made with other
+training settings; `resume=false` starts over (the old checkpoints are removed first).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+import shutil
 
-from ..errors import ConfigError
+from .. import checkpoint as ckpt
+from ..method import build_method, fit
+from ..run import Run, env_threads
+from .catalog import KINDS, dataset_kind, method_factory
+from .context import CondenseContext
+from .resolve import load_condense_config
 
-
-@dataclass
-class DatasetKind:
-    """The datasets of one kind and the condensation methods that handle them."""
-
-    datasets: tuple[str, ...]
-    methods: dict[str, Callable] = field(default_factory=dict)
+__all__ = ["KINDS", "condense", "dataset_kind", "run_condense"]
 
 
-KINDS: dict[str, DatasetKind] = {}
+def condense(dataset: str, method: str | None = "mirage", settings: list[str] | None = None, **options) -> dict:
+    """Run condensation `method` on `dataset` with `key=value` settings (and settings given as Python values,
+    `ipc=10`); returns the run's metrics, with `run_dir`."""
+    return run_condense(load_condense_config(dataset, method, settings, **options))
 
 
-def register_kind(kind: str, datasets: tuple[str, ...]) -> None:
-    KINDS.setdefault(kind, DatasetKind(tuple(datasets)))
+def run_condense(cfg, *, splits=None, graphs=None) -> dict:
+    """Run a validated config (an `ImageCondenseConfig` or `GraphCondenseConfig`); `splits` / `graphs` replace
+    loading the dataset by name."""
+    factory = method_factory(dataset_kind(cfg.dataset), cfg.dataset, cfg.method)
+    method = build_method("condense", cfg.method, CondenseContext(cfg, splits=splits, graphs=graphs), cfg.options)
+    resume = "auto" if cfg.resume is True else (cfg.resume or None)
+    may_change = cfg.RESUME_MAY_CHANGE + tuple(f"options.{k}" for k in factory.resume_may_change)
+    run = Run(cfg, cfg.run_dir(), resume=resume, threads=cfg.threads or env_threads(),
+              keep_checkpoints=cfg.keep_checkpoints, may_change=may_change, **cfg.run_options())
+    if resume is None:
+        start_over(run)
+    return fit(run, method)
 
 
-def register_method(kind: str, method: str, runner: Callable) -> None:
-    KINDS[kind].methods[method] = runner
-
-
-def dataset_kind(dataset: str) -> str:
-    key = dataset.strip().lower()
-    for kind, entry in KINDS.items():
-        if key in entry.datasets:
-            return kind
-    known = "; ".join(f"{k}: {', '.join(e.datasets)}" for k, e in KINDS.items())
-    raise ConfigError(f"unknown dataset '{dataset}' for condensation; choices ({known})")
-
-
-def condense(dataset: str, method: str = "mirage", settings: list[str] | None = None, **options) -> dict:
-    """Run condensation `method` on `dataset` with `key=value` settings; returns the run's metrics."""
-    kind = dataset_kind(dataset)
-    methods = KINDS[kind].methods
-    if method not in methods:
-        have = ", ".join(sorted(methods)) or "none yet"
-        raise ConfigError(f"no condensation method '{method}' for {kind} dataset '{dataset}'; "
-                          f"{kind} methods: {have}")
-    return methods[method](dataset.strip().lower(), method, list(settings or []), **options)
-
-
-def _run_graph(dataset: str, method: str, settings: list[str], **options) -> dict:
-    from .graph_run import build_config, run_graph_condense
-
-    return run_graph_condense(build_config(dataset, settings, method=method, **options))
-
-
-register_kind("graph", ("mutag", "ptc_mr", "proteins", "nci1", "nci109"))
-register_method("graph", "mirage", _run_graph)
-register_kind("image", ("cifar10",))  # methods (trajectory matching, ...) register here when they land
-
-
-def _run_image(dataset: str, method: str, settings: list[str], **options) -> dict:
-    from .image_run import build_image_config, run_image_condense
-
-    return run_image_condense(build_image_config(dataset, method, settings, **options))
-
-
-for _m in ("dm", "mtt", "datm", "cvdd"):
-    register_method("image", _m, _run_image)
+def start_over(run: Run) -> None:
+    """`resume=false` in a folder that holds a run: its checkpoints and metrics go, so nothing mixes with them."""
+    old = ckpt.checkpoint_folders(run.run_dir)
+    if old:
+        shutil.rmtree(run.run_dir / "checkpoints", ignore_errors=True)
+        (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        run.log(f"resume=false: removed the {len(old)} checkpoint(s) and metrics.jsonl of the previous run")

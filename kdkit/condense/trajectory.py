@@ -23,7 +23,6 @@ during training; and an EMA of the images, which is the set written at the end.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,40 +30,10 @@ import torch
 
 from ..errors import ConfigError
 from .augment import DEFAULT_STRATEGY, dsa
-from .convnet_functional import FlatConvNet, make_convnet
-from .experts import load_expert, train_experts
+from .convnet_functional import FlatConvNet
+from .experts import load_expert
 from .image_data import ImageSplit
 from .image_eval import soft_cross_entropy
-
-# Paper settings for CIFAR-10, ConvNet-3 (instance norm). MTT: the README commands of the official code
-# (100 experts x 50 epochs, 5,000 iterations, image/lr optimisers SGD momentum 0.5). DATM: its CIFAR-10
-# configs as we read them (N = 80, soft labels, 10,000 iterations, window growing until half of training);
-# check those against the DATM repository before a paper-scale run.
-PAPER_DEFAULTS: dict[str, dict[int, dict]] = {
-    "mtt": {
-        1: dict(syn_steps=50, match_epochs=2, max_start_epoch=2, lr_img=1000.0, lr_lr=1e-7, lr_teacher=0.01, zca=True),
-        10: dict(syn_steps=30, match_epochs=2, max_start_epoch=20, lr_img=1000.0, lr_lr=1e-5, lr_teacher=0.01, zca=True),
-        50: dict(syn_steps=30, match_epochs=2, max_start_epoch=40, lr_img=100.0, lr_lr=1e-5, lr_teacher=0.01, zca=False),
-    },
-    # DATM's official CIFAR-10 ConvIN configs (configs/CIFAR-10/ConvIN/IPC{1,10,50}.yaml): `expand_until` is
-    # their expansion_end_epoch (in iterations), ema_decay the images' EMA
-    "datm": {
-        1: dict(syn_steps=80, match_epochs=2, min_start_epoch=0, current_max_start=4, max_start_epoch=4, lr_img=100.0,
-                lr_lr=1e-7, lr_teacher=0.01, lr_y=5.0, zca=True, expand_until=0, ema_decay=0.995),
-        10: dict(syn_steps=80, match_epochs=2, min_start_epoch=0, current_max_start=10, max_start_epoch=20,
-                 lr_img=100.0, lr_lr=1e-5, lr_teacher=0.01, lr_y=2.0, zca=True, expand_until=1000, ema_decay=0.9995),
-        50: dict(syn_steps=80, match_epochs=2, min_start_epoch=0, current_max_start=20, max_start_epoch=40,
-                 lr_img=1000.0, lr_lr=1e-5, lr_teacher=0.01, lr_y=2.0, zca=True, expand_until=2000, ema_decay=0.995),
-    },
-}
-COMMON = dict(experts=100, expert_train_epochs=50, iterations={"mtt": 5000, "datm": 10000})
-
-
-def paper_defaults(method: str, ipc: int) -> dict:
-    table = PAPER_DEFAULTS[method]
-    key = min(table, key=lambda k: abs(math.log(k) - math.log(ipc)))  # nearest published IPC
-    return dict(table[key])
-
 
 def normalized_param_distance(theta_n: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """||θ_N − θ*_{t+M}||² / ||θ*_t − θ*_{t+M}||²: 1 for a student that did not move, 0 for a perfect match."""
@@ -263,39 +232,3 @@ def datm_init(train: ImageSplit, expert_flat: torch.Tensor, net: FlatConvNet, ip
         xs.append(train.images[idx[order]])
         ys.append(logits[order])
     return torch.cat(xs).clone(), torch.cat(ys).clone()
-
-
-def build_trajectory_matching(cfg, train: ImageSplit, x0: torch.Tensor, y0: torch.Tensor, run_dir: Path):
-    """Train (or reuse) the experts, then the TrajectoryMatching object and its iteration count."""
-    d = paper_defaults(cfg.method, cfg.ipc)
-    n_experts = cfg.experts or COMMON["experts"]
-    expert_epochs = cfg.expert_epochs or COMMON["expert_train_epochs"]
-    lr_teacher = cfg.lr_teacher or d["lr_teacher"]
-    folder = Path(cfg.experts_dir) if cfg.experts_dir else (
-        Path(cfg.output_dir) / f"experts-{cfg.dataset}-w{cfg.width}-e{expert_epochs}-lr{lr_teacher}"
-        f"{'-zca' if cfg.zca else ''}{f'-sub{cfg.train_subset}' if cfg.train_subset else ''}")
-    paths = train_experts(train, folder, n_experts, expert_epochs, lr=lr_teacher, width=cfg.width,
-                          dsa_strategy=cfg.dsa_strategy, seed=cfg.seed * 1000, progress=cfg.progress)
-    net = FlatConvNet(make_convnet(train.num_classes, width=cfg.width, im_size=train.images.shape[-1],
-                                   in_channels=train.images.shape[1]))
-    match_epochs = cfg.match_epochs or d["match_epochs"]
-    max_start = min(cfg.max_start_epoch if cfg.max_start_epoch is not None else d["max_start_epoch"],
-                    expert_epochs - match_epochs)
-    iterations = cfg.iterations if cfg.iterations is not None else COMMON["iterations"][cfg.method]
-    kwargs = dict(syn_steps=cfg.syn_steps or d["syn_steps"], match_epochs=match_epochs, max_start_epoch=max_start,
-                  lr_img=cfg.lr_img or d["lr_img"], lr_lr=cfg.lr_lr if cfg.lr_lr is not None else d["lr_lr"],
-                  lr_teacher=lr_teacher, batch_syn=cfg.batch_syn, dsa_strategy=cfg.dsa_strategy,
-                  constant_memory=cfg.tesla, seed=cfg.seed, expert_epochs=expert_epochs)
-    images, labels = x0, y0
-    if cfg.method == "datm":
-        expert = load_expert(paths[0])
-        flat = expert[min(max_start, expert.shape[0] - 1)].to(train.images.device)
-        images, labels = datm_init(train, flat, net, cfg.ipc, cfg.seed)
-        kwargs.update(min_start_epoch=d["min_start_epoch"], current_max_start=min(d["current_max_start"], max_start),
-                      # the official window grows over its first expansion_end iterations (of 10,000): same share here
-                      expand_until=round(d["expand_until"] * iterations / COMMON["iterations"]["datm"]),
-                      # and the EMA's horizon 1/(1-decay) keeps its share of the run, so a shortened run is not
-                      # mostly its initial images
-                      lr_y=d["lr_y"], ema_decay=1 - min(1.0, (1 - d["ema_decay"]) * COMMON["iterations"]["datm"]
-                                                        / max(iterations, 1)))
-    return TrajectoryMatching(paths, net, images, labels, **kwargs), iterations

@@ -12,10 +12,15 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 
+from ..config import Range
 from ..errors import ConfigError
+
+# a minimum support: an absolute count of graphs (>= 1), or a fraction of a class's graphs in (0, 1]
+Support = Annotated[int, Range(ge=1)] | Annotated[float, Range(gt=0, le=1)]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ Sources, in order:
 Offline with none of these raises `MissingDatasetError`.
 
 The decoded cache lives in `cache_dir()/cifar10/` and is keyed by the parquet file's size and SHA-256, so a
-changed source file is decoded again; the shared data folder itself is never written.
+changed source file is decoded again; the shared data folder itself is never written. A file that is not a
+readable parquet table, or a row whose image does not decode or whose label is missing or out of range, raises
+`DataFileError` naming the file (and the row) before anything is cached.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ConfigError, DataFileError
 from ..registry import DATASETS
 from .paths import cache_dir, data_dir, is_offline, missing_dataset_error
 
@@ -60,7 +63,7 @@ class ImageTensors:
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"unknown CIFAR-10 split '{split}'. Splits: {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown CIFAR-10 split '{split}'. Splits: {', '.join(SPLITS)}")
 
 
 def _file_key(path: Path) -> dict[str, str]:
@@ -127,13 +130,29 @@ def _decode_one(data: bytes | None, path: str | None) -> np.ndarray:
     return np.asarray(im)
 
 
-def _decode_range(lo: int, hi: int, shape: tuple[int, ...]) -> np.ndarray:
+def _decode_row(i: int, source: str) -> np.ndarray:
+    """Row `i` of `_RAW` decoded; an image PIL cannot read is a `DataFileError` naming the source and the row."""
     assert _RAW is not None
+    data, path = _RAW[i]
+    if data is None and not path:
+        raise DataFileError(f"{source}: row {i} has no image (img.bytes and img.path are both empty)")
+    from PIL import UnidentifiedImageError
+
+    try:
+        return _decode_one(data, path)
+    except UnidentifiedImageError:
+        raise DataFileError(f"{source}: row {i}: the image does not decode (not an image format PIL knows)") from None
+    except Exception as e:  # a truncated or damaged image: OSError, SyntaxError, ValueError, ...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataFileError(f"{source}: row {i}: the image does not decode ({reason})") from None
+
+
+def _decode_range(lo: int, hi: int, shape: tuple[int, ...], source: str) -> np.ndarray:
     out = np.empty((hi - lo, *shape), dtype=np.uint8)
     for i in range(lo, hi):
-        a = _decode_one(*_RAW[i])
+        a = _decode_row(i, source)
         if a.shape != shape:
-            raise ValueError(f"CIFAR-10 row {i} has image shape {a.shape}, expected {shape}")
+            raise DataFileError(f"{source}: row {i} has image shape {a.shape}, expected {shape} (as row 0)")
         out[i - lo] = a
     return out
 
@@ -149,7 +168,7 @@ def _decode_workers() -> int:
     return max(1, min(8, cores))
 
 
-def _decode_all(raw: list, paths: list) -> np.ndarray:
+def _decode_all(raw: list, paths: list, source: str) -> np.ndarray:
     """PIL-decode every row into one uint8 [N,H,W,3] array, in forked worker processes when that pays.
 
     Decoding a 32x32 JPEG is ~150 us of mostly Python-level work in PIL, so threads do not help; worker
@@ -161,15 +180,15 @@ def _decode_all(raw: list, paths: list) -> np.ndarray:
     n = len(raw)
     _RAW = list(zip(raw, paths))
     try:
-        shape = _decode_one(*_RAW[0]).shape
+        shape = _decode_row(0, source).shape
         workers = _decode_workers()
         if workers == 1 or n < 4096 or "fork" not in mp.get_all_start_methods():
-            return _decode_range(0, n, shape)
+            return _decode_range(0, n, shape, source)
         step = -(-n // (workers * 4))
         bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
         out = np.empty((n, *shape), dtype=np.uint8)
         with mp.get_context("fork").Pool(workers) as pool:
-            parts = pool.starmap(_decode_range, [(lo, hi, shape) for lo, hi in bounds])
+            parts = pool.starmap(_decode_range, [(lo, hi, shape, source) for lo, hi in bounds])
         for (lo, hi), part in zip(bounds, parts):
             out[lo:hi] = part
         return out
@@ -177,31 +196,53 @@ def _decode_all(raw: list, paths: list) -> np.ndarray:
         _RAW = None
 
 
-def _decode_table(table) -> tuple[torch.Tensor, torch.Tensor]:
+def _labels(column, source: str) -> torch.Tensor:
+    """The `label` column as int64 [N]; a missing label or one outside the 10 classes names its row."""
+    import pyarrow.compute as pc
+
+    if column.null_count:
+        row = pc.index(pc.is_null(column), True).as_py()
+        raise DataFileError(f"{source}: row {row} has no label")
+    try:
+        values = np.asarray(column.to_numpy(), dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DataFileError(f"{source}: the label column is not integer class ids ({e})") from None
+    bad = np.flatnonzero((values < 0) | (values >= len(CLASSES)))
+    if bad.size:
+        raise DataFileError(f"{source}: row {int(bad[0])} has label {int(values[bad[0]])}, expected a class id in "
+                            f"0..{len(CLASSES) - 1}")
+    return torch.from_numpy(values.copy())
+
+
+def _decode_table(table, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode an Arrow table with columns `img` (struct{bytes, path}) and `label` into uint8 [N,3,H,W] and int64 [N].
 
     The encoded bytes are decoded with PIL, exactly as `datasets.Image` decodes a row, but without a PIL
-    object per row kept alive.
+    object per row kept alive. `source` names the data in errors (the parquet file, or the Hub dataset).
     """
     img = table.column("img").combine_chunks()
+    if img.null_count:
+        import pyarrow.compute as pc
+
+        raise DataFileError(f"{source}: row {pc.index(pc.is_null(img), True).as_py()} has no image")
     raw = img.field("bytes").to_pylist()
     paths = img.field("path").to_pylist()
-    labels = torch.from_numpy(np.asarray(table.column("label").to_numpy(), dtype=np.int64).copy())
+    labels = _labels(table.column("label"), source)
     if not raw:
-        raise ValueError("the CIFAR-10 source has no rows")
-    out = _decode_all(raw, paths)
+        raise DataFileError(f"{source}: the CIFAR-10 source has no rows")
+    out = _decode_all(raw, paths, source)
     if out.ndim != 4 or out.shape[-1] != 3:
-        raise ValueError(f"CIFAR-10 images decode to shape {out.shape[1:]}, expected (H, W, 3)")
+        raise DataFileError(f"{source}: CIFAR-10 images decode to shape {out.shape[1:]}, expected (H, W, 3)")
     images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
     return images, labels
 
 
-def _decode_dataset(ds) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_dataset(ds, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode a `datasets.Dataset` (the Hub copy) with columns `img` (Image) and `label`."""
     import datasets
 
     ds = ds.cast_column("img", datasets.Image(decode=False))
-    return _decode_table(ds.with_format("arrow")[:])
+    return _decode_table(ds.with_format("arrow")[:], source)
 
 
 def _decode_parquet(local: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,9 +252,10 @@ def _decode_parquet(local: Path, split: str) -> tuple[torch.Tensor, torch.Tensor
 
     try:
         table = pq.read_table(local, columns=["img", "label"])
-    except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise ValueError(f"{local} is not a readable CIFAR-10 parquet file with columns img, label: {e}") from e
-    return _decode_table(table)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataFileError(f"{local}: not a readable CIFAR-10 parquet file with columns img, label ({reason})") from None
+    return _decode_table(table, str(local))
 
 
 def _result(images: torch.Tensor, labels: torch.Tensor, split: str) -> ImageTensors:
@@ -255,7 +297,7 @@ def load_cifar10(split: str = "train") -> ImageTensors:
     names = getattr(ds.features.get("label"), "names", None)
     if names is not None and list(names) != CLASSES:
         raise ValueError(f"'{HUB_ID}' has classes {names}, expected {CLASSES}")
-    images, labels = _decode_dataset(ds)
+    images, labels = _decode_dataset(ds, f"the Hub dataset '{HUB_ID}' ({split} split)")
     _write_cache(cache, {**hub_key, "fingerprint": str(getattr(ds, "_fingerprint", ""))}, images, labels)
     return _result(images, labels, split)
 

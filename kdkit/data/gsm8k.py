@@ -5,10 +5,12 @@ Source: `$KDKIT_DATA_DIR/gsm8k/{train,test}.jsonl` (fields `question`, `answer`)
 """
 from __future__ import annotations
 
+from ..errors import ConfigError, DataFileError
 from ..registry import DATASETS
 from .paths import cache_dir, data_dir, is_offline, missing_dataset_error
 
 SPLITS = ("train", "test")
+FIELDS = ("question", "answer")
 HUB_ID = "openai/gsm8k"
 HUB_CONFIG = "main"
 
@@ -24,16 +26,15 @@ def _add_final_answer(batch: dict) -> dict:
 
 
 def load_gsm8k(split: str = "train"):
-    """GSM8K `split` ("train": 7,473 rows, "test": 1,319) with columns `question`, `answer`, `final_answer`."""
+    """GSM8K `split` ("train": 7,473 rows, "test": 1,319) with columns `question`, `answer`, `final_answer`.
+    A local line that is not JSON, or lacks a text `question` or `answer`, is refused naming the file and line."""
     if split not in SPLITS:
-        raise ValueError(f"unknown GSM8K split '{split}'. Splits: {', '.join(SPLITS)}")
-    import datasets
-
+        raise ConfigError(f"unknown GSM8K split '{split}'. Splits: {', '.join(SPLITS)}")
     local = data_dir() / "gsm8k" / f"{split}.jsonl"
     if local.is_file():
-        ds = datasets.load_dataset(
-            "json", data_files={split: str(local)}, split=split, cache_dir=str(cache_dir() / "hf_datasets")
-        )
+        from .text_files import load_data_file
+
+        ds = load_data_file(local, "json", split, cache_dir() / "hf_datasets", text_fields=FIELDS)
     elif is_offline():
         raise missing_dataset_error(
             f"GSM8K ({split} split)",
@@ -43,10 +44,12 @@ def load_gsm8k(split: str = "train"):
             download=f"the Hub dataset '{HUB_ID}' (config '{HUB_CONFIG}')",
         )
     else:
+        import datasets
+
         ds = datasets.load_dataset(HUB_ID, HUB_CONFIG, split=split)
-    missing = {"question", "answer"} - set(ds.column_names)
-    if missing:
-        raise ValueError(f"GSM8K source {local if local.is_file() else HUB_ID} lacks columns {sorted(missing)}")
+        missing = sorted(set(FIELDS) - set(ds.column_names))
+        if missing:
+            raise DataFileError(f"GSM8K source {HUB_ID} lacks columns {missing}")
     if "final_answer" in ds.column_names:
         ds = ds.remove_columns("final_answer")
     return ds.map(_add_final_answer, batched=True, desc=None)

@@ -1,11 +1,12 @@
 """Few-step diffusion distillation: one engine (generator G, frozen teacher T, online fake score F) and the
-methods on it: DMD2 (`dmd2.py`), SiD (`sid.py`), consistency distillation (`consistency.py`) and the
-paired-regression baseline (`rectified_flow.py`). EDM's sigma parametrisation throughout (`edm.py`).
+methods on it, each registered with `kdkit.method.register_method("diffusion", NAME)`: DMD2 (`dmd2.py`), SiD
+(`sid.py`), consistency distillation (`consistency.py`), the paired-regression baseline (`rectified_flow.py`),
+and teacher training (`train_teacher.py`). EDM's sigma parametrisation throughout (`edm.py`).
 
 `kdkit diffusion dmd2` runs the default: a 2-D Gaussian mixture with its exact (analytic) teacher, on CPU."""
-from . import consistency, dmd2, rectified_flow, sid  # noqa: F401  (register methods and generator losses)
+from . import consistency, dmd2, rectified_flow, sid, train_teacher  # noqa: F401  (register the methods)
 from .edm import Denoiser, FlowMatchingAdapter
-from .engine import GENERATOR_LOSSES, METHODS, DistillMethod, MethodContext, Schedule, ScoreDistillation
+from .engine import GENERATOR_LOSSES, DistillMethod, MethodContext, Plan, Schedule, ScoreDistillation
 from .metrics import frechet_distance, mmd, mode_mass, precision_recall, sliced_w2
 from .mixture import GaussianMixture, MixtureDenoiser, ring_mixture
 from .mlp import MLPDenoiser, ResidualDenoiser
@@ -14,7 +15,7 @@ from .unet import UNetDenoiser
 
 __all__ = [
     "Denoiser", "DistillMethod", "FlowMatchingAdapter", "GENERATOR_LOSSES", "GaussianMixture", "Generator",
-    "GuidedDenoiser", "METHODS", "MLPDenoiser", "MethodContext", "MixtureDenoiser", "ResidualDenoiser", "Schedule",
+    "GuidedDenoiser", "MLPDenoiser", "MethodContext", "MixtureDenoiser", "Plan", "ResidualDenoiser", "Schedule",
     "ScoreDistillation", "UNetDenoiser", "euler_sample", "frechet_distance", "heun_sample", "mmd", "mode_mass",
     "precision_recall", "ring_mixture", "sliced_w2",
 ]

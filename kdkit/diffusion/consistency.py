@@ -8,12 +8,17 @@ metric `sqrt(|a-b|^2 + c^2) - c`, c = 0.00054 sqrt(dim) (Song & Dhariwal 2023), 
 """
 from __future__ import annotations
 
+import json
+from typing import Annotated
+
 import torch
 
-from ..errors import ConfigError
+from ..config import NonNegFloat, PositiveFloat, PositiveInt, Range
+from ..method import register_method
 from .edm import Denoiser, as_sigma, karras_sigmas
-from .engine import EMA, METHODS, DistillMethod, MethodContext, Schedule, generator_sigmas, make_adam
+from .engine import EMA, Betas, Decay, DistillMethod, MethodContext, Schedule, generator_sigmas, make_adam
 from .samplers import Generator
+from .teachers import save_weights
 
 
 class ConsistencyFunction(Denoiser):
@@ -50,8 +55,6 @@ class ConsistencyDistillation(DistillMethod):
                  target_decay: float = 0.95, lr: float = 4e-4, betas=(0.9, 0.999), huber_c: float | None = None,
                  ema_decay: float | None = 0.9999, sample_sigmas: list[float] | None = None, batch_size: int = 64,
                  capturable: bool = False):
-        if grid < 2:
-            raise ConfigError(f"consistency distillation needs a grid of at least 2 sigmas, got grid={grid}")
         f = ConsistencyFunction(student_net, sched.sigma_min)
         super().__init__(teacher, Generator(f, sample_sigmas or [sched.sigma_max]), sched, ema_decay)
         self.target = EMA(f, target_decay)
@@ -78,7 +81,7 @@ class ConsistencyDistillation(DistillMethod):
         loss = pseudo_huber(pred, target, self.huber_c).mean()
         return loss, {"consistency": loss.detach()}
 
-    def step(self, batch):
+    def train_step(self, batch):
         real = batch["real"][0]
         labels = batch["labels"][0] if self.num_classes and batch.get("labels") is not None else None
         loss, logs = self.loss(real, labels)
@@ -90,12 +93,17 @@ class ConsistencyDistillation(DistillMethod):
             self.ema.update(self.generator)
         return logs
 
+    def save_generator(self, path, meta: dict[str, str]) -> None:
+        """The denoiser inside the consistency function, with the function's eps (its boundary)."""
+        gen = self.sampler()
+        save_weights(gen.net.net, path, {"generator_sigmas": json.dumps(gen.sigmas.tolist()),
+                                         "consistency_eps": str(gen.net.eps), **meta})
 
 
-@METHODS.register("cd")
-def build_cd(ctx: MethodContext, *, grid: int = 18, target_decay: float = 0.95, lr: float = 4e-4,
-             betas: list[float] = (0.9, 0.999), huber_c: float | None = None, ema_decay: float | None = 0.9999,
-             generator_steps: int = 1) -> ConsistencyDistillation:
+@register_method("diffusion", "cd")
+def build_cd(ctx: MethodContext, *, grid: Annotated[int, Range(ge=2)] = 18, target_decay: Decay = 0.95,
+             lr: PositiveFloat = 4e-4, betas: Betas = (0.9, 0.999), huber_c: NonNegFloat | None = None,
+             ema_decay: Decay | None = 0.9999, generator_steps: PositiveInt = 1) -> ConsistencyDistillation:
     """Consistency distillation with the paper's CIFAR-10 settings: N = 18 Karras sigmas, target EMA 0.95,
     lr 4e-4, sampling EMA 0.9999; pseudo-Huber instead of LPIPS. Needs real data (noised, then one teacher step)."""
     return ConsistencyDistillation(ctx.teacher, ctx.student_net(), ctx.sched, grid=grid, target_decay=target_decay,

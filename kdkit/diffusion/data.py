@@ -4,22 +4,30 @@ the same stream."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from ..config import NonNegFloat, PositiveFloat, PositiveInt, bad_value
 from ..errors import ConfigError
 from .mixture import GaussianMixture, ring_mixture
+
+DataName = Literal["mixture", "cifar10"]  # what `data=` may name
 
 
 @dataclass
 class MixtureSpec:
     """Which 2-D mixture: `modes` Gaussians on a circle of `radius`, each of std `std`, weights 1..modes."""
 
-    modes: int = 8
-    radius: float = 2.0
-    std: float = 0.2
-    weights: list[float] | None = None
+    modes: PositiveInt = 8
+    radius: NonNegFloat = 2.0
+    std: PositiveFloat = 0.2
+    weights: list[PositiveFloat] | None = None  # relative (normalised); default 1..modes
     conditional: bool = False  # a class-conditional teacher (label = component), e.g. to try guidance_scale
+
+    def validate(self, at: str) -> None:
+        if self.weights is not None and len(self.weights) != self.modes:
+            raise bad_value(f"{at}weights", self.weights, f"one weight per mode ({at}modes={self.modes})")
 
     def build(self) -> GaussianMixture:
         return ring_mixture(self.modes, self.radius, self.std, self.weights)
@@ -73,5 +81,3 @@ def load_real_data(name: str, device="cpu", mixture: MixtureSpec | None = None, 
         return ImageData(images, labels, ds.num_classes, device)
     raise ConfigError(f"unknown diffusion data '{name}'; choices: mixture, cifar10")
 
-
-DATA_NAMES = ("mixture", "cifar10")

@@ -13,9 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Probability
 from ..errors import ConfigError
+from ..method import register_method
 from .edm import sample_grid_sigma
-from .engine import GENERATOR_LOSSES, METHODS, MethodContext, Schedule, ScoreDistillation, generator_sigmas
+from .engine import (GENERATOR_LOSSES, Betas, Decay, MethodContext, Schedule, ScoreDistillation,
+                     generator_sigmas)
 from .samplers import Generator
 
 
@@ -45,16 +48,16 @@ def dmd_loss(x: torch.Tensor, real, fake, labels, sched: Schedule, sigma_lo: flo
     return loss, {"dmd": loss.detach(), "dmd_grad_abs": grad.abs().mean()}
 
 
-@METHODS.register("dmd2")
-def build_dmd2(ctx: MethodContext, *, generator_steps: int = 1, fake_steps: int = 5, guidance_scale: float = 1.0,
-               lr_generator: float = 2e-6, lr_fake: float = 2e-6, betas: list[float] = (0.9, 0.999),
-               weight_decay: float = 0.01, gan: bool = True, gan_generator_weight: float = 3e-3,
-               gan_fake_weight: float = 1e-2, sigma_lo: float = 0.02, sigma_hi: float = 0.98,
-               fake_sigma_lo: float = 0.0, fake_sigma_hi: float = 1.0, warmup_steps: int = 0,
-               warmup_pairs: int = 20000, warmup_teacher_steps: int = 32, warmup_lr: float = 1e-3,
-               regression_weight: float = 0.0,
-               generator_sigma: float | None = None, ema_decay: float | None = 0.999,
-               bf16: bool = False) -> ScoreDistillation:
+@register_method("diffusion", "dmd2")
+def build_dmd2(ctx: MethodContext, *, generator_steps: PositiveInt = 1, fake_steps: PositiveInt = 5,
+               guidance_scale: PositiveFloat = 1.0, lr_generator: PositiveFloat = 2e-6, lr_fake: PositiveFloat = 2e-6,
+               betas: Betas = (0.9, 0.999), weight_decay: NonNegFloat = 0.01, gan: bool = True,
+               gan_generator_weight: NonNegFloat = 3e-3, gan_fake_weight: NonNegFloat = 1e-2,
+               sigma_lo: Probability = 0.02, sigma_hi: Probability = 0.98, fake_sigma_lo: Probability = 0.0,
+               fake_sigma_hi: Probability = 1.0, warmup_steps: NonNegInt = 0, warmup_pairs: PositiveInt = 20000,
+               warmup_teacher_steps: PositiveInt = 32, warmup_lr: PositiveFloat = 1e-3,
+               regression_weight: NonNegFloat = 0.0, generator_sigma: PositiveFloat | None = None,
+               ema_decay: Decay | None = 0.999, bf16: bool = False) -> ScoreDistillation:
     """DMD2 with the paper's ImageNet-64 settings: 5 fake-score updates per generator update, lr 2e-6 (AdamW),
     GAN head on the fake score's features (weights 3e-3 generator / 1e-2 fake score), sigma over 2%-98% of the
     grid, the generator conditioned at sigma = 80, guidance folded into the real score."""

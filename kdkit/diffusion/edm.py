@@ -7,6 +7,8 @@ a flow-matching velocity model joins through `FlowMatchingAdapter` (sigma = t / 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import nn
@@ -80,6 +82,20 @@ class Denoiser(nn.Module):
 
     def null_labels(self, n: int, device=None) -> torch.Tensor:
         return torch.full((n,), self.num_classes, dtype=torch.long, device=device)
+
+
+@dataclass(frozen=True)
+class Even:
+    """An even integer >= 2 (the width of a sinusoidal embedding: cosines and sines in halves)."""
+
+    def ok(self, v) -> bool:
+        return v >= 2 and v % 2 == 0
+
+    def describe(self) -> str:
+        return "an even integer >= 2"
+
+
+EvenInt = Annotated[int, Even()]
 
 
 def fourier_embedding(c_noise: torch.Tensor, dim: int) -> torch.Tensor:

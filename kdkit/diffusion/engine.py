@@ -1,6 +1,14 @@
 """The engine every few-step method shares: a generator G, a frozen teacher T and (for score distillation)
 an online fake score F initialised from T, with their optimisers, EMA, sampling and checkpointable state.
 
+`DistillMethod` is the `kdkit.method.Method` every diffusion method is: `train_step(batch)` is one training
+iteration (pure tensor work with static shapes: no `.item()`, no data-dependent Python branches, so
+`fast_step.py` can compile it or capture it as one CUDA graph), `step(batch)` runs it through the run's fast
+step, and `state_dict()` holds the trainable networks, the EMA, every optimiser and the evaluation history.
+A new method is one file: a `DistillMethod` subclass and a factory `@register_method("diffusion", NAME)` whose
+typed keyword-only arguments (ranges beside their types) are its options (`kdkit diffusion NAME key=value`),
+imported by the package's `__init__.py`; its 2-D presets, if any, are a recipe `recipes/diffusion-NAME-mixture.yaml`.
+
 `ScoreDistillation` is DMD2 and SiD at once: one step is `fake_steps` updates of F (denoising on G's samples,
 plus a GAN head on F's features when asked) and one update of G by a *generator loss* looked up by name in
 `GENERATOR_LOSSES`. A new generator loss is one function
@@ -8,27 +16,47 @@ plus a GAN head on F's features when asked) and one update of G by a *generator 
     fn(x, real, fake, labels, sched, **options) -> (loss, {name: tensor})
 
 of the generated batch `x` (with gradient), the teacher's and the fake score's denoisers (`real(x_t, sigma,
-labels)`, `fake(...)`) and the noise schedule. `step(batch)` is pure tensor work with static shapes (no
-`.item()`, no data-dependent Python branches), so `fast_step.py` can compile it or capture it as one CUDA graph.
+labels)`, `fake(...)`) and the noise schedule.
 """
 from __future__ import annotations
 
 import abc
 import copy
+import json
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, ShapeMismatchError
+from ..config import Range
+from ..errors import CheckpointError, ConfigError, ShapeMismatchError
+from ..method import Method
 from ..registry import Registry
 from .edm import SIGMA_MAX, SIGMA_MIN, Denoiser, loss_weight, sample_grid_sigma, sample_lognormal_sigma
-from .samplers import Generator, GuidedDenoiser
+from .fast_step import make_step
+from .samplers import Generator, GuidedDenoiser, heun_sample
+from .teachers import save_weights
 
 GENERATOR_LOSSES: Registry = Registry("generator loss")
-METHODS: Registry = Registry("diffusion distillation method")
+
+
+@dataclass(frozen=True)
+class BetaPair:
+    """Adam's betas: a list of exactly two values."""
+
+    def ok(self, v) -> bool:
+        return len(v) == 2
+
+    def describe(self) -> str:
+        return "two numbers in [0, 1), e.g. [0.9, 0.999]"
+
+
+# option types the methods share, each range declared here once
+Betas = Annotated[list[Annotated[float, Range(ge=0, lt=1)]], BetaPair()]
+Decay = Annotated[float, Range(ge=0, lt=1)]  # EMA decays (0: no averaging)
 
 
 @dataclass
@@ -61,8 +89,6 @@ class MethodContext:
 def generator_sigmas(steps: int, sched: Schedule, first: float | None = None) -> list[float]:
     """A K-step generator's sigmas: `first` (default sigma_max) then the Karras ramp at k/K, k = 1..K-1 (DMD2's
     4-step 999/749/499/249 timesteps in sigma form)."""
-    if steps < 1:
-        raise ConfigError(f"generator_steps must be >= 1, got {steps}")
     lo, hi = sched.sigma_min ** (1 / sched.rho), sched.sigma_max ** (1 / sched.rho)
     out = [first if first is not None else sched.sigma_max]
     out += [float((hi + (k / steps) * (lo - hi)) ** sched.rho) for k in range(1, steps)]
@@ -113,10 +139,34 @@ def check_shapes(teacher: Denoiser, generator: nn.Module, sample_shape: tuple[in
                                  f"denoises samples of shape {tuple(sample_shape)}; they must match")
 
 
-class DistillMethod(nn.Module, abc.ABC):
-    """What the runner and the fast step need from a method: `step(batch) -> {name: scalar tensor}`, the modules
-    and optimisers to checkpoint, `real_batches` (real batches one step consumes) and `sampler()` (the few-step
-    generator to evaluate, its EMA when there is one)."""
+@dataclass
+class Plan:
+    """How a run drives a method, set by the pillar once the factory has built it: the name, length and cadences,
+    the fast step, where real batches come from (`real(n) -> (x, labels)`) and what evaluates the generator (an
+    `evaluation.Evaluation`). A method built by hand (tests, benchmarks) keeps the defaults: eager, no data."""
+
+    name: str = "diffusion"
+    steps: int = 1
+    log_every: int = 50
+    eval_every: int = 0
+    save_every: int = 0
+    sample_every: int = 0  # sample pictures between evaluations (0: only at evaluations)
+    fast: str = "eager"
+    compile_mode: str | None = None
+    channels_last: bool = False
+    batch_size: int = 64
+    real: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    evaluation: Any = None
+
+
+# the frozen teacher is loaded from its own file, never checkpointed
+FROZEN_PREFIXES = ("teacher.", "real_score.")
+
+
+class DistillMethod(nn.Module, Method):
+    """A few-step distillation method (see the module docstring). Subclasses implement `train_step` and
+    `optimizers`, and set `real_batches` (real batches one step consumes) and `needs_real`; `sampler()` is the
+    few-step generator evaluated and saved (its EMA when there is one)."""
 
     real_batches: int = 1
     needs_real: bool = False
@@ -129,17 +179,43 @@ class DistillMethod(nn.Module, abc.ABC):
         self.ema = EMA(generator, ema_decay) if ema_decay else None
         self.num_classes = teacher.num_classes
         self.sample_shape = tuple(teacher.sample_shape)
+        self.plan = Plan()
+        self.reports: list[dict] = []  # one per evaluation, checkpointed with the networks
+        self._fast: Callable | None = None
+        self._clock = {"start": 0.0, "steps": 0, "eval_s": 0.0}
+
+    # ------------------------------------------------------------ what fit reads from the plan
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.steps
+
+    @property
+    def log_every(self) -> int:
+        return self.plan.log_every
+
+    @property
+    def eval_every(self) -> int:
+        return self.plan.eval_every
+
+    @property
+    def save_every(self) -> int:
+        return self.plan.save_every
+
+    # ------------------------------------------------------------ the method's own parts
 
     @abc.abstractmethod
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Each method (score distillation, consistency, regression) names its optimisers."""
 
-    def prepare(self, resuming: bool = False) -> None:
-        """One-off work before the first step (e.g. the teacher pairs of `rectflow`)."""
-
     @abc.abstractmethod
-    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One training iteration of the method; returns its logged scalars."""
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One training iteration of the method; returns its logged scalars (what `fast_step` compiles or
+        captures)."""
 
     def sampler(self) -> Generator:
         return self.ema.module if self.ema is not None else self.generator
@@ -156,6 +232,103 @@ class DistillMethod(nn.Module, abc.ABC):
         if self.ema is not None:
             self.ema.module.eval()
         return self
+
+    # ------------------------------------------------------------ the Method contract
+
+    def batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        """`real_batches` real batches per step, stacked (drawn from the global RNG, which a checkpoint restores),
+        or nothing for a data-free step."""
+        while True:
+            if not (self.needs_real and self.plan.real is not None):
+                yield {}
+                continue
+            xs, ys = zip(*(self.plan.real(self.plan.batch_size) for _ in range(self.real_batches)))
+            out = {"real": torch.stack(xs), "labels": torch.stack(ys)}
+            if self.plan.channels_last and out["real"].ndim == 5:
+                out["real"] = torch.stack([x.contiguous(memory_format=torch.channels_last) for x in out["real"]])
+            yield out
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`train_step` through the plan's fast step, built at the first call: after a resume has loaded the
+        optimisers, whose state tensors a CUDA graph captures."""
+        if self._fast is None:
+            self.train()
+            self._clock = {"start": time.perf_counter(), "steps": 0, "eval_s": 0.0}
+            self._fast = make_step(self, self.plan.fast, batch, self.plan.compile_mode)
+        self._clock["steps"] += 1
+        logs = self._fast(batch)
+        # a CUDA graph writes every replay's logs into the same tensors: the loop keeps them, so copy them
+        return {k: v.clone() for k, v in logs.items()} if "cuda_graph" in self.plan.fast else logs
+
+    def networks(self) -> dict[str, torch.Tensor]:
+        """The trainable networks' tensors (generator, EMA, fake score, GAN head, targets) without the frozen
+        teacher; a fake score built on top of it (`ResidualDenoiser`) shares its tensors, which are left out too."""
+        frozen = {t.data_ptr() for t in self.teacher.state_dict().values()}
+        return {k: v for k, v in nn.Module.state_dict(self).items()
+                if not k.startswith(FROZEN_PREFIXES) and v.data_ptr() not in frozen}
+
+    def state_dict(self) -> dict:  # the Method contract's (nn.Module's own is `networks()`)
+        return {"networks": self.networks(), "reports": self.reports,
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved, own = state["networks"], self.networks()
+        missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+        if missing or unexpected:
+            raise CheckpointError(f"the checkpoint was made by a different method or network: {len(missing)} "
+                                  f"missing tensors (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                                  f"(e.g. {unexpected[:3]})")
+        try:
+            nn.Module.load_state_dict(self, saved, strict=False)
+        except RuntimeError as e:
+            raise CheckpointError(f"the checkpoint does not fit this run's networks: {str(e).splitlines()[-1]}") from e
+        optimizers = self.optimizers()
+        if set(state["optimizers"]) != set(optimizers):
+            raise CheckpointError(f"the checkpoint has optimisers {sorted(state['optimizers'])}, this method has "
+                                  f"{sorted(optimizers)}")
+        for k, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+        self.reports = list(state["reports"])
+
+    def is_eval_step(self, step: int) -> bool:
+        """Evaluations, and the sample pictures between them."""
+        return super().is_eval_step(step) or bool(self.plan.sample_every and step % self.plan.sample_every == 0)
+
+    @torch.no_grad()
+    def evaluate(self, run, step: int) -> dict:
+        ev = self.plan.evaluation
+        if ev is None:
+            return {}
+        t0 = ev.clock()
+        if Method.is_eval_step(self, step):
+            rep = ev.report(self.sampler().eval(), step, run)
+            self.reports.append(rep)
+            run.log(f"step {step}: " + "  ".join(f"{k}={v:.4g}" for k, v in rep.items() if isinstance(v, float)))
+        else:
+            ev.picture(self.sampler().eval(), step, run)
+            rep = {}
+        self.train()  # the sampler may be the generator itself: back to training mode
+        self._clock["eval_s"] += ev.clock() - t0
+        return rep
+
+    def save_generator(self, path, meta: dict[str, str]) -> None:
+        """The few-step generator's network and its sigmas (rebuilt without pickled code)."""
+        gen = self.sampler()
+        save_weights(gen.net, path, {"generator_sigmas": json.dumps(gen.sigmas.tolist()), **meta})
+
+    def artefacts(self, run) -> dict:
+        """`generator.safetensors` (the sampler: its EMA when there is one) and the run's summary: the teacher's
+        and the evaluations' reports, the last one as `final`, and this session's training iterations per
+        second (evaluation time left out)."""
+        self.save_generator(run.run_dir / "generator.safetensors", {"method": self.name})
+        ev = self.plan.evaluation
+        steps = self._clock["steps"]
+        wall = (ev.clock() if ev is not None else time.perf_counter()) - self._clock["start"] if steps else 0.0
+        train_s = wall - self._clock["eval_s"]
+        return {"method": self.name, "device": str(run.device),
+                "teacher": ev.teacher_report() if ev is not None else None, "evals": self.reports,
+                "final": self.reports[-1] if self.reports else None,
+                "it_s": steps / train_s if steps and train_s > 0 else None, "wall_s_this_session": wall}
 
 
 def _fit_denoiser(net: Denoiser, x: torch.Tensor, labels, sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
@@ -178,8 +351,6 @@ class ScoreDistillation(DistillMethod):
                  warmup_steps: int = 0, warmup_pairs: int = 20000, warmup_teacher_steps: int = 32,
                  warmup_lr: float = 1e-3, regression_weight: float = 0.0):
         super().__init__(teacher, generator, sched, ema_decay)
-        if fake_steps < 1:
-            raise ConfigError(f"fake_steps must be >= 1 (fake-score updates per generator update), got {fake_steps}")
         if fake_sigma not in ("grid", "lognormal"):
             raise ConfigError(f"fake_sigma must be 'grid' (DMD2) or 'lognormal' (EDM/SiD), got '{fake_sigma}'")
         self.loss_fn: Callable = GENERATOR_LOSSES.get(generator_loss)
@@ -206,7 +377,7 @@ class ScoreDistillation(DistillMethod):
     def optimizers(self):
         return {"opt_generator": self.opt_gen, "opt_fake": self.opt_fake}
 
-    def prepare(self, resuming: bool = False) -> None:
+    def prepare(self, run, resuming: bool) -> None:
         """Optional regression warm start (DMD's regression loss, used up front): before distribution matching, fit
         G's first step to `warmup_pairs` noise -> teacher-ODE-sample pairs for `warmup_steps` steps (own Adam,
         `warmup_lr`). It gives a generator with no weights to copy from the teacher (beside an analytic teacher) the
@@ -216,8 +387,6 @@ class ScoreDistillation(DistillMethod):
         steps, pairs, teacher_steps = self.warmup
         if not (steps or self.regression_weight):
             return
-        from .samplers import heun_sample
-
         device = self.generator.sigmas.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(12345)
@@ -309,7 +478,7 @@ class ScoreDistillation(DistillMethod):
         for p in self._fake_params:
             p.requires_grad_(flag)
 
-    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         real, real_labels = batch.get("real"), batch.get("labels")
         logs: dict[str, torch.Tensor] = {}
         for i in range(self.fake_steps):

@@ -1,21 +1,23 @@
-"""The fast distillation step: the same `method.step(batch)` run eagerly, with its loss functions compiled
+"""The fast distillation step: the same `method.train_step(batch)` run eagerly, with its loss functions compiled
 (`torch.compile`; AOTAutograd compiles their backward too), or captured whole as one CUDA graph (every
 forward, both backward passes, the fused optimiser updates and the `_foreach_lerp_` EMA replayed with one
 launch), or both.
 
 Eager is the default and what runs on CPU. A captured step needs optimisers built with `capturable=True`
-(the runner does this for `cuda_graph` modes), static batch shapes (the runner's batches are), and copies each
-new batch into the graph's input tensors before replaying.
+(the run builds them so for `cuda_graph` modes), static batch shapes (the run's batches are), and copies each
+new batch into the graph's input tensors before replaying. `DistillMethod.step` builds the fast step at its first
+call and runs every step through it.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 
 from ..errors import ConfigError
 
-MODES = ("eager", "compile", "cuda_graph", "compile+cuda_graph")
+FastMode = Literal["eager", "compile", "cuda_graph", "compile+cuda_graph"]
+MODES = get_args(FastMode)
 
 # the loss functions each method's step calls, which compile mode replaces by compiled versions
 COMPILE_TARGETS = ("fake_loss", "generator_loss", "loss")
@@ -46,11 +48,11 @@ class CUDAGraphStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                method.step(self.static)
+                method.train_step(self.static)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.outputs = method.step(self.static)
+            self.outputs = method.train_step(self.static)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for k, v in batch.items():
@@ -68,4 +70,4 @@ def make_step(method, mode: str = "eager", example: dict[str, torch.Tensor] | No
         compile_losses(method, compile_mode)
     if mode in ("cuda_graph", "compile+cuda_graph"):
         return CUDAGraphStep(method, example or {})
-    return method.step
+    return method.train_step

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .edm import Denoiser, as_sigma, fourier_embedding, precondition
+from ..config import NonNegInt, PositiveFloat, PositiveInt
+from .edm import Denoiser, EvenInt, as_sigma, fourier_embedding, precondition
 
 
 class MLPDenoiser(Denoiser):
@@ -13,8 +14,9 @@ class MLPDenoiser(Denoiser):
 
     `return_features=True` also returns the last hidden layer (what a GAN head on the fake score reads)."""
 
-    def __init__(self, dim: int = 2, width: int = 256, depth: int = 4, sigma_data: float = 1.0,
-                 num_classes: int = 0, emb_dim: int = 64, zero_out: bool = False):
+    def __init__(self, dim: PositiveInt = 2, width: PositiveInt = 256, depth: PositiveInt = 4,
+                 sigma_data: PositiveFloat = 1.0, num_classes: NonNegInt = 0, emb_dim: EvenInt = 64,
+                 zero_out: bool = False):
         super().__init__()
         self.sample_shape, self.sigma_data, self.num_classes = (dim,), float(sigma_data), num_classes
         self.feature_dim = width

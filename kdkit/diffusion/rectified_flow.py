@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from ..config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
 from ..errors import ConfigError
+from ..method import register_method
 from .consistency import pseudo_huber
 from .edm import Denoiser
-from .engine import METHODS, DistillMethod, MethodContext, Schedule, make_adam
+from .engine import Betas, Decay, DistillMethod, MethodContext, Schedule, make_adam
 from .samplers import Generator, heun_sample
 
 
@@ -53,10 +55,10 @@ class PairedRegression(DistillMethod):
             ys.append(y if y is not None else torch.zeros(n, dtype=torch.long, device=device))
         self.z, self.x, self.y = torch.cat(zs), torch.cat(xs), torch.cat(ys)
 
-    def prepare(self, resuming: bool = False) -> None:
+    def prepare(self, run, resuming: bool) -> None:
         self.make_pairs()
 
-    def step(self, batch):
+    def train_step(self, batch):
         idx = torch.randint(0, self.z.shape[0], (self.batch_size,), device=self.z.device)
         labels = self.y[idx] if self.num_classes else None
         loss = pseudo_huber(self.generator(self.z[idx], labels), self.x[idx], self.huber_c).mean()
@@ -68,10 +70,10 @@ class PairedRegression(DistillMethod):
         return {"regression": loss.detach()}
 
 
-@METHODS.register("rectflow")
-def build_rectflow(ctx: MethodContext, *, pairs: int = 20000, teacher_steps: int = 32, lr: float = 2e-4,
-                   betas: list[float] = (0.9, 0.999), huber_c: float | None = None,
-                   ema_decay: float | None = 0.999, seed: int = 0) -> PairedRegression:
+@register_method("diffusion", "rectflow")
+def build_rectflow(ctx: MethodContext, *, pairs: PositiveInt = 20000, teacher_steps: PositiveInt = 32,
+                   lr: PositiveFloat = 2e-4, betas: Betas = (0.9, 0.999), huber_c: NonNegFloat | None = None,
+                   ema_decay: Decay | None = 0.999, seed: NonNegInt = 0) -> PairedRegression:
     """Paired regression onto `pairs` teacher samples (Heun, `teacher_steps` steps) from fixed noise."""
     return PairedRegression(ctx.teacher, ctx.student_net(), ctx.sched, pairs=pairs, teacher_steps=teacher_steps,
                             lr=lr, betas=tuple(betas), huber_c=huber_c, ema_decay=ema_decay,

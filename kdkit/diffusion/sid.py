@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .engine import GENERATOR_LOSSES, METHODS, MethodContext, Schedule, ScoreDistillation, generator_sigmas
+from ..config import NonNegFloat, PositiveFloat, PositiveInt, Probability
+from ..method import register_method
+from .engine import (GENERATOR_LOSSES, Betas, Decay, MethodContext, Schedule, ScoreDistillation,
+                     generator_sigmas)
 from .samplers import Generator
 
 
@@ -40,11 +43,11 @@ def sid_loss(x: torch.Tensor, real, fake, labels, sched: Schedule, alpha: float 
     return loss, {"sid": loss.detach()}
 
 
-@METHODS.register("sid")
-def build_sid(ctx: MethodContext, *, alpha: float = 1.2, t_min: float = 0.0, t_max: float = 0.8,
-              generator_sigma: float = 2.5, generator_steps: int = 1, fake_steps: int = 1,
-              guidance_scale: float = 1.0, lr_generator: float = 1e-5, lr_fake: float = 1e-5,
-              betas: list[float] = (0.0, 0.999), ema_decay: float | None = 0.999,
+@register_method("diffusion", "sid")
+def build_sid(ctx: MethodContext, *, alpha: NonNegFloat = 1.2, t_min: Probability = 0.0, t_max: Probability = 0.8,
+              generator_sigma: PositiveFloat = 2.5, generator_steps: PositiveInt = 1, fake_steps: PositiveInt = 1,
+              guidance_scale: PositiveFloat = 1.0, lr_generator: PositiveFloat = 1e-5, lr_fake: PositiveFloat = 1e-5,
+              betas: Betas = (0.0, 0.999), ema_decay: Decay | None = 0.999,
               bf16: bool = False) -> ScoreDistillation:
     """SiD with the paper's CIFAR-10 settings: alpha 1.2, Adam lr 1e-5 (betas 0, 0.999) for both networks, one
     fake-score update per generator update, sigma_init 2.5, t_max 0.8; data-free (no GAN head)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import bad_value
 from ..errors import CheckpointError, ConfigError
 from .. import checkpoint as ckpt
 from .edm import Denoiser, as_sigma
@@ -50,9 +51,38 @@ def save_denoiser(net: Denoiser, path: Path, extra: dict | None = None) -> None:
     ckpt.save_model(net, Path(path), meta)
 
 
+def save_weights(net: nn.Module, path: Path, meta: dict[str, str]) -> None:
+    """A network's weights with its architecture when kdkit built it (`save_denoiser`), else the weights alone."""
+    if getattr(net, "kdkit_spec", None) is not None:
+        save_denoiser(net, path, meta)
+    else:
+        ckpt.save_model(net, Path(path), meta)
+
+
 def teacher_file(path: str | Path) -> Path:
     p = Path(path)
     return p / "model.safetensors" if p.is_dir() else p
+
+
+TEACHER_CHOICES = ("analytic (data=mixture), diffusers:FOLDER (a diffusers UNet2DModel folder), or a "
+                   "`kdkit diffusion train-teacher` run folder or its model.safetensors")
+
+
+def check_teacher(spec: str, key: str = "teacher") -> None:
+    """Before any work: `analytic`, an existing `diffusers:FOLDER`, or a kdkit teacher file whose header says it
+    is one (a cheap read of the safetensors metadata: a corrupt or foreign file is named here)."""
+    if spec == "analytic":
+        return
+    if spec.startswith("diffusers:"):
+        if not Path(spec.partition(":")[2]).expanduser().is_dir():
+            raise bad_value(key, spec, f"{TEACHER_CHOICES} (no folder is there)")
+        return
+    f = teacher_file(Path(spec).expanduser())
+    if not Path(spec).expanduser().exists():
+        raise bad_value(key, spec, f"{TEACHER_CHOICES} (nothing is there)")
+    if "diffusion_arch" not in ckpt.read_metadata(f):
+        raise CheckpointError(f"{f} is not a kdkit diffusion teacher (no diffusion_arch in its metadata); train one "
+                              "with `kdkit diffusion train-teacher`, or pass diffusers:PATH for a diffusers model")
 
 
 def load_teacher(path: str | Path) -> Denoiser:

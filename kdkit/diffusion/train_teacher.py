@@ -1,161 +1,200 @@
 """`kdkit diffusion train-teacher`: train an EDM denoiser to be a teacher: the MLP on a 2-D mixture, or the
 class-conditional U-Net on CIFAR-10 (labels dropped with probability `label_dropout`, so classifier-free
 guidance works). EDM's loss: log-normal sigma (P_mean -1.2, P_std 1.2), weight lambda(sigma), Adam, EMA
-weights saved as the teacher. Checkpoints are atomic and resume exactly, like the distillation runs."""
+weights saved as the teacher (`model.safetensors`, with its architecture in the metadata).
+
+It is a method like the distillation ones (`register_method("diffusion", "train-teacher")`, its options the
+factory's typed arguments), trained by `kdkit.method.fit` in a `kdkit.run.Run`: same run folder, same
+checkpoints, same resume rule.
+"""
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-import yaml
 
-from ..config import build, parse_overrides
+from ..checkpoint import load_module_state
+from ..config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range, RunName, build_options, check_resume
 from ..errors import ConfigError
-from .. import checkpoint as ckpt
-from .checkpoint import load_run_checkpoint, save_run_checkpoint
-from .data import MixtureSpec, load_real_data
+from ..method import Method, build_method, fit, register_method
+from ..run import Run, run_folder
+from .data import DataName, MixtureSpec, load_real_data
 from .edm import loss_weight, sample_lognormal_sigma
-from .engine import EMA, make_adam
+from .engine import EMA, Decay, make_adam
 from .metrics import mixture_report
 from .samplers import heun_sample
-from .teachers import make_denoiser, save_denoiser
+from .settings import PILLAR, method_settings, resolve
+from .teachers import ARCHS, make_denoiser, save_denoiser
+
+NAME = "train-teacher"
 
 
 @dataclass
 class TeacherConfig:
-    data: Literal["mixture", "cifar10"] = "mixture"
+    """`kdkit diffusion train-teacher`: the run's settings; the training options (arch, lr, EMA, ...) go in
+    `options` (bare `lr=2e-3` works too)."""
+
+    description: str = ""
+    method: Literal["train-teacher"] = NAME
+    data: DataName = "mixture"
     mixture: MixtureSpec = field(default_factory=MixtureSpec)
-    arch: Literal["auto", "mlp", "unet"] = "auto"  # auto: mlp for mixture, unet for images
-    arch_options: dict[str, Any] = field(default_factory=dict)  # e.g. {channels: 128, blocks: 2}
-    conditional: bool = True  # class-conditional (images) with label dropout for CFG
-    label_dropout: float = 0.1
-    steps: int = 4000
-    batch_size: int = 256
-    lr: float = 1e-3
-    p_mean: float = -1.2
-    p_std: float = 1.2
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    seed: int = 0
-    eval_samples: int = 10000
-    eval_steps: int = 64
-    save_every: int = 1000
-    keep_checkpoints: int = 2
-    log_every: int = 100
-    device: str = "auto"
-    threads: int | None = None
-    bf16: bool = False  # autocast to bfloat16 on CUDA
+    steps: PositiveInt = 4000
+    batch_size: PositiveInt = 256
+    seed: NonNegInt = 0
+    eval_samples: PositiveInt = 10000  # 2-D: samples of the final many-step evaluation
+    eval_steps: PositiveInt = 64  # its Heun steps
+    save_every: NonNegInt = 1000  # checkpoints (0 = only at the end)
+    keep_checkpoints: PositiveInt = 2
+    log_every: PositiveInt = 100
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: PositiveInt | None = None
     channels_last: bool = False
-    train_limit: int | None = None
+    train_limit: PositiveInt | None = None
     output_dir: str = "runs"
-    name: str | None = None
+    name: RunName | None = None
     resume: str | None = None
     progress: bool = True
+    options: dict[str, Any] = field(default_factory=dict)  # the training options (`build_teacher_training`)
 
+    PILLAR: ClassVar[str] = PILLAR
+    # the learning rate is constant, so `steps` only says where to stop (a finished run can go on)
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = (
+        "description", "resume", "output_dir", "progress", "log_every", "keep_checkpoints", "save_every", "threads",
+        "eval_samples", "eval_steps", "steps")
 
-class _TeacherTraining(torch.nn.Module):
-    """The network and its EMA as one module, so the distillation checkpoint code saves and resumes it."""
-
-    def __init__(self, net, ema_decay):
-        super().__init__()
-        self.net, self.ema = net, EMA(net, ema_decay)
+    def validate(self, at: str) -> None:
+        check_resume(self.resume, f"{at}resume")
+        opts = method_settings(NAME, self.options, at)
+        if opts["arch"] == "auto":
+            opts["arch"] = "mlp" if self.data == "mixture" else "unet"
+        if self.data == "mixture" and opts["arch"] != "mlp":
+            raise ConfigError(f"{at}options.arch={opts['arch']}: data=mixture is 2-D, use arch=mlp")
+        build_options(ARCHS[opts["arch"]], opts["arch_options"] or {}, f"{at}options.arch_options.",
+                      f"denoiser '{opts['arch']}'")
+        self.options = opts
 
 
 def resolve_teacher_config(settings: list[str]) -> TeacherConfig:
-    cfg = build(TeacherConfig, parse_overrides(settings), "")
-    if cfg.arch == "auto":
-        cfg.arch = "mlp" if cfg.data == "mixture" else "unet"
-    if cfg.data == "mixture" and cfg.arch != "mlp":
-        raise ConfigError("data=mixture is 2-D: use arch=mlp")
-    if not 0 <= cfg.label_dropout < 1:
-        raise ConfigError(f"label_dropout must be in [0, 1), got {cfg.label_dropout}")
-    return cfg
+    return resolve(TeacherConfig, NAME, settings)
+
+
+@dataclass
+class TeacherContext:
+    """What the factory gets: the real data, the device, and the run's settings."""
+
+    data: Any
+    device: torch.device
+    cfg: TeacherConfig
+
+
+class TeacherTraining(Method):
+    """EDM denoising on real data: one Adam step per batch, EMA of the weights (the teacher)."""
+
+    def __init__(self, net, data, cfg: TeacherConfig, *, lr: float, label_dropout: float, p_mean: float,
+                 p_std: float, ema_decay: float, grad_clip: float, bf16: bool, num_classes: int):
+        self.net, self.data, self.cfg = net, data, cfg
+        self.ema = EMA(net, ema_decay)
+        self.opt = make_adam(net.parameters(), lr)
+        self.label_dropout, self.p_mean, self.p_std, self.grad_clip = label_dropout, p_mean, p_std, grad_clip
+        self.num_classes, self.sigma_data = num_classes, net.sigma_data
+        self.bf16 = bf16 and next(net.parameters()).is_cuda
+        self.total_steps, self.log_every, self.save_every = cfg.steps, cfg.log_every, cfg.save_every
+        self.name = NAME
+        self.report: dict | None = None
+
+    def batches(self, start: int):
+        while True:
+            yield self.data.batch(self.cfg.batch_size)
+
+    def step(self, batch) -> dict[str, torch.Tensor]:
+        x, y = batch
+        labels = None
+        if self.num_classes:
+            drop = torch.rand(y.shape[0], device=y.device) < self.label_dropout
+            labels = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        sigma = sample_lognormal_sigma(x.shape[0], self.p_mean, self.p_std, device=x.device)
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
+            pred = self.net(x + s * torch.randn_like(x), sigma, labels)
+        loss = (loss_weight(s, self.sigma_data) * (pred.float() - x) ** 2).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
+        self.opt.step()
+        self.ema.update(self.net)
+        return {"loss": loss.detach()}
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "report": self.report}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_module_state({"net": self.net, "ema": self.ema}, state, "the resumed checkpoint")
+        self.opt.load_state_dict(state["optimizer"])
+        self.report = state["report"]
+
+    @torch.no_grad()
+    def evaluate(self, run, step: int) -> dict:
+        """2-D data: the EMA teacher's many-step Heun samples against true samples (images: none)."""
+        if self.cfg.data != "mixture":
+            return {}
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        true = self.data.mixture.sample(cfg.eval_samples, g)
+        z = torch.randn(cfg.eval_samples, 2, generator=g).to(next(self.net.parameters()).device)
+        xs = heun_sample(self.ema.module, z, cfg.eval_steps).cpu()
+        self.report = mixture_report(xs, true, self.data.mixture.means)
+        run.log(f"teacher {cfg.eval_steps}-step Heun: sw2={self.report['sw2']:.4f} mmd={self.report['mmd']:.5f} "
+                f"mode-mass max err={self.report['mode_mass_max_err']:.2f}")
+        return self.report
+
+    def artefacts(self, run) -> dict:
+        save_denoiser(self.ema.module, run.run_dir / "model.safetensors",
+                      {"data": self.cfg.data, "steps": str(self.total_steps)})
+        return {"steps": self.total_steps, "eval": self.report}
+
+
+Finite = Annotated[float, Range()]
+
+
+@register_method(PILLAR, NAME)
+def build_teacher_training(ctx: TeacherContext, *, arch: Literal["auto", "mlp", "unet"] = "auto",
+                           arch_options: dict[str, Any] | None = None, conditional: bool = True,
+                           label_dropout: Annotated[float, Range(ge=0, lt=1)] = 0.1, lr: PositiveFloat = 1e-3,
+                           p_mean: Finite = -1.2, p_std: PositiveFloat = 1.2, ema_decay: Decay = 0.999,
+                           grad_clip: NonNegFloat = 1.0, bf16: bool = False) -> TeacherTraining:
+    """EDM's teacher training: `arch` (auto: mlp for 2-D data, unet for images) with `arch_options` (e.g.
+    {channels: 128, blocks: 2}), class-conditional with label dropout, Adam at `lr`, gradients clipped at
+    `grad_clip` (0: none), bf16 autocast on CUDA."""
+    cfg, data = ctx.cfg, ctx.data
+    num_classes = data.num_classes if conditional and cfg.data != "mixture" else 0
+    if cfg.data == "mixture":
+        opts = {"dim": 2, "width": 256, "depth": 4, "sigma_data": data.mixture.data_std, "num_classes": num_classes}
+    else:
+        opts = {"in_channels": data.sample_shape[0], "image_size": data.sample_shape[-1], "num_classes": num_classes,
+                "sigma_data": 0.5}
+    arch = arch if arch != "auto" else ("mlp" if cfg.data == "mixture" else "unet")
+    net = make_denoiser(arch, **{**opts, **(arch_options or {})}).to(ctx.device)
+    if cfg.channels_last and arch == "unet":
+        net = net.to(memory_format=torch.channels_last)
+    return TeacherTraining(net, data, cfg, lr=lr, label_dropout=label_dropout, p_mean=p_mean, p_std=p_std,
+                           ema_decay=ema_decay, grad_clip=grad_clip, bf16=bf16, num_classes=num_classes)
+
+
+def train(cfg: TeacherConfig) -> dict:
+    """Train the teacher in its run folder and return the summary (also metrics.json)."""
+    run = Run(cfg, run_folder(cfg.output_dir, cfg.name, f"diffusion-teacher-{cfg.data}"), resume=cfg.resume,
+              seed=cfg.seed, device=cfg.device, threads=cfg.threads, progress=cfg.progress,
+              keep_checkpoints=cfg.keep_checkpoints, may_change=TeacherConfig.RESUME_MAY_CHANGE, console=cfg.progress)
+    run.start()  # the resume rule and the run folder first; then the network is drawn from the seed
+    data = load_real_data(cfg.data, run.device, cfg.mixture, limit=cfg.train_limit)
+    method = build_method(PILLAR, NAME, TeacherContext(data, run.device, cfg), cfg.options)
+    summary = fit(run, method)
+    run.write_json("metrics.json", summary)
+    return {**summary, "run_dir": str(run.run_dir)}
 
 
 def train_teacher(settings: list[str]) -> dict:
-    cfg = resolve_teacher_config(settings)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    data = load_real_data(cfg.data, device, cfg.mixture, limit=cfg.train_limit)
-    num_classes = data.num_classes if cfg.conditional and cfg.data != "mixture" else 0
-    if cfg.data == "mixture":
-        sigma_data = data.mixture.data_std
-        opts = {"dim": 2, "width": 256, "depth": 4, "sigma_data": sigma_data, "num_classes": num_classes}
-    else:
-        sigma_data = 0.5
-        opts = {"in_channels": data.sample_shape[0], "image_size": data.sample_shape[-1], "num_classes": num_classes,
-                "sigma_data": sigma_data}
-    opts.update(cfg.arch_options)
-    net = make_denoiser(cfg.arch, **opts).to(device)
-    if cfg.channels_last and cfg.arch == "unet":
-        net = net.to(memory_format=torch.channels_last)
-    state = _TeacherTraining(net, cfg.ema_decay).to(device)
-    opt = make_adam(net.parameters(), cfg.lr)
-    run_dir = Path(cfg.output_dir) / (cfg.name or f"diffusion-teacher-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    step, history = 0, []
-    if cfg.resume:
-        p = run_dir if cfg.resume == "auto" else Path(cfg.resume)
-        folder = p if (p / ckpt.MANIFEST).is_file() else ckpt.latest_checkpoint(p)
-        if folder is not None:
-            st = load_run_checkpoint(folder, state, {"opt": opt})
-            step, history = st["step"], st["history"]
-    use_bf16 = cfg.bf16 and device.type == "cuda"
-    t_log, running, n_run = time.perf_counter(), torch.zeros((), device=device), 0
-    while step < cfg.steps:
-        x, y = data.batch(cfg.batch_size)
-        labels = None
-        if num_classes:
-            drop = torch.rand(y.shape[0], device=device) < cfg.label_dropout
-            labels = torch.where(drop, torch.full_like(y, num_classes), y)
-        sigma = sample_lognormal_sigma(x.shape[0], cfg.p_mean, cfg.p_std, device=device)
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-            pred = net(x + s * torch.randn_like(x), sigma, labels)
-        loss = (loss_weight(s, sigma_data) * (pred.float() - x) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        state.ema.update(net)
-        running += loss.detach()
-        n_run += 1
-        step += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            rec = {"step": step, "loss": float(running) / n_run, "it_s": n_run / (time.perf_counter() - t_log)}
-            if not math.isfinite(rec["loss"]):
-                raise FloatingPointError(f"teacher loss is not finite at step {step}")
-            history.append(rec)
-            if cfg.progress:
-                print(f"teacher step {step}: loss={rec['loss']:.4f} it/s={rec['it_s']:.1f}", flush=True)
-            running, n_run, t_log = torch.zeros((), device=device), 0, time.perf_counter()
-        if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-            save_run_checkpoint(run_dir / "checkpoints" / f"step-{step}", state, {"opt": opt},
-                                {"step": step, "history": history})
-            ckpt.prune_checkpoints(run_dir, cfg.keep_checkpoints)
-    teacher = state.ema.module
-    save_denoiser(teacher, run_dir / "model.safetensors", {"data": cfg.data, "steps": str(step)})
-    metrics = {"history": history, "steps": step}
-    if cfg.data == "mixture":
-        g = torch.Generator().manual_seed(cfg.seed + 1)
-        true = data.mixture.sample(cfg.eval_samples, g)
-        z = torch.randn(cfg.eval_samples, 2, generator=g).to(device)
-        xs = heun_sample(teacher, z, cfg.eval_steps).cpu()
-        metrics["eval"] = mixture_report(xs, true, data.mixture.means)
-        if cfg.progress:
-            print(f"teacher {cfg.eval_steps}-step Heun: sw2={metrics['eval']['sw2']:.4f} "
-                  f"mmd={metrics['eval']['mmd']:.5f} mode-mass max err={metrics['eval']['mode_mass_max_err']:.2f}")
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    metrics["run_dir"] = str(run_dir)
-    return metrics
+    return train(resolve_teacher_config(settings))

@@ -8,11 +8,14 @@ Label `num_classes` is the null label: train with `label_dropout` and guide with
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .edm import Denoiser, as_sigma, fourier_embedding, precondition
+from ..config import NonNegInt, PositiveFloat, PositiveInt, Range
+from .edm import Denoiser, EvenInt, as_sigma, fourier_embedding, precondition
 
 
 def _norm(c: int) -> nn.GroupNorm:
@@ -51,9 +54,10 @@ class Attention(nn.Module):
 
 
 class UNetDenoiser(Denoiser):
-    def __init__(self, in_channels: int = 3, image_size: int = 32, channels: int = 64, mult: tuple = (1, 2, 2),
-                 blocks: int = 2, attn: tuple = (8,), num_classes: int = 0, dropout: float = 0.1,
-                 sigma_data: float = 0.5, emb_dim: int = 128):
+    def __init__(self, in_channels: PositiveInt = 3, image_size: PositiveInt = 32, channels: PositiveInt = 64,
+                 mult: list[PositiveInt] = (1, 2, 2), blocks: PositiveInt = 2, attn: list[PositiveInt] = (8,),
+                 num_classes: NonNegInt = 0, dropout: Annotated[float, Range(ge=0, lt=1)] = 0.1,
+                 sigma_data: PositiveFloat = 0.5, emb_dim: EvenInt = 128):
         super().__init__()
         self.sample_shape = (in_channels, image_size, image_size)
         self.sigma_data, self.num_classes, self.emb_dim = float(sigma_data), num_classes, emb_dim

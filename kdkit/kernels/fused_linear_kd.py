@@ -4,8 +4,8 @@ The LM head's logits are the largest tensors of LM distillation (16k tokens x 15
 autograd keeps several). `fused_linear_kd` computes the same loss chunk by chunk of tokens (see `chunked.py`),
 so peak memory is O(chunk x vocab). Two backends compute a chunk's rows:
 
-- ``torch``: the reference. Per chunk, the divergence of `kdkit.losses.token` on materialised chunk logits and
-  its gradient by `torch.autograd.grad` (float32, or float64 for float64 inputs). Any device.
+- ``torch``: the reference (`rows.py`). Per chunk, the divergence of `kdkit.losses.token` on materialised chunk
+  logits and its gradient by `torch.autograd.grad` (float32, or float64 for float64 inputs). Any device.
 - ``triton``: `fused_linear_kd_triton.py`, one Triton kernel per chunk with an online softmax and analytic
   gradients written in place into the logits buffer. CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests).
 - ``auto``: triton on CUDA (when triton imports), torch otherwise.
@@ -17,30 +17,16 @@ The teacher is dense (hidden states + LM head) or a sparse top-k signal (ids + l
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeMismatchError
-from ..losses.token import check_divergence, divergence_from_logprobs
+from ..losses.token import check_divergence
 from .chunked import ChunkedLinearKD, ChunkPlan
+from .rows import RowOptions, torch_rows
 
 BACKENDS = ("auto", "torch", "triton")
-
-
-@dataclass(frozen=True)
-class RowOptions:
-    """Per-row loss settings shared by the backends: divergence, temperature, weights of the two terms."""
-
-    divergence: str = "fkl"
-    T: float = 1.0
-    beta: float = 0.5
-    skew: float = 0.1
-    ignore_index: int = -100
-    kd_weight: float = 1.0
-    ce_weight: float = 0.0
 
 
 def fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None,
@@ -115,33 +101,6 @@ def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return torch.promote_types(hidden.dtype, weight.dtype)
-
-
-def torch_rows(opts: RowOptions):
-    """The reference chunk rows: kdkit's divergence on materialised chunk logits, gradient by autograd."""
-    T, ignore = opts.T, opts.ignore_index
-
-    def rows(zs: Tensor, zt: Tensor, labels: Tensor | None, weights: Tensor | None, inv_n: Tensor):
-        compute = torch.float64 if zs.dtype == torch.float64 else torch.float32
-        with torch.enable_grad():
-            z = zs.detach().to(compute).requires_grad_()
-            loss = torch.zeros((), dtype=compute, device=z.device)
-            if opts.kd_weight:
-                log_q = F.log_softmax(z / T, dim=-1)
-                log_p = F.log_softmax(zt.to(compute) / T, dim=-1)
-                d = divergence_from_logprobs(log_q, log_p, opts.divergence, beta=opts.beta, skew=opts.skew) * (T * T)
-                if weights is not None:
-                    d = d * weights.to(compute)
-                if labels is not None:
-                    d = torch.where(labels != ignore, d, 0.0)
-                loss = loss + opts.kd_weight * (d.sum() * inv_n)
-            if opts.ce_weight:
-                ce = F.cross_entropy(z, labels, ignore_index=ignore, reduction="sum")
-                loss = loss + opts.ce_weight * (ce * inv_n)
-            dz, = torch.autograd.grad(loss, z) if loss.requires_grad else (torch.zeros_like(z),)
-        return loss.detach(), dz
-
-    return rows
 
 
 def _check_inputs(h_s, w_s, h_t, w_t, labels, weights, topk_idx, topk_lp, b_s, b_t) -> bool:

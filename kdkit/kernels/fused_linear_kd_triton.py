@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_linear_kd import RowOptions
+from .rows import RowOptions
 
 MODES = {"fkl": 0, "rkl": 1, "jsd": 2, "skl": 3, "srkl": 4, "tvd": 5}
 DEFAULT_BLOCK_V = 4096  # vocabulary block per loop step; tests under the interpreter lower it to exercise the loop

@@ -1,28 +1,43 @@
-"""Recipe (task: lm) -> teacher, student, token blocks, losses -> LMDistiller: what `kdkit distill|train` run for LMs."""
+"""Recipe (task: lm) -> teacher, student, token blocks, losses -> LMDistiller: what `kdkit distill|train` run for LMs,
+and what `kdkit teacher-signal` runs.
+
+`check_recipe` applies every rule that needs no data and no model (the CLI calls it before any work, and
+`--dry-run` runs the same), so a value the real run would refuse never passes it.
+"""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 
-from ..config import ConfigError, Recipe, dump
+from ..config import ConfigError, PositiveFloat, PositiveInt, Range, Recipe, apply_overrides, build
 from ..losses import LOSSES
+from ..method import build_method
+from ..run import run_folder
+from ..train.accelerated import check_resume, make_run, use_cpu
 from ..train.build import Mode, build_losses, run_name
-from ..train.distiller import use_cpu
+from .distiller import fused_options  # importing it registers the `lm` method
+from .models import DTYPES, check_lm_name
+from .students import check_student
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STUDENT_FROM_TEACHER = ("truncated-teacher", "scratch")
 
 
 def check_lm_mode(recipe: Recipe, mode: Mode) -> None:
     """`train`: CE only (teachers, no-teacher baselines); the teacher may be named only as the source a
-    truncated student is cut from. `distill`: at least one loss, and a teacher (live or stored) for it."""
+    truncated student is cut from. `distill`: at least one loss, and a teacher (live or stored) for it; the
+    losses' options, and what each backend and path (fused kernel, stored signal, cross-tokenizer, TRL) runs."""
     losses = {k: v for k, v in recipe.losses.items() if v is not None}
-    has_teacher = bool(recipe.teacher.model or recipe.teacher.cache)
+    lc = recipe.llm
     if recipe.teachers or recipe.peer:
         raise ConfigError("LM recipes take one teacher (teacher.model) or a stored signal (teacher.cache); "
                           "teachers:/peer: are classifier options")
+    if recipe.teacher.checkpoint or recipe.student.checkpoint:
+        raise ConfigError("LM models are named by teacher.model / student.model (a model name, hf:<id> or a saved "
+                          "folder); teacher.checkpoint / student.checkpoint are classifier options")
     if mode == "train":
         if losses:
             raise ConfigError(f"`kdkit train` runs no distillation loss, but the recipe has {sorted(losses)}: use "
@@ -32,33 +47,118 @@ def check_lm_mode(recipe: Recipe, mode: Mode) -> None:
         if recipe.teacher.model and recipe.student.model not in STUDENT_FROM_TEACHER:
             raise ConfigError(f"`kdkit train` has no teacher; teacher.model={recipe.teacher.model} is only allowed "
                               "as the model a truncated-teacher/scratch student is built from")
+        if not recipe.ce_weight:
+            raise ConfigError("`kdkit train` trains on cross-entropy alone: ce_weight must be > 0")
+        if lc.fused:
+            raise ConfigError("llm.fused=true fuses token KD with CE; `kdkit train` has no KD loss: set llm.fused=false")
+        if lc.on_policy.fraction > 0:
+            raise ConfigError("on-policy batches are scored by a teacher; `kdkit train` has none: set "
+                              "llm.on_policy.fraction=0")
         return
     if not losses:
         raise ConfigError("`kdkit distill` needs at least one loss, e.g. losses.kd.type=token_kd; "
                           f"choices: {', '.join(LOSSES.names())}")
-    if not has_teacher:
+    if not (recipe.teacher.model or recipe.teacher.cache):
         raise ConfigError("LM distillation needs teacher.model (a model name or folder, e.g. smollm2-135m-instruct) "
                           "or teacher.cache (a teacher-signal store folder)")
     built = build_losses(recipe, {"epochs": recipe.trainer.epochs})  # option values checked before any work
+    kinds = {n: type(loss).__name__ for n, (_, loss) in built.items()}
+    live = bool(recipe.teacher.model) and not recipe.teacher.cache
     if recipe.teacher.cache:
-        other = sorted(n for n, (_, l) in built.items() if type(l).__name__ != "TokenKDLoss")
+        other = sorted(n for n, k in kinds.items() if k != "TokenKDLoss")
         if other:
             raise ConfigError(f"a stored teacher signal (teacher.cache) trains token_kd losses only; {other} need the "
                               "live teacher's logits (set teacher.model)")
-    cross = sorted(n for n, (_, l) in built.items() if type(l).__name__ == "CrossTokenizerLoss")
+    cross = sorted(n for n, k in kinds.items() if k == "CrossTokenizerLoss")
     if cross:
         other = sorted(set(built) - set(cross))
         if other:
             raise ConfigError(f"{cross} (cross_tokenizer) compares text chunks across vocabularies and runs with no "
                               f"token-level loss; {other} compare next-token distributions position by position")
-        if recipe.teacher.cache or not recipe.teacher.model:
+        if not live:
             raise ConfigError("cross_tokenizer needs a live teacher (teacher.model): a stored signal holds one "
                               "tokenizer's positions")
-        if recipe.llm.on_policy.fraction > 0 or recipe.llm.fused:
+        if lc.on_policy.fraction > 0 or lc.fused:
             raise ConfigError("cross_tokenizer runs without llm.fused and llm.on_policy (set them to false / 0)")
-    if recipe.teacher.cache and recipe.llm.on_policy.fraction > 0:
+    if recipe.teacher.cache and lc.on_policy.fraction > 0:
         raise ConfigError("on-policy distillation (llm.on_policy.fraction > 0) needs a live teacher to score the "
                           "student's own text; a stored signal only covers the stored blocks")
+    if lc.on_policy.backend == "trl":
+        check_trl(recipe, built, live)
+    elif lc.fused:
+        fused_options(built)
+        if not live:
+            raise ConfigError("llm.fused=true needs a live teacher (teacher.model); stored signals use the unfused path")
+
+
+def check_trl(recipe: Recipe, built: dict, live: bool) -> None:
+    """`llm.on_policy.backend=trl`: what TRL's GKDTrainer runs (one token_kd loss of the generalised-JSD family at
+    T=1, a live teacher, a step budget) and what it does not (kdkit checkpoints: no resume)."""
+    from .trl_gkd import trl_beta
+
+    if len(built) != 1 or type(next(iter(built.values()))[1]).__name__ != "TokenKDLoss":
+        raise ConfigError("llm.on_policy.backend=trl runs one token_kd loss (TRL's generalised JSD); use "
+                          "backend=kdkit for other losses")
+    (name, (_, loss)), = built.items()
+    trl_beta(loss.divergence, loss.beta)
+    if loss.T != 1.0:
+        raise ConfigError(f"losses.{name}.T={loss.T:g}: TRL's GKDTrainer scores at temperature 1 (its temperature "
+                          "samples); use llm.on_policy.backend=kdkit for a loss temperature")
+    if not live:
+        raise ConfigError("llm.on_policy.backend=trl needs a live teacher (teacher.model), not teacher.cache")
+    if recipe.llm.max_steps is None:
+        raise ConfigError("llm.on_policy.backend=trl needs llm.max_steps (TRL's step budget)")
+    if recipe.resume:
+        raise ConfigError("llm.on_policy.backend=trl runs TRL's own loop, which kdkit cannot resume: drop resume "
+                          "(or use llm.on_policy.backend=kdkit)")
+
+
+def check_precision(recipe: Recipe) -> None:
+    """Weights dtype against mixed precision and the device: fp16 loss scaling cannot unscale fp16 gradients,
+    and bf16 needs a device that has it."""
+    t, dtype = recipe.trainer, recipe.llm.dtype
+    if t.mixed_precision == "fp16" and dtype == "float16":
+        raise ConfigError("trainer.mixed_precision=fp16 scales the loss and unscales float32 gradients; with "
+                          "llm.dtype=float16 weights the gradients are float16 too (torch refuses to unscale them): "
+                          "set llm.dtype=float32 or trainer.mixed_precision=no")
+    bf16 = t.mixed_precision == "bf16" or dtype == "bfloat16"
+    if bf16 and not use_cpu(recipe) and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"this GPU has no bfloat16 (trainer.mixed_precision={t.mixed_precision}, "
+                          f"llm.dtype={dtype}): use float16/fp16 or float32")
+
+
+def check_data(recipe: Recipe) -> None:
+    """`data.name`: gsm8k, hf:<dataset>[:<config>], or local files with a train and a test split."""
+    from .text_data import local_file
+
+    name = recipe.data.name
+    if name != "gsm8k" and not name.startswith("hf:"):
+        for split in ("train", "test"):
+            local_file(name, split)
+
+
+def check_signal_store(recipe: Recipe) -> None:
+    """`teacher.cache`: a readable teacher-signal store made with this recipe's block size."""
+    from .signal_store import open_signal_store
+
+    store = open_signal_store(recipe.teacher.cache)
+    if store.block_size != recipe.llm.block_size:
+        raise ConfigError(f"teacher.cache={recipe.teacher.cache} holds blocks of {store.block_size} tokens but "
+                          f"llm.block_size={recipe.llm.block_size}: build the store with the same block size")
+
+
+def check_recipe(recipe: Recipe, mode: Mode) -> None:
+    """Every rule of an LM recipe that needs no data or model (what `--dry-run` checks too): the mode and its
+    losses, model names and student options, precision, data files, a stored signal, and the resume rule."""
+    check_lm_mode(recipe, mode)
+    if recipe.teacher.model:
+        check_lm_name(recipe.teacher.model, "teacher.model")
+    check_student(recipe.student, bool(recipe.teacher.model), recipe.llm)
+    check_precision(recipe)
+    check_data(recipe)
+    if mode == "distill" and recipe.teacher.cache:
+        check_signal_store(recipe)
+    check_resume(recipe, run_folder(recipe.output_dir, recipe.name, "run"))
 
 
 def _scratch_without_teacher(options: dict, dtype):
@@ -67,9 +167,6 @@ def _scratch_without_teacher(options: dict, dtype):
 
     from .models import resolve_lm
 
-    if "tokenizer" not in options or "config" not in options:
-        raise ConfigError("student.model=scratch without a teacher needs student.options.tokenizer (a model name "
-                          "or folder) and student.options.config (e.g. {model_type: llama, hidden_size: 256, ...})")
     where = Path(options["tokenizer"])  # a tokenizer folder, or any model name resolve_lm knows
     tok = AutoTokenizer.from_pretrained(str(where if where.is_dir() else resolve_lm(options["tokenizer"])))
     cfg = dict(options["config"])
@@ -102,15 +199,10 @@ def build_lm_models(recipe: Recipe, mode: Mode):
         teacher, t_tok = load_causal_lm(recipe.teacher.model, dtype=recipe.llm.dtype)
         teacher.requires_grad_(False)
     s = recipe.student
-    own_tokenizer = s.model == "scratch" and "tokenizer" in (s.options or {})  # e.g. for cross-tokenizer KD
-    if s.model in STUDENT_FROM_TEACHER and teacher is not None and not own_tokenizer:
+    if s.model == "scratch" and (teacher is None or "tokenizer" in (s.options or {})):
+        student, tok = _scratch_without_teacher(s.options, dtype)  # e.g. for cross-tokenizer KD
+    elif s.model in STUDENT_FROM_TEACHER:
         student, tok = build_student(s, teacher, recipe.llm, dtype), t_tok
-    elif s.model == "scratch":
-        student, tok = _scratch_without_teacher(s.options, dtype)
-        if recipe.llm.lora is not None:
-            raise ConfigError("llm.lora on a randomly initialised student trains almost nothing; drop llm.lora")
-    elif s.model == "truncated-teacher":
-        raise ConfigError("student.model=truncated-teacher needs teacher.model (the model to cut layers from)")
     else:
         tok = load_tokenizer(s.model)
         student = build_student(s, teacher, recipe.llm, dtype)
@@ -132,24 +224,20 @@ def build_lm_blocks(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tens
 
 
 def build_lm_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = None, on_step=None):
+    """Everything an LM run needs, checked then built: teacher, student, token blocks (or a stored signal, or
+    aligned texts), losses, run folder; the TRL backend's run when `llm.on_policy.backend=trl`."""
     from accelerate import PartialState
-    from accelerate.utils import set_seed
 
-    from .distiller import LMDistiller
+    from ..run import seed_everything
 
-    check_lm_mode(recipe, mode)
+    check_recipe(recipe, mode)
     state = PartialState(cpu=use_cpu(recipe))
     run_dir = Path(recipe.output_dir) / run_name(recipe, recipe_name)
-    set_seed(recipe.trainer.seed)
+    seed_everything(recipe.trainer.seed)
     with state.main_process_first():
         teacher, student, tok, t_tok = build_lm_models(recipe, mode)
         train, test = build_lm_blocks(recipe, tok)
     if mode == "distill" and recipe.llm.on_policy.backend == "trl":
-        if cross_tokenizer_loss(recipe) is not None:
-            raise ConfigError("llm.on_policy.backend=trl has no cross-tokenizer loss; use backend=kdkit")
-        if state.is_main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            dump(recipe, run_dir / "config.yaml")
         return TRLGKDRun(recipe, run_dir, teacher, student, tok)
     store = None
     if mode == "distill" and recipe.teacher.cache:
@@ -165,15 +253,9 @@ def build_lm_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = Non
     meta = {"teacher": recipe.teacher.model or recipe.teacher.cache, "student": recipe.student.model,
             "student_options": json.dumps(recipe.student.options), "data": recipe.data.name,
             "block_size": recipe.llm.block_size}
-    distiller = LMDistiller(recipe, run_dir, student, tok, train, test, teacher=teacher, losses=losses,
-                            store=store, on_step=on_step, meta=meta, cross=cross)
-    if state.is_main_process:
-        dump(recipe, run_dir / "config.yaml")
-    if recipe.resume:
-        where = run_dir if recipe.resume == "auto" else Path(recipe.resume)
-        if not distiller.resume(where) and recipe.resume != "auto":
-            raise ConfigError(f"resume={recipe.resume}: no checkpoint found there")
-    return distiller
+    ctx = dict(recipe=recipe, run_dir=run_dir, student=student, tokenizer=tok, train_blocks=train, eval_blocks=test,
+               teacher=teacher, losses=losses, store=store, on_step=on_step, meta=meta, cross=cross)
+    return build_method("distill", "lm", ctx, {})
 
 
 def _cross_tokenizer_data(recipe: Recipe, teacher_tok, student_tok, loss) -> dict:
@@ -190,50 +272,79 @@ def _cross_tokenizer_data(recipe: Recipe, teacher_tok, student_tok, loss) -> dic
             "teacher_eval_blocks": pack_blocks(test, teacher_tok, lc.block_size)}
 
 
-def write_store_from_recipe(recipe: Recipe, settings: dict) -> Path:
-    """`kdkit teacher-signal`: run the recipe's teacher once over its training blocks and store the signal.
+@dataclass
+class TeacherSignalOptions:
+    """`kdkit teacher-signal recipe=NAME out=DIR [...]`: what to keep of the teacher's next-token distribution."""
 
-    `settings`: out=DIR (required), kind=topk|dense|sampled, k=64, samples=64, temperature=1.0, batch_size=8.
-    A later `kdkit distill recipe=... teacher.model=null teacher.cache=DIR` trains from it.
-    """
+    out: str | None = None  # the store folder (required)
+    kind: Literal["topk", "dense", "sampled"] = "topk"
+    k: PositiveInt = 64  # topk: ids kept per position
+    samples: Annotated[int, Range(ge=1, le=32767)] = 64  # sampled: draws per position (counts are int16)
+    temperature: PositiveFloat = 1.0  # the signal is softmax(logits / temperature)
+    batch_size: PositiveInt = 8  # blocks per teacher forward
+
+    def validate(self, at: str) -> None:
+        if not self.out:
+            raise ConfigError(f"teacher-signal needs {at}out=DIR (the store folder)")
+
+
+def teacher_signal_options(settings: list[str]) -> tuple[TeacherSignalOptions, list[str]]:
+    """(the verb's own options, typed and range-checked; the recipe overrides among `settings`)."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(TeacherSignalOptions)}
+    own = [s for s in settings if s.partition("=")[0] in names]
+    return build(TeacherSignalOptions, apply_overrides({}, own), ""), [s for s in settings if s not in own]
+
+
+def check_teacher_signal(recipe: Recipe, options: TeacherSignalOptions) -> None:
+    """Every rule of `kdkit teacher-signal` that needs no model: an LM recipe with a live teacher, its data."""
+    if recipe.task != "lm":
+        raise ConfigError(f"teacher-signal runs an LM recipe's teacher (task: lm); this recipe is task: {recipe.task}")
+    if not recipe.teacher.model:
+        raise ConfigError("teacher-signal needs teacher.model (the teacher to run once)")
+    check_lm_name(recipe.teacher.model, "teacher.model")
+    check_data(recipe)
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={options.out} is a file; the store is a folder")
+
+
+def write_store_from_recipe(recipe: Recipe, options: TeacherSignalOptions) -> Path:
+    """`kdkit teacher-signal`: run the recipe's teacher once over its training blocks and store the signal. A later
+    `kdkit distill recipe=... teacher.cache=DIR` trains from it."""
     from .models import load_causal_lm
     from .signal_store import SignalSpec, write_signal_store
 
-    if not recipe.teacher.model:
-        raise ConfigError("teacher-signal needs teacher.model (the teacher to run once)")
-    if "out" not in settings:
-        raise ConfigError("teacher-signal needs out=DIR (the store folder)")
-    spec = SignalSpec(kind=settings.get("kind", "topk"), k=int(settings.get("k", 64)),
-                      samples=int(settings.get("samples", 64)), temperature=float(settings.get("temperature", 1.0)),
+    check_teacher_signal(recipe, options)
+    spec = SignalSpec(kind=options.kind, k=options.k, samples=options.samples, temperature=options.temperature,
                       seed=recipe.trainer.seed)
     teacher, tok = load_causal_lm(recipe.teacher.model, dtype=recipe.llm.dtype,
-                                  device="cuda" if torch.cuda.is_available() and not recipe.trainer.cpu else "cpu")
+                                  device="cpu" if use_cpu(recipe) else "cuda")
     train, _ = build_lm_blocks(recipe, tok)
-    return write_signal_store(teacher, train, settings["out"], spec, tok, batch_size=int(settings.get("batch_size", 8)),
+    return write_signal_store(teacher, train, options.out, spec, tok, batch_size=options.batch_size,
                               progress=recipe.trainer.progress)
 
 
 class TRLGKDRun:
-    """`llm.on_policy.backend: trl`: the same recipe run by TRL's GKDTrainer (one token_kd loss of the jsd family)."""
+    """`llm.on_policy.backend: trl`: the same recipe run by TRL's GKDTrainer (one token_kd loss of the jsd family),
+    in a kdkit run folder (config.yaml, train.log, metrics.json, the student; TRL's own files under trl/)."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, teacher, student, tokenizer):
         from accelerate import PartialState
 
         self.recipe, self.run_dir, self.teacher, self.student, self.tokenizer = recipe, run_dir, teacher, student, tokenizer
         self.accelerator = PartialState(cpu=use_cpu(recipe))
-        built = build_losses(recipe, {"epochs": recipe.trainer.epochs})
-        if len(built) != 1 or type(next(iter(built.values()))[1]).__name__ != "TokenKDLoss":
-            raise ConfigError("llm.on_policy.backend=trl runs one token_kd loss (TRL's generalised JSD); use "
-                              "backend=kdkit for other losses")
-        self.loss = next(iter(built.values()))[1]
-        if recipe.llm.max_steps is None:
-            raise ConfigError("llm.on_policy.backend=trl needs llm.max_steps")
+        self.run = make_run(recipe, run_dir, main=self.accelerator.is_main_process,
+                            barrier=self.accelerator.wait_for_everyone)
+        (_, self.loss), = build_losses(recipe, {"epochs": recipe.trainer.epochs}).values()
 
     def fit(self) -> dict:
         from .text_data import load_texts
         from .trl_gkd import train_with_trl_gkd
 
         r, lc = self.recipe, self.recipe.llm
+        self.run.start()
         train = load_texts(r.data.name, "train", text_field=lc.text_field, limit=lc.train_examples)
         test = load_texts(r.data.name, "test", text_field=lc.text_field, limit=lc.eval_examples)
         metrics = train_with_trl_gkd(self.student, self.teacher, self.tokenizer, train, test, lc.on_policy,
@@ -242,15 +353,15 @@ class TRLGKDRun:
                                      output_dir=str(self.run_dir / "trl"), seed=r.trainer.seed,
                                      divergence=self.loss.divergence)
         if self.accelerator.is_main_process:
-            self.student.save_pretrained(str(self.run_dir / "student"))
-            self.tokenizer.save_pretrained(str(self.run_dir / "student"))
-            (self.run_dir / "metrics.json").write_text(json.dumps({"summary": metrics}, indent=1, default=str))
+            from ..checkpoint import atomic_path
+
+            with atomic_path(self.run_dir / "student") as tmp:
+                self.student.save_pretrained(str(tmp))
+                self.tokenizer.save_pretrained(str(tmp))
+        self.run.write_json("metrics.json", {"summary": metrics})
+        self.run.log("TRL GKD: " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        self.run.close()
         return metrics
-
-
-def check_recipe(recipe: Recipe, mode: Mode) -> None:
-    """Every rule of an LM recipe that needs no data or model (what `--dry-run` checks too)."""
-    check_lm_mode(recipe, mode)
 
 
 def run_recipe(recipe: Recipe, mode: Mode, recipe_name: str | None = None):

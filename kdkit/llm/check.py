@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 import torch
-import yaml
 
-from ..config import LoRAConfig, coerce
+from ..config import LoRAConfig, PositiveInt, apply_overrides, build, parse_overrides
 from ..errors import ConfigError
 from .models import load_tokenizer, resolve_lm, to_dtype
 from .tokenizers import tokenizer_differences
@@ -270,43 +270,63 @@ def render(report: CheckReport, console=None) -> None:
     console.print(("[green]OK[/]: " if report.compatible else "[red]INCOMPATIBLE[/]: ") + report.verdict)
 
 
-SETTINGS = {"teacher": str, "student": str, "device": str, "dtype": str, "batch_size": int, "seq_len": int,
-            "lora": bool, "chunk_size": int}
+@dataclass(frozen=True)
+class DeviceName:
+    """`auto`, `cpu`, `cuda` or `cuda:N`."""
+
+    def ok(self, v) -> bool:
+        return v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
+
+    def describe(self) -> str:
+        return "auto, cpu, cuda or cuda:N"
 
 
-def parse_settings(settings: list[str]) -> dict:
-    """`key=value` words -> preflight keyword arguments (`student.X=` -> student option X, `lora.X=` -> LoRA)."""
-    out: dict = {"student_options": {}}
-    lora: dict = {}
-    for item in settings:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"setting '{item}' is not key=value (e.g. teacher=smollm2-135m-instruct)")
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"setting {key}: cannot parse {text!r}: {e}") from e
-        if key.startswith("student."):
-            out["student_options"][key[len("student."):]] = value
-        elif key.startswith("lora."):
-            lora[key[len("lora."):]] = value
-        elif key in SETTINGS:
-            out[key] = coerce(str(value) if SETTINGS[key] is str else value, SETTINGS[key], key)
-        else:
-            raise ConfigError(f"unknown setting '{key}'; allowed: {', '.join(SETTINGS)}, student.<option>, "
-                              "lora.<r|alpha|dropout|target_modules>")
-    if lora:
-        from ..config import build
+@dataclass
+class CheckOptions:
+    """`kdkit check` settings. On the command line `student.X=V` is student option X (`student.layers=15`) and
+    `lora.X=V` a LoRA setting (`lora.r=8`, which implies lora=true)."""
 
-        out["lora"] = build(LoRAConfig, lora, "lora.") if out.get("lora", True) else False
-    if "teacher" not in out:
-        raise ConfigError("kdkit check needs teacher=NAME (e.g. teacher=smollm2-135m-instruct)")
-    return out
+    teacher: str | None = None  # a model name, hf:<id> or folder (required)
+    student: str = "truncated-teacher"  # truncated-teacher, scratch, or a model name / folder
+    student_options: dict[str, Any] = field(default_factory=dict)
+    device: Annotated[str, DeviceName()] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    batch_size: PositiveInt = 8
+    seq_len: PositiveInt = 512
+    lora: bool | LoRAConfig = False  # true: LoRA adapters with the default settings
+    chunk_size: PositiveInt = 1024  # tokens per chunk of the fused linear-KD kernel
+
+    def validate(self, at: str) -> None:
+        """The models' names and the student's options, by the rules a recipe's are checked with."""
+        from ..config import LLMConfig, ModelConfig
+        from .models import check_lm_name
+        from .students import check_student
+
+        if not self.teacher:
+            raise ConfigError("kdkit check needs teacher=NAME (e.g. teacher=smollm2-135m-instruct)")
+        check_lm_name(self.teacher, "teacher")
+        check_student(ModelConfig(model=self.student, options=self.student_options), True,
+                      LLMConfig(lora=self.lora if isinstance(self.lora, LoRAConfig) else None))
+
+
+def check_options(settings: list[str]) -> CheckOptions:
+    """`key=value` words -> validated `CheckOptions`, all checked before any tokenizer or config loads."""
+    items = [f"student_options.{i[len('student.'):]}" if i.startswith("student.") else i for i in settings]
+    flags = [i for i in items if i.partition("=")[0] == "lora"]
+    raw = apply_overrides({}, [i for i in items if i not in flags])
+    if flags:
+        flag = parse_overrides(flags[-1:])["lora"]
+        if "lora" not in raw or flag is not True:  # lora=false wins over lora.X; lora=true adds nothing to them
+            raw["lora"] = flag
+    return build(CheckOptions, raw, "")
 
 
 def run_check(settings: list[str]) -> int:
     """`kdkit check teacher=... student=... [student.layers=15 dtype=bfloat16 seq_len=1024 batch_size=8 lora=true]`:
     prints the report; 0 when token KD applies, 1 when the tokenizers (or heads) differ."""
-    report = preflight(**parse_settings(settings))
+    opts = check_options(settings)
+    report = preflight(opts.teacher, opts.student, student_options=opts.student_options, device=opts.device,
+                       dtype=opts.dtype, batch_size=opts.batch_size, seq_len=opts.seq_len,
+                       lora=opts.lora if opts.lora is not True else LoRAConfig(), chunk_size=opts.chunk_size)
     render(report)
     return 0 if report.compatible else 1

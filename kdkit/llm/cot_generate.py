@@ -59,11 +59,29 @@ def dataset_done(folder: str | Path) -> bool:
     return (folder / "dataset_info.json").is_file() or (folder / "empty_dataset.json").is_file()
 
 
+def _shard_layout(shards_dir: Path, shard_size: int) -> int:
+    """The stage's shard size: the one recorded when its first shard was written, else `shard_size` (recorded)."""
+    import json
+
+    layout = shards_dir / "layout.json"
+    if layout.is_file():
+        recorded = int(json.loads(layout.read_text())["shard_size"])
+        if recorded != shard_size:
+            log.info("generation resumes with the shard size it began with (%d, not %d)", recorded, shard_size)
+        return recorded
+    layout.write_text(json.dumps({"shard_size": shard_size}))
+    return shard_size
+
+
 def generate_rationales(questions, tokenizer, make_backend: Callable[[], GenerationBackend], out_dir: str | Path,
-                        spec: SamplingSpec, instruction: str, shard_size: int = 32, progress: bool = True):
+                        spec: SamplingSpec, instruction: str, shard_size: int = 32, progress: bool = True,
+                        should_stop: Callable[[], bool] | None = None):
     """`questions` (a `datasets.Dataset` with question / final_answer / answer) -> one row per sampled rationale.
 
-    Shards go to OUT/shards/shard-NNNNN; the whole set to OUT/rationales. Returns the whole `Dataset`.
+    Shards go to OUT/shards/shard-NNNNN; the whole set to OUT/rationales. Returns the whole `Dataset`, or None
+    when `should_stop()` turned true after a shard (Ctrl-C): the finished shards are kept for the next call.
+    The shard size a stage began with (OUT/shards/layout.json) is kept when it resumes, whatever `shard_size` says:
+    shard N must hold the same questions in every call.
     """
     import datasets
     from tqdm.auto import tqdm
@@ -77,6 +95,7 @@ def generate_rationales(questions, tokenizer, make_backend: Callable[[], Generat
     out = Path(out_dir)
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
+    shard_size = _shard_layout(shards_dir, shard_size)
     n = len(questions)
     starts = list(range(0, n, shard_size))
     backend = None
@@ -98,6 +117,10 @@ def generate_rationales(questions, tokenizer, make_backend: Callable[[], Generat
                 for col, val in zip(COLUMNS, (start + i, q, str(gold), ref, k, c.text, c.num_tokens, c.finish_reason)):
                     table[col].append(val)
         save_dataset(datasets.Dataset.from_dict(table), folder)
+        if should_stop is not None and should_stop() and start != starts[-1]:
+            log.info("generation stopped after shard %d of %d (Ctrl-C); a rerun continues it", start // shard_size + 1,
+                     len(starts))
+            return None
     if done:
         log.info("generation resumed: %d of %d shards were already done", done, len(starts))
     parts = [load_dataset(shards_dir / f"shard-{s // shard_size:05d}") for s in starts]

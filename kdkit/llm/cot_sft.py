@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import re
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -123,10 +124,14 @@ def completion_losses(logits, labels, weights, teacher_logits=None, kd_weight: f
 
 def run_sft(student, tokenizer, examples, out_dir, *, epochs: float, lr: float, batch_size: int, max_length: int,
             seed: int, teacher=None, kd_weight: float = 0.0, kd_divergence: str = "fkl", progress: bool = True,
-            cpu: bool = True, save_steps: int = 200) -> dict:
-    """Train `student` on `examples` with TRL's SFTTrainer and kdkit's loss; resumes from OUT/checkpoint-*."""
+            cpu: bool = True, save_steps: int = 200, should_stop: Callable[[], bool] | None = None) -> dict | None:
+    """Train `student` on `examples` with TRL's SFTTrainer and kdkit's loss; resumes from OUT/checkpoint-*.
+
+    When `should_stop()` turns true (Ctrl-C), the trainer saves a checkpoint at the current step and stops; the
+    return value is then None, and the next call continues from that checkpoint."""
     from pathlib import Path
 
+    from transformers import TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -167,10 +172,21 @@ def run_sft(student, tokenizer, examples, out_dir, *, epochs: float, lr: float, 
                      logging_steps=5, save_strategy="steps", save_steps=save_steps, save_total_limit=1,
                      report_to=[], seed=seed, use_cpu=cpu, completion_only_loss=True, bf16=not cpu,
                      disable_tqdm=not progress, dataloader_num_workers=0)
+
+    class SaveAndStop(TrainerCallback):
+        """After a step, when asked to stop: save a checkpoint there and end training."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if should_stop is not None and should_stop():
+                control.should_save = control.should_training_stop = True
+            return control
+
     trainer = KDSFTTrainer(model=student, args=args, train_dataset=examples, processing_class=tokenizer,
-                           data_collator=WeightCollator(pad_token_id=tokenizer.pad_token_id))
+                           data_collator=WeightCollator(pad_token_id=tokenizer.pad_token_id), callbacks=[SaveAndStop()])
     last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
     result = trainer.train(resume_from_checkpoint=last)
+    if trainer.state.global_step < trainer.state.max_steps:  # stopped early, a checkpoint saved
+        return None
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return {"train_loss": float(result.training_loss), "steps": int(result.global_step),
             "examples": len(examples), "first_loss": logs[0]["loss"] if logs else None,

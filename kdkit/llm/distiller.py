@@ -1,9 +1,13 @@
-"""The LM Distiller: causal-LM student trained on token blocks with CE and token KD losses, on accelerate.
+"""The LM Distiller: causal-LM student trained on token blocks with CE and token KD losses, as one `Method`.
 
-Same shape as the classifier Distiller: the student and every parameter a loss owns live in one module
-(`LMStep`, the only thing handed to DDP); the teacher is frozen and runs under inference mode, or is replaced by
-a teacher-signal store read from disk. Position t of the logits predicts token t+1: the step shifts once, so
-every loss sees aligned `[B, L-1, V]` logits and `[B, L-1]` labels (-100 where a token does not count).
+Same shape as the classifier Distiller, on the same accelerate base (`kdkit.train.accelerated`) and the same loop
+(`kdkit.method.fit`): the student and every parameter a loss owns live in one module (`LMStep`, the only thing
+handed to DDP); the teacher is frozen and runs under inference mode, or is replaced by a teacher-signal store read
+from disk. Perplexity is evaluated every `llm.eval_every_steps` steps (default: each epoch's end) and after the
+last, with a checkpoint each time and every `trainer.save_every_steps` steps.
+
+Position t of the logits predicts token t+1: the step shifts once, so every loss sees aligned `[B, L-1, V]`
+logits and `[B, L-1]` labels (-100 where a token does not count).
 
 Cross-tokenizer distillation (a `cross_tokenizer` loss, teacher and student tokenizing differently) trains on texts
 instead of shared token blocks: each step's texts are tokenized by both tokenizers and aligned into chunks
@@ -11,25 +15,22 @@ instead of shared token blocks: each step's texts are tokenized by both tokenize
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
-from dataclasses import asdict
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checkpoint as ckpt
 from ..config import Recipe
 from ..errors import ConfigError
+from ..method import register_method
 from ..models.outputs import Outputs
-from .. import checkpoint as ckpt
-from ..train.distiller import _flat_scalars, _match_accelerator_state, use_cpu
-from ..train.optim import build_optimizer, lr_at, set_lr
-from ..train.run_dir import RunLog
+from ..train.accelerated import AcceleratedMethod
+from ..train.curves import plot_curves
 
 
 def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,30 +92,37 @@ class LMStep(nn.Module):
         return {f"ce+{name}": loss}
 
 
-class LMDistiller:
+def fused_options(losses: dict) -> dict:
+    """{loss name: kernel options} for `llm.fused=true`, which runs exactly one token_kd loss through the fused
+    linear-KD kernel (checked by `kdkit distill` before any work, and by the LMDistiller for the Python API)."""
+    kinds = {n: type(l).__name__ for n, (_, l) in losses.items()}
+    if len(losses) != 1 or next(iter(kinds.values())) != "TokenKDLoss":
+        raise ConfigError(f"llm.fused=true runs exactly one token_kd loss through the fused kernel; the recipe "
+                          f"has {kinds or 'none'} (set llm.fused=false for other losses)")
+    (name, (_, loss)), = losses.items()
+    return {name: {"divergence": loss.divergence, "T": loss.T, "beta": loss.beta, "skew": loss.skew,
+                   "ignore_index": loss.ignore_index}}
+
+
+class LMDistiller(AcceleratedMethod):
     """Trains a causal LM `student` on token `train_blocks` [n, L] from `teacher` (a frozen HF causal LM), or from
     a teacher-signal `store`, or alone (no-teacher baseline, teacher training); evaluates perplexity on
-    `eval_blocks`. `on_step(distiller, step)` runs after every optimiser step (tests simulate crashes with it).
+    `eval_blocks`. `on_step(distiller, step)` runs after every step (tests simulate crashes with it); `fit()`
+    runs it in its `Run` and returns the summary.
 
     Cross-tokenizer mode: `cross` = {"texts": training texts, "batcher": CrossTokenizerBatcher, "teacher_eval_blocks":
     the evaluation text in the teacher's tokens}; `train_blocks` is then None and each step takes whole texts.
     """
 
+    name = "lm"
+
     def __init__(self, recipe: Recipe, run_dir, student: nn.Module, tokenizer, train_blocks: torch.Tensor | None,
                  eval_blocks: torch.Tensor, *, teacher: nn.Module | None = None, losses: dict | None = None,
                  store=None, on_step: Callable | None = None, meta: dict | None = None, cross: dict | None = None):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
-
-        self.cfg, self.tcfg, self.lcfg = recipe, recipe.trainer, recipe.llm
-        self.run_dir = Path(run_dir)
-        if self.tcfg.threads:
-            torch.set_num_threads(self.tcfg.threads)
-        _match_accelerator_state(self.tcfg.mixed_precision)
-        self.accelerator = acc = Accelerator(
-            cpu=use_cpu(recipe), mixed_precision=self.tcfg.mixed_precision, log_with="tensorboard",
-            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
-        self.tokenizer, self.on_step, self.meta, self.store = tokenizer, on_step, dict(meta or {}), store
+        super().__init__(recipe, run_dir, on_step)
+        acc = self.accelerator
+        self.lcfg = recipe.llm
+        self.tokenizer, self.meta, self.store = tokenizer, dict(meta or {}), store
         losses = {n: (l if isinstance(l, tuple) else (1.0, l)) for n, l in (losses or {}).items()}
         if losses and teacher is None and store is None:
             raise ConfigError(f"losses {sorted(losses)} need a teacher: set teacher.model or teacher.cache")
@@ -124,7 +132,7 @@ class LMDistiller:
             self.teacher = teacher.eval().to(acc.device)
         fused = None
         if self.lcfg.fused:
-            fused = self._fused_options(losses)
+            fused = fused_options(losses)
             next(iter(fused.values()))["chunk_size"] = self.lcfg.chunk_size
             if teacher is None:
                 raise ConfigError("llm.fused=true needs a live teacher (teacher.model); stored signals use the "
@@ -141,13 +149,13 @@ class LMDistiller:
                                   f": use more text or a smaller llm.block_size (now {self.lcfg.block_size})")
             n_train, what = len(train_blocks), "training blocks"
         self.train_blocks, self.eval_blocks, self.n_train = train_blocks, eval_blocks, n_train
-        world, rank = acc.num_processes, acc.process_index
-        self.per_rank = n_train // world
+        self.per_rank = n_train // acc.num_processes
         self.steps_per_epoch = self.per_rank // recipe.data.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{n_train} {what} make no batch of data.batch_size="
-                              f"{recipe.data.batch_size} on {world} process(es)")
+                              f"{recipe.data.batch_size} on {acc.num_processes} process(es)")
         self.total_steps = self.lcfg.max_steps or self.steps_per_epoch * self.tcfg.epochs
+        self.eval_every = self.lcfg.eval_every_steps or self.steps_per_epoch
         self.mixer = None
         if self.lcfg.on_policy.fraction > 0:
             from .on_policy import OnPolicyMixer
@@ -159,25 +167,11 @@ class LMDistiller:
             student.gradient_checkpointing_enable()
         for _, loss in losses.values():
             loss.to(acc.device)
-        module = LMStep(student, losses, recipe.ce_weight, fused=fused)
-        params = [p for p in module.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError("the student has no trainable parameters")
-        self.module, self.optimizer = acc.prepare(module, build_optimizer(params, recipe.optim))
-        self.raw = acc.unwrap_model(self.module)
-        self.log = RunLog(self.run_dir, acc)
-        self.state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0, "history": [],
-                      "train_seconds": 0.0}
+        self.wrap(LMStep(student, losses, recipe.ce_weight, fused=fused))
+        self.state |= {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
 
-    @staticmethod
-    def _fused_options(losses: dict) -> dict:
-        kinds = {n: type(l).__name__ for n, (_, l) in losses.items()}
-        if len(losses) != 1 or next(iter(kinds.values())) != "TokenKDLoss":
-            raise ConfigError(f"llm.fused=true runs exactly one token_kd loss through the fused kernel; the recipe "
-                              f"has {kinds or 'none'} (set llm.fused=false for other losses)")
-        (name, (_, loss)), = losses.items()
-        return {name: {"divergence": loss.divergence, "T": loss.T, "beta": loss.beta, "skew": loss.skew,
-                       "ignore_index": loss.ignore_index}}
+    def modules(self) -> dict[str, nn.Module]:
+        return {"student": self.raw.student, "losses": self.raw.losses}
 
     # ------------------------------------------------------------ data
 
@@ -232,7 +226,77 @@ class LMDistiller:
         ids, mask = side["input_ids"], side["attention_mask"]
         return ids, mask, ids.masked_fill(mask == 0, -100)
 
-    # ------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------ the method contract
+
+    def prepare(self, run, resuming: bool) -> None:
+        if not resuming:
+            self.state["student_ppl_before"] = self.perplexity()["ppl"]
+            if self.teacher is not None and self.cross is not None:
+                # the teacher's own tokens: a different unit from the student's, so not comparable number for number
+                self.state["teacher_ppl_own_tokens"] = self.perplexity(
+                    self.teacher, self.cross["teacher_eval_blocks"])["ppl"]
+            elif self.teacher is not None:
+                self.state["teacher_ppl"] = self.perplexity(self.teacher)["ppl"]
+            run.log("perplexity before training: student {:.3f}{}{}".format(
+                self.state["student_ppl_before"],
+                f", teacher {self.state['teacher_ppl']:.3f}" if "teacher_ppl" in self.state else "",
+                f", teacher {self.state['teacher_ppl_own_tokens']:.3f} (over its own tokens)"
+                if "teacher_ppl_own_tokens" in self.state else ""))
+        self._t0, self._tokens = time.perf_counter(), 0  # tokens/s: this process's own time since the last record
+
+    def batches(self, start: int):
+        """(step, block indices) from `start` on: epoch e's order is fixed by (seed, e), so a resumed run draws
+        exactly what the uninterrupted one drew."""
+        step = start
+        while True:
+            yield step, self._batch(*divmod(step, self.steps_per_epoch))
+            step += 1
+
+    def step(self, item) -> dict:
+        step, index = item
+        acc = self.accelerator
+        self._lr = lr = self.schedule(step)
+        for loss in self.raw.losses.values():
+            if hasattr(loss, "set_progress"):
+                loss.set_progress(step / self.total_steps)
+        if self.cross is not None:
+            ids, mask, labels = self._cross_batch(index)
+        else:
+            ids = self.train_blocks[index].to(acc.device)
+            mask, labels = None, ids
+        on_policy = False
+        if self.mixer is not None:
+            mixed = self.mixer.maybe_generate(self.raw.student, ids, None, step)
+            ids, mask, labels = mixed["input_ids"], mixed["attention_mask"], mixed["labels"]
+            on_policy = bool(mixed["on_policy"])
+            self.state["on_policy_steps"] = self.state.get("on_policy_steps", 0) + int(on_policy)
+        teacher = self._teacher_signal(ids, mask, index)
+        sync = (step + 1) % self.tcfg.grad_accum == 0
+        terms = self.backward(lambda: self.module(ids, mask, labels, teacher, not on_policy), sync)
+        n_tok = int(ids.numel() if mask is None else mask.sum()) * acc.num_processes
+        self._tokens += n_tok
+        self.state["tokens"] += n_tok
+        self.state["step"] = step + 1
+        self.state["epoch"], self.state["step_in_epoch"] = divmod(step + 1, self.steps_per_epoch)
+        return {**terms, "lr": lr}
+
+    def is_save_step(self, step: int) -> bool:
+        every = self.tcfg.save_every_steps
+        return self.is_eval_step(step) or bool(every and step % every == 0)
+
+    def evaluate(self, run, step: int) -> dict:
+        """Test perplexity, with the mean loss terms, learning rate and tokens/s since the last record."""
+        seconds = time.perf_counter() - self._t0
+        self.state["train_seconds"] += seconds
+        ev = self.perplexity()
+        record = {"epoch": step, "step": step, "lr": self._lr, "tokens_per_s": self._tokens / max(seconds, 1e-9),
+                  "test_ppl": ev["ppl"]}
+        record |= {f"train_{k}": v for k, v in self.window.means().items()}
+        self.state["history"].append(record)
+        run.log(f"step {step}/{self.total_steps}  " + "  ".join(
+            f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "step")))
+        self._t0, self._tokens = time.perf_counter(), 0
+        return record
 
     @torch.no_grad()
     def perplexity(self, model: nn.Module | None = None, blocks: torch.Tensor | None = None) -> dict:
@@ -257,132 +321,10 @@ class LMDistiller:
         mean = float(stats[0] / stats[1].clamp(min=1))
         return {"ppl": math.exp(min(mean, 700.0)), "nll": mean, "tokens": int(stats[1])}
 
-    # ------------------------------------------------------------ checkpoints
-
-    def _modules(self) -> dict[str, nn.Module]:
-        return {"student": self.raw.student, "losses": self.raw.losses}
-
-    def save(self) -> None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-            folder = self.run_dir / "checkpoints" / f"step-{self.state['step']:08d}"
-            ckpt.save_checkpoint(folder, self._modules(), opt, self.state,
-                                 acc.scaler.state_dict() if acc.scaler is not None else None)
-            ckpt.prune_checkpoints(self.run_dir, self.tcfg.keep_checkpoints)
-        acc.wait_for_everyone()
-
-    def resume(self, where) -> bool:
-        where = Path(where)
-        folder = where if (where / ckpt.MANIFEST).is_file() else ckpt.latest_checkpoint(where)
-        if folder is None:
-            return False
-        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        state = ckpt.load_checkpoint(folder, self._modules(), opt)
-        scaler = state.pop("scaler", {})
-        if scaler and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(scaler)
-        self.state = state
-        self.accelerator.print(f"resumed from {folder} (step {state['step']})")
-        return True
-
-    # ------------------------------------------------------------ loop
-
-    def fit(self) -> dict:
-        acc, t = self.accelerator, self.tcfg
-        acc.init_trackers("kdkit", config=_flat_scalars(asdict(self.cfg)))
-        if "student_ppl_before" not in self.state:
-            self.state["student_ppl_before"] = self.perplexity()["ppl"]
-            if self.teacher is not None and self.cross is not None:
-                # the teacher's own tokens: a different unit from the student's, so not comparable number for number
-                self.state["teacher_ppl_own_tokens"] = self.perplexity(
-                    self.teacher, self.cross["teacher_eval_blocks"])["ppl"]
-            elif self.teacher is not None:
-                self.state["teacher_ppl"] = self.perplexity(self.teacher)["ppl"]
-            self.log.line("perplexity before training: student {:.3f}{}{}".format(
-                self.state["student_ppl_before"],
-                f", teacher {self.state['teacher_ppl']:.3f}" if "teacher_ppl" in self.state else "",
-                f", teacher {self.state['teacher_ppl_own_tokens']:.3f} (over its own tokens)"
-                if "teacher_ppl_own_tokens" in self.state else ""))
-        bar = self.log.progress(self.total_steps, "steps", initial=self.state["step"], enabled=t.progress)
-        running, count, names, t0 = None, 0, [], time.perf_counter()
-        seen_tokens = 0
-        eval_every = self.lcfg.eval_every_steps or self.steps_per_epoch
-        while self.state["step"] < self.total_steps:
-            step = self.state["step"]
-            progress_epochs = step / self.steps_per_epoch
-            total_epochs = self.total_steps / self.steps_per_epoch
-            set_lr(self.optimizer, lr := lr_at(progress_epochs, total_epochs, self.cfg.optim.lr, self.cfg.scheduler))
-            for loss in self.raw.losses.values():
-                loss.set_epoch(progress_epochs)
-                if hasattr(loss, "set_progress"):
-                    loss.set_progress(step / self.total_steps)
-            index = self._batch(self.state["epoch"], self.state["step_in_epoch"])
-            if self.cross is not None:
-                ids, mask, labels = self._cross_batch(index)
-                on_policy = False
-            else:
-                ids = self.train_blocks[index].to(acc.device)
-                mask, labels, on_policy = None, ids, False
-            if self.mixer is not None:
-                mixed = self.mixer.maybe_generate(self.raw.student, ids, None, step)
-                ids, mask, labels = mixed["input_ids"], mixed["attention_mask"], mixed["labels"]
-                on_policy = bool(mixed["on_policy"])
-                self.state["on_policy_steps"] = self.state.get("on_policy_steps", 0) + int(on_policy)
-            teacher = self._teacher_signal(ids, mask, index)
-            sync = (step + 1) % max(1, t.grad_accum) == 0
-            with (acc.no_sync(self.module) if not sync else contextlib.nullcontext()):
-                terms = self.module(ids, mask, labels, teacher, not on_policy)
-                loss = sum(terms.values())
-                acc.backward(loss / max(1, t.grad_accum))
-            if sync:
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            values = torch.stack([v.detach().float() for v in terms.values()] + [loss.detach().float()])
-            names = [*terms, "loss"]
-            running = values if running is None else running + values
-            count += 1
-            n_tok = int(ids.numel() if mask is None else mask.sum()) * acc.num_processes
-            seen_tokens += n_tok
-            self.state["tokens"] += n_tok
-            self.state["step"] += 1
-            self.state["step_in_epoch"] += 1
-            if self.state["step_in_epoch"] >= self.steps_per_epoch:
-                self.state["epoch"] += 1
-                self.state["step_in_epoch"] = 0
-            bar.update(1)
-            last = self.state["step"] == self.total_steps
-            if self.state["step"] % t.log_every == 0 or last or self.state["step"] % eval_every == 0:
-                means = dict(zip(names, (running / count).tolist()))
-                if not all(math.isfinite(v) for v in means.values()):
-                    raise FloatingPointError(f"non-finite loss at step {self.state['step']} ({means}); lower optim.lr")
-                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
-                acc.log({f"train/{k}": v for k, v in means.items()} | {"lr": lr}, step=self.state["step"])
-                self._means = means
-            if self.state["step"] % eval_every == 0 or last:
-                seconds = time.perf_counter() - t0
-                self.state["train_seconds"] += seconds
-                ev = self.perplexity()
-                record = {"epoch": self.state["step"], "step": self.state["step"], "lr": lr,
-                          "tokens_per_s": seen_tokens / max(seconds, 1e-9), "test_ppl": ev["ppl"]}
-                record |= {f"train_{k}": v for k, v in self._means.items()}
-                self.state["history"].append(record)
-                acc.log({"eval/ppl": ev["ppl"]}, step=self.state["step"])
-                self.log.line(f"step {self.state['step']}/{self.total_steps}  " + "  ".join(
-                    f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "step")))
-                running, count, seen_tokens, t0 = None, 0, 0, time.perf_counter()
-                self.save()
-            elif t.save_every_steps and self.state["step"] % t.save_every_steps == 0:
-                self.save()
-            if self.on_step is not None:
-                self.on_step(self, self.state["step"])
-        bar.close()
-        return self.finish()
-
-    def finish(self) -> dict:
-        acc = self.accelerator
-        final = self.state["history"][-1] if self.state["history"] else {}
+    def artefacts(self, run) -> dict:
+        """The student in Hugging Face format (RUN/student, LoRA merged), metrics.json, curves.png."""
+        acc, history = self.accelerator, self.state["history"]
+        final = history[-1] if history else {}
         summary = {
             "student_ppl": final.get("test_ppl"), "student_ppl_before": self.state.get("student_ppl_before"),
             "teacher_ppl": self.state.get("teacher_ppl"), "steps": self.state["step"],
@@ -402,9 +344,14 @@ class LMDistiller:
                 model.save_pretrained(str(tmp))
                 self.tokenizer.save_pretrained(str(tmp))
                 (tmp / "kdkit.json").write_text(json.dumps(self.meta, indent=1))
-            (self.run_dir / "metrics.json").write_text(json.dumps(
-                {"summary": summary, "history": self.state["history"]}, indent=1))
-            self.log.curves(self.state["history"])
+            plot_curves(self.run_dir, history)
+        run.write_json("metrics.json", {"summary": summary, "history": history})
         acc.wait_for_everyone()
-        acc.end_training()
         return summary
+
+
+@register_method("distill", "lm")
+def lm(ctx: dict) -> LMDistiller:
+    """Causal-LM KD, no-teacher LM baselines and LM teacher training (`task: lm`); the recipe's sections (`llm:`
+    above all) are its options, `ctx` the LMDistiller's arguments (models, tokenizer, blocks, losses, store)."""
+    return LMDistiller(**ctx)

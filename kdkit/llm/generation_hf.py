@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .generation import (Completion, SamplingSpec, check_prompts, encode_prompt, first_stop, replicate,
-                         report_empty, resolve_dtype)
+from .generation_contract import (Completion, SamplingSpec, check_prompts, encode_prompt, first_stop,
+                                  replicate, report_empty, resolve_dtype)
 
 
 class TransformersBackend:

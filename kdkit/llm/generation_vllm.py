@@ -35,8 +35,8 @@ import importlib.util
 import os
 
 from ..errors import ConfigError, KdkitError
-from .generation import (Completion, FINISH_REASONS, SamplingSpec, check_prompts, encode_prompt, replicate,
-                         report_empty, resolve_dtype)
+from .generation_contract import (FINISH_REASONS, Completion, SamplingSpec, check_prompts, encode_prompt,
+                                  replicate, report_empty, resolve_dtype)
 
 
 def vllm_available() -> bool:

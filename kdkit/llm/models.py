@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.paths import cache_dir, is_offline
+from ..config import bad_value
 from ..errors import CheckpointError, ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,21 +132,37 @@ def resolve_lm(name: str | Path) -> str | Path:
         if not _is_model_dir(out):
             convert_gguf(LM_ALIASES[text].locate(), out)
         return out
+    return _located(text)
+
+
+def check_lm_name(name: str, key: str) -> None:
+    """Refuse a model name `resolve_lm` would refuse, without loading or converting anything (an alias's package
+    is looked up, an `hf:` id in the local cache when offline, a folder for its config.json)."""
+    text = str(name)
+    if text in LM_ALIASES:
+        if not _is_model_dir(models_dir() / text):
+            LM_ALIASES[text].locate()
+        return
+    _located(text, key)
+
+
+def _located(text: str, key: str = "model") -> str | Path:
+    """An `hf:` id or a model folder -> what `from_pretrained` takes."""
     if text.startswith("hf:"):
         target = text[3:]
         if not target:
-            raise ConfigError("'hf:' needs a Hub id or a folder after it, e.g. hf:HuggingFaceTB/SmolLM2-135M")
+            raise bad_value(key, text, "'hf:' with a Hub id or a folder after it, e.g. hf:HuggingFaceTB/SmolLM2-135M")
         if Path(target).expanduser().is_dir():
-            return resolve_lm(Path(target).expanduser())
+            return _located(str(Path(target).expanduser()), key)
         return _hub_snapshot(target)
     path = Path(text).expanduser()
     if path.is_dir():
         if not _is_model_dir(path):
-            raise CheckpointError(f"{path} is a folder but holds no config.json: not a saved transformers model "
-                                  "(a kdkit LM run saves its student under RUN/student)")
+            raise CheckpointError(f"{key}={text}: {path} is a folder but holds no config.json: not a saved "
+                                  "transformers model (a kdkit LM run saves its student under RUN/student)")
         return path
-    raise ConfigError(f"unknown model {text!r}: use one of {', '.join(LM_ALIASES)}, 'hf:<hub id or folder>', "
-                      "or a folder with a saved transformers model")
+    raise bad_value(key, text, f"one of {', '.join(LM_ALIASES)}, 'hf:<hub id or folder>', or a folder with a saved "
+                               "transformers model")
 
 
 def load_tokenizer(name: str | Path):

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
+from typing import Callable
 
 import torch
 
-from ..errors import ConfigError
+from ..checkpoint import MANIFEST, load_checkpoint, save_checkpoint
+from ..errors import CheckpointError, ConfigError
 
 
 def mean_token_logprob(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
@@ -84,8 +87,14 @@ def _pad(rows, pad_id):
 
 
 def run_redi(model, tokenizer, pairs: list[dict], prompt_fn, *, alpha: float, epochs: float, lr: float,
-             batch_size: int, max_length: int, seed: int, device="cpu", progress: bool = True) -> dict:
-    """Train `model` on REDI pairs (AdamW, cosine decay); `prompt_fn(question)` is the chat prompt text."""
+             batch_size: int, max_length: int, seed: int, device="cpu", progress: bool = True,
+             checkpoint_dir: str | Path | None = None, save_steps: int = 0,
+             should_stop: Callable[[], bool] | None = None) -> dict | None:
+    """Train `model` on REDI pairs (AdamW, cosine decay); `prompt_fn(question)` is the chat prompt text.
+
+    With `checkpoint_dir`, the loop's whole state (weights, optimiser, schedule, data order, sampler, history) is
+    saved there every `save_steps` steps and when `should_stop()` turns true (Ctrl-C; the return value is then
+    None), and a call that finds a checkpoint there continues from it exactly."""
     from tqdm.auto import tqdm
 
     if not pairs:
@@ -97,9 +106,26 @@ def run_redi(model, tokenizer, pairs: list[dict], prompt_fn, *, alpha: float, ep
     steps = max(1, math.ceil(epochs * len(pairs) / batch_size))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    order, history, start = [], [], 0
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / MANIFEST).is_file():
+        state = load_checkpoint(Path(checkpoint_dir))
+        if (state.get("steps"), state.get("pairs")) != (steps, len(pairs)):
+            raise CheckpointError(f"REDI checkpoint {checkpoint_dir} is of another run ({state.get('pairs')} pairs, "
+                                  f"{state.get('steps')} steps; this one has {len(pairs)} and {steps}); delete it")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        g.set_state(state["generator"])
+        order, history, start = list(state["order"]), list(state["history"]), int(state["step"])
+
+    def save(step: int) -> None:
+        save_checkpoint(Path(checkpoint_dir), {
+            "step": step, "steps": steps, "pairs": len(pairs), "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": g.get_state(),
+            "order": order, "history": history})
+
     model.train()
-    order, history = [], []
-    for step in tqdm(range(steps), desc="REDI", disable=not progress):
+    for step in tqdm(range(start, steps), desc="REDI", disable=not progress, initial=start, total=steps):
         if len(order) < batch_size:
             order += torch.randperm(len(pairs), generator=g).tolist()
         batch = [pairs[i] for i in order[:batch_size]]
@@ -122,5 +148,11 @@ def run_redi(model, tokenizer, pairs: list[dict], prompt_fn, *, alpha: float, ep
         sched.step()
         history.append({"step": step + 1, "loss": loss.item(), "pos_logp": lp_pos.mean().item(),
                         "neg_logp": lp_neg.mean().item()})
+        stop = should_stop is not None and should_stop()
+        if checkpoint_dir is not None and step + 1 < steps and (stop or (save_steps and (step + 1) % save_steps == 0)):
+            save(step + 1)
+        if stop and step + 1 < steps:
+            model.eval()
+            return None
     model.eval()
     return {"steps": steps, "pairs": len(pairs), "history": history}

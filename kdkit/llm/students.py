@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 
 import torch
 
-from ..config import LLMConfig, LoRAConfig, ModelConfig
+from ..config import LLMConfig, LoRAConfig, ModelConfig, bad_value
 from ..errors import ConfigError
-from .models import LM_ALIASES, load_causal_lm, resolve_lm, to_dtype, unwrap_peft
+from .models import LM_ALIASES, check_lm_name, load_causal_lm, to_dtype, unwrap_peft
 
 STUDENT_KINDS = ("truncated-teacher", "scratch")
 PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")  # config lists with one entry per decoder layer
@@ -117,9 +118,7 @@ def scratch_config(config, overrides: dict):
     if unknown:
         raise ConfigError(f"student.options for scratch: {unknown} are not fields of the teacher's "
                           f"{type(config).__name__}; fields: {', '.join(sorted(data))}")
-    if "model_type" in overrides:
-        raise ConfigError("student.options.model_type: a scratch student built from a teacher keeps its "
-                          "architecture; omit teacher.model and give options {tokenizer, config} instead")
+    _keeps_architecture(overrides)
     if "num_hidden_layers" in overrides and "layer_types" not in overrides:
         for key in PER_LAYER_CONFIG:
             data.pop(key, None)  # regenerated for the new depth
@@ -127,42 +126,71 @@ def scratch_config(config, overrides: dict):
     return type(config).from_dict(data)
 
 
+def _keeps_architecture(overrides: dict) -> None:
+    if "model_type" in overrides:
+        raise ConfigError("student.options.model_type: a scratch student built from a teacher keeps its "
+                          "architecture; omit teacher.model and give options {tokenizer, config} instead")
+
+
 def _choices() -> str:
     return ", ".join([*STUDENT_KINDS, *LM_ALIASES, "hf:<hub id>", "a model folder"])
+
+
+def check_student(model_cfg: ModelConfig, teacher_named: bool, llm_cfg: LLMConfig) -> None:
+    """The rules of `student.model` / `student.options` that need no model (checked before any work): a student
+    cut from or built on the teacher needs `teacher.model`; each kind takes only its own options."""
+    name, opts = model_cfg.model, dict(model_cfg.options or {})
+    if name == "truncated-teacher":
+        if not teacher_named:
+            raise ConfigError(f"student.model={name} is built from the teacher: set teacher.model")
+        extra = set(opts) - {"layers"}
+        if extra:
+            raise ConfigError(f"student.options {sorted(extra)} unknown for truncated-teacher; allowed: layers")
+        layers = opts.get("layers", 1)
+        if isinstance(layers, bool) or not (isinstance(layers, int) and layers >= 1 or isinstance(layers, list)
+                                            and layers and all(isinstance(i, int) and i >= 0 for i in layers)):
+            raise bad_value("student.options.layers", layers, "a number of layers >= 1 or a list of layer indices")
+    elif name == "scratch":
+        own = "tokenizer" in opts
+        if llm_cfg.lora is not None:
+            raise ConfigError("llm.lora on a randomly initialised student trains almost nothing; drop llm.lora")
+        if own or not teacher_named:
+            if not own or not isinstance(opts.get("config"), dict) or set(opts) - {"tokenizer", "config"}:
+                raise ConfigError("student.model=scratch with its own tokenizer (or without a teacher) takes "
+                                  "student.options={tokenizer: NAME-or-folder, config: {model_type: llama, ...}}")
+            where = Path(str(opts["tokenizer"])).expanduser()
+            if not where.is_dir():
+                check_lm_name(opts["tokenizer"], "student.options.tokenizer")
+        else:
+            _keeps_architecture(opts["config"] if isinstance(opts.get("config"), dict) and len(opts) == 1 else opts)
+    else:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"student.model is empty; choose one of: {_choices()}")
+        if opts:
+            raise ConfigError(f"student.options {sorted(opts)}: a pretrained student ({name}) takes no options")
+        if not name.startswith("hf:") and name not in LM_ALIASES and not Path(name).expanduser().is_dir():
+            raise bad_value("student.model", name, f"one of {_choices()}")
+        check_lm_name(name, "student.model")
 
 
 def build_student(model_cfg: ModelConfig, teacher_model, llm_cfg: LLMConfig, dtype: str | torch.dtype = "float32"):
     """The student a recipe asks for (`student.model` + `student.options`), with LoRA when `llm.lora` is set."""
     from transformers import AutoModelForCausalLM
 
+    check_student(model_cfg, teacher_model is not None, llm_cfg)
     name, opts = model_cfg.model, dict(model_cfg.options or {})
     dtype = to_dtype(dtype)
-    if name in STUDENT_KINDS and teacher_model is None:
-        raise ConfigError(f"student.model={name} is built from the teacher: set teacher.model")
     if name == "truncated-teacher":
-        extra = set(opts) - {"layers"}
-        if extra:
-            raise ConfigError(f"student.options {sorted(extra)} unknown for truncated-teacher; allowed: layers")
         n = unwrap_peft(teacher_model).config.num_hidden_layers
         student = truncated_copy(teacher_model, opts.get("layers", max(1, n // 2)), dtype=dtype)
     elif name == "scratch":
-        if "tokenizer" in opts:
-            raise ConfigError("student.options.tokenizer: a scratch student built from teacher.model uses the "
-                              "teacher's tokenizer; drop it (or drop teacher.model)")
+        if teacher_model is None or "tokenizer" in opts:
+            raise ConfigError("build_student makes a scratch student from the teacher's config (its tokenizer "
+                              "too); a student with its own tokenizer is built by kdkit.llm.build")
         overrides = opts["config"] if isinstance(opts.get("config"), dict) and len(opts) == 1 else opts
         cfg = scratch_config(unwrap_peft(teacher_model).config, overrides)
         student = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        if llm_cfg.lora is not None:
-            raise ConfigError("llm.lora on a randomly initialised student trains almost nothing; drop llm.lora")
     else:
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"student.model is empty; choose one of: {_choices()}")
-        if opts:
-            raise ConfigError(f"student.options {sorted(opts)}: a pretrained student ({name}) takes no options")
-        try:
-            resolve_lm(name)
-        except ConfigError as e:
-            raise ConfigError(f"unknown student.model {name!r}; choose one of: {_choices()} ({e})") from None
         student, _ = load_causal_lm(name, dtype=dtype)
     if llm_cfg.lora is not None:
         student = apply_lora(student, llm_cfg.lora)

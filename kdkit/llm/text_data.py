@@ -5,6 +5,7 @@ Sources (`data.name`):
 - ``hf:<dataset>[:<config>]``: `datasets.load_dataset`; offline only from the local Hugging Face cache.
 - a local file (.jsonl/.json/.parquet/.txt/.csv) = the train split; a path with ``{split}`` in it
   (``data/{split}.jsonl``), or a folder holding ``train.jsonl``/``test.jsonl``/..., gives each split its own file.
+  A malformed file or row is refused in one line naming the file and the line (`kdkit.data.text_files`).
 """
 from __future__ import annotations
 
@@ -73,12 +74,10 @@ def local_file(name: str, split: str) -> Path:
     return found[0]
 
 
-def _local(name: str, split: str):
-    import datasets
+def _local(path: Path, split: str):
+    from ..data.text_files import load_data_file
 
-    path = local_file(name, split)
-    return datasets.load_dataset(BUILDERS[path.suffix], data_files={split: str(path)}, split=split,
-                                 cache_dir=str(cache_dir() / "hf_datasets"))
+    return load_data_file(path, BUILDERS[path.suffix], split, cache_dir() / "hf_datasets")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -88,12 +87,14 @@ def _looks_like_path(name: str) -> bool:
 def load_texts(name: str, split: str, text_field: str | None = None, limit: int | None = None) -> list[str]:
     """The texts of `split` of dataset `name`, in file order, the first `limit` of them when given."""
     _check_split(split)
+    local = None
     if name == "gsm8k":
         ds = _gsm8k(split)
     elif name.startswith("hf:"):
         ds = _hub(name[3:], split)
     elif _looks_like_path(name):
-        ds = _local(name, split)
+        local = local_file(name, split)
+        ds = _local(local, split)
     else:
         raise ConfigError(f"unknown text dataset {name!r}; use gsm8k, hf:<dataset>[:<config>], or a local "
                           f".jsonl/.json/.parquet/.txt/.csv file (or a {{split}} pattern / folder of them)")
@@ -107,6 +108,10 @@ def load_texts(name: str, split: str, text_field: str | None = None, limit: int 
     if field not in ds.column_names:
         raise ConfigError(f"dataset {name!r} ({split}) has no column {field!r}; columns: "
                           f"{', '.join(ds.column_names)} (choose one with llm.text_field)")
+    if local is not None:  # a malformed row is named by file and line
+        from ..data.text_files import require_text
+
+        require_text(ds, (field,), local, BUILDERS[local.suffix])
     texts = ds[field]
     bad = next((t for t in texts if not isinstance(t, str)), None)
     if bad is not None:

@@ -21,7 +21,7 @@ from .projection import VkDLoss, orthogonal_projector, pool_features, standardiz
 from .norm_direction import NDLoss, NDProjector, load_class_centres, nd_loss, save_class_centres, teacher_class_centres
 from .token import TokenKDLoss, token_kd_loss
 from .token_adaptive import AdaKDLoss, TAIDLoss
-from ..llm import cross_tokenizer as _cross_tokenizer  # noqa: F401,E402  (registers "cross_tokenizer")
+from .cross_tokenizer import CrossTokenizerLoss, alm_loss
 
 __all__ = [
     "DistillLoss",
@@ -45,15 +45,20 @@ __all__ = [
     "OFALoss", "ofa_loss", "ConvBranch", "TokenBranch",
     "BYOTLoss", "BYOTHead", "byot_loss", "BDKDLoss", "bdkd_loss", "entropy_balance", "WeightedLoss", "DualHeadLoss",
     "AuxHead", "teacher_sample_weights", "weighted_mean", "BinaryKLLoss", "BinaryKLNormLoss", "binary_kl_loss",
-    "binary_kl_norm_loss",
+    "binary_kl_norm_loss", "TokenKDLoss", "token_kd_loss", "AdaKDLoss", "TAIDLoss", "CrossTokenizerLoss", "alm_loss",
 ]
 
 
 def build_loss(name: str, **kwargs) -> DistillLoss:
-    """Build the loss registered as `name` (KeyError listing the choices if unknown) with keyword options."""
+    """Build the loss registered as `name` (KeyError listing the choices if unknown) with keyword options.
+
+    A wrapper given ``inner=`` takes its own options plus those of that inner loss (`options_for`)."""
     factory = LOSSES.get(name)
-    params = inspect.signature(factory).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    if "inner" in kwargs and hasattr(factory, "options_for"):
+        params = factory.options_for(kwargs["inner"])
+    else:
+        params = inspect.signature(factory).parameters
+    if not any(getattr(p, "kind", None) is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
             raise ConfigError(

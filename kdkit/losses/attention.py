@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import NonNegInt
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
-from .base import DistillLoss
+from .base import DistillLoss, check_options
 
 __all__ = ["attention_kl_loss", "value_relation_loss", "split_heads", "MiniLMLoss", "ATTENTION_MASK_KEY"]
 
@@ -192,16 +193,15 @@ class MiniLMLoss(DistillLoss):
         teacher_attn: str = "",
         student_values: str = "",
         teacher_values: str = "",
-        heads: int = 0,
+        heads: NonNegInt = 0,
     ):
         super().__init__()
+        check_options(self, locals())
         if bool(student_values) != bool(teacher_values):
             raise ConfigError(
                 "minilm: set both student_values and teacher_values (value-relation transfer) or neither; got "
                 f"student_values={student_values!r}, teacher_values={teacher_values!r}"
             )
-        if heads < 0:
-            raise ConfigError(f"minilm: heads must be >= 0 (0 = the attention maps' head count), got {heads}")
         self.student_attn, self.teacher_attn = student_attn, teacher_attn
         self.student_values, self.teacher_values = student_values, teacher_values
         self.heads = int(heads)

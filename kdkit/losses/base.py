@@ -6,11 +6,26 @@ import abc
 import torch
 from torch import nn
 
+from ..config import build_options, factory_options
 from ..models.outputs import Outputs
+
+
+def check_options(loss: "DistillLoss", given: dict) -> None:
+    """Refuse constructor options outside the type and range their annotation declares, with the recipe
+    validator's message (`kdkit.config.validate_losses` reads the same annotations), so a loss built from Python
+    is checked exactly as one named in a recipe. `given` may be the constructor's `locals()`: names that are not
+    declared options (self, **inner_options) are skipped."""
+    cls = type(loss)
+    declared = factory_options(cls)
+    build_options(cls, {k: v for k, v in given.items() if k in declared}, f"{cls.__name__}: ", f"loss {cls.__name__}")
 
 
 class DistillLoss(nn.Module, metaclass=abc.ABCMeta):
     """Base of every loss in the zoo.
+
+    Options are keyword-only constructor arguments whose annotation declares their type and range
+    (`kdkit.config`'s `PositiveFloat`, `Probability`, `Literal[...]`, ...); the constructor calls
+    `check_options(self, locals())` and keeps only the cross-option rules as code.
 
     Subclasses set what they read so the trainer can tap it: `student_taps` / `teacher_taps`
     (module paths), `needs_labels`, `needs_index`. Parameters a loss owns (projectors) are trained with the

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import PositiveFloat
 from ..errors import ShapeMismatchError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
-from .base import DistillLoss
+from .base import DistillLoss, check_options
 from .logits import _check_T, _kl_rows, _logits
 
 __all__ = ["entropy_balance", "bdkd_loss", "BDKDLoss"]
@@ -81,9 +82,9 @@ class BDKDLoss(DistillLoss):
 
     needs_labels = True
 
-    def __init__(self, *, T: float = 1.0, peer_ce: bool = True, peer_balance: bool = True):
+    def __init__(self, *, T: PositiveFloat = 1.0, peer_ce: bool = True, peer_balance: bool = True):
         super().__init__()
-        _check_T(T)
+        check_options(self, locals())
         self.T = float(T)
         self.peer_ce = bool(peer_ce)
         self.peer_balance = bool(peer_balance)

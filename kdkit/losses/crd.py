@@ -11,20 +11,24 @@ with ``dataset/cifar100.py`` ``CIFAR100InstanceSample``) draws them only from sa
 before training. ``mode="uniform"`` draws them from every other sample and needs no labels.
 """
 import math
+import typing
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..config import PositiveFloat, PositiveInt, Range
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
-from .base import DistillLoss
+from .base import DistillLoss, check_options
 
 __all__ = ["nce_loss", "crd_scores", "crd_loss", "sample_negatives", "CRDEmbed", "CRDLoss", "CRD_MODES"]
 
 # "exact": positive = the sample itself, negatives from other classes (RepDistiller's CIFAR default);
 # "uniform": negatives from all other samples.
-CRD_MODES = ("exact", "uniform")
+CRDMode = Literal["exact", "uniform"]
+CRD_MODES: tuple[str, ...] = typing.get_args(CRDMode)
 
 # RepDistiller's ContrastLoss adds this to the denominators.
 _EPS = 1e-7
@@ -157,23 +161,14 @@ class CRDLoss(DistillLoss):
 
     needs_index = True
 
-    def __init__(self, *, num_samples: int = 50000, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
-                 nce_m: float = 0.5, mode: str = "exact", student_layer: str = "in:fc", teacher_layer: str = "in:fc"):
+    def __init__(self, *, num_samples: Annotated[int, Range(ge=2)] = 50000, feat_dim: PositiveInt = 128,
+                 nce_k: PositiveInt = 16384, nce_t: PositiveFloat = 0.07,
+                 nce_m: Annotated[float, Range(ge=0, lt=1)] = 0.5, mode: CRDMode = "exact",
+                 student_layer: str = "in:fc", teacher_layer: str = "in:fc"):
         super().__init__()
-        if num_samples < 2 or feat_dim < 1 or nce_k < 1:
-            raise ConfigError(
-                f"crd: need num_samples >= 2, feat_dim >= 1, nce_k >= 1; got num_samples={num_samples}, "
-                f"feat_dim={feat_dim}, nce_k={nce_k}"
-            )
+        check_options(self, locals())
         if nce_k > num_samples - 1:
             raise ConfigError(f"crd: nce_k={nce_k} must be < num_samples={num_samples} (distinct negatives)")
-        if not nce_t > 0:
-            raise ConfigError(f"crd: nce_t must be > 0, got {nce_t}")
-        if not 0 <= nce_m < 1:
-            raise ConfigError(f"crd: nce_m (memory momentum) must be in [0, 1), got {nce_m}")
-        if mode not in CRD_MODES:
-            raise ConfigError(f"crd: mode must be one of {', '.join(map(repr, CRD_MODES))} ('exact': negatives from "
-                              f"other classes, as the paper's CIFAR runs; 'uniform': from all samples), got {mode!r}")
         self.num_samples, self.feat_dim, self.nce_k = int(num_samples), int(feat_dim), int(nce_k)
         self.nce_t, self.nce_m = float(nce_t), float(nce_m)
         self.mode = mode

@@ -18,15 +18,18 @@ Trainer interface (the losses here go beyond one frozen teacher):
   backward gives each network exactly its own DML gradient.
 """
 import math
+import typing
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Probability, Range
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
-from .base import DistillLoss
+from .base import DistillLoss, check_options
 from .logits import _check_T, _kl_rows, _logits
 
 __all__ = [
@@ -201,6 +204,10 @@ def _flat_feature(f: Tensor) -> Tensor:
     raise ShapeMismatchError(f"routing gate needs a [B, D] or [B, C, H, W] student feature, got {tuple(f.shape)}")
 
 
+# how the teachers' distributions are mixed (see MultiTeacherKDLoss)
+Weighting = Literal["mean", "fixed", "learned", "routing"]
+
+
 class MultiTeacherKDLoss(DistillLoss):
     """Shen & Savvides 2020, "MEAL V2: Boosting Vanilla ResNet-50 to 80%+ Top-1 Accuracy on ImageNet without Tricks" (averaged teachers), with learned weights and MST-Distill-style routing (Li et al., ACM MM 2025).
 
@@ -213,29 +220,22 @@ class MultiTeacherKDLoss(DistillLoss):
     the mixture target (the teachers' logits are constants).
     """
 
-    WEIGHTINGS = ("mean", "fixed", "learned", "routing")
+    WEIGHTINGS = typing.get_args(Weighting)
     takes_teacher_list = True
 
-    def __init__(self, *, num_teachers: int = 2, weighting: str = "mean", weights: str = "", T: float = 4.0,
-                 drop_p: float = 0.0, top_k: int = 0, gate_layer: str = "in:fc", balance: float = 0.0):
+    def __init__(self, *, num_teachers: PositiveInt = 2, weighting: Weighting = "mean", weights: str = "",
+                 T: PositiveFloat = 4.0, drop_p: Annotated[float, Range(ge=0, lt=1)] = 0.0, top_k: NonNegInt = 0,
+                 gate_layer: str = "in:fc", balance: NonNegFloat = 0.0):
         super().__init__()
-        _check_T(T)
-        if num_teachers < 1:
-            raise ConfigError(f"multi_teacher num_teachers must be >= 1, got {num_teachers}")
-        if weighting not in self.WEIGHTINGS:
-            raise ConfigError(f"multi_teacher weighting must be one of {', '.join(self.WEIGHTINGS)}, got {weighting!r}")
+        check_options(self, locals())
         if weights and weighting != "fixed":
             raise ConfigError(f"multi_teacher weights={weights!r} is only used with weighting='fixed', not {weighting!r}")
         if weighting == "fixed" and not weights:
             raise ConfigError("multi_teacher weighting='fixed' needs weights, e.g. weights='0.5,0.5'")
-        if not 0.0 <= drop_p < 1.0:
-            raise ConfigError(f"multi_teacher drop_p must be in [0, 1), got {drop_p}")
-        if top_k < 0 or top_k > num_teachers:
+        if top_k > num_teachers:
             raise ConfigError(f"multi_teacher top_k must be in [0, num_teachers={num_teachers}], got {top_k}")
         if top_k and weighting != "routing":
             raise ConfigError(f"multi_teacher top_k is only used with weighting='routing', not {weighting!r}")
-        if balance < 0:
-            raise ConfigError(f"multi_teacher balance must be >= 0, got {balance}")
         self.num_teachers = int(num_teachers)
         self.weighting = weighting
         self.T = float(T)
@@ -422,12 +422,10 @@ class PSKDLoss(DistillLoss):
     needs_teacher = False
     needs_index = True
 
-    def __init__(self, *, num_samples: int = 50000, num_classes: int = 10, alpha_T: float = 0.8, epochs: int = 240):
+    def __init__(self, *, num_samples: PositiveInt = 50000, num_classes: PositiveInt = 10, alpha_T: Probability = 0.8,
+                 epochs: PositiveInt = 240):
         super().__init__()
-        if not 0.0 <= alpha_T <= 1.0:
-            raise ConfigError(f"pskd alpha_T must be in [0, 1], got {alpha_T}")
-        if epochs < 1:
-            raise ConfigError(f"pskd epochs must be >= 1, got {epochs}")
+        check_options(self, locals())
         self.alpha_T = float(alpha_T)
         self.epochs = int(epochs)
         self.num_classes = int(num_classes)
@@ -490,6 +488,7 @@ class DMLLoss(DistillLoss):
 
     def __init__(self, *, peer_ce: bool = True):
         super().__init__()
+        check_options(self, locals())
         self.peer_ce = bool(peer_ce)
 
     def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:

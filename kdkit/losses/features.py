@@ -4,10 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import NonNegFloat, PositiveFloat
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
-from .base import DistillLoss
+from .base import DistillLoss, check_options
 
 __all__ = [
     "fitnet_loss", "ConvRegressor", "FitNetLoss",
@@ -82,6 +83,7 @@ class FitNetLoss(DistillLoss):
 
     def __init__(self, *, student_layer: str = "layer2", teacher_layer: str = "layer2", projector: bool = True):
         super().__init__()
+        check_options(self, locals())
         self.student_layer = student_layer
         self.teacher_layer = teacher_layer
         self.student_taps = (student_layer,)
@@ -191,16 +193,15 @@ class ATLoss(DistillLoss):
     """Zagoruyko & Komodakis, ICLR 2017, "Paying More Attention to Attention" (attention transfer, summed over pairs)."""
 
     def __init__(self, *, student_layers: str = "layer1,layer2,layer3", teacher_layers: str = "layer1,layer2,layer3",
-                 p: float = 2.0):
+                 p: PositiveFloat = 2.0):
         super().__init__()
+        check_options(self, locals())
         s, t = _layers("student_layers", student_layers), _layers("teacher_layers", teacher_layers)
         if len(s) != len(t):
             raise ConfigError(
                 f"at: student_layers {student_layers!r} ({len(s)} paths) and teacher_layers {teacher_layers!r} "
                 f"({len(t)} paths) must pair up one to one"
             )
-        if not p > 0:
-            raise ConfigError(f"at: p must be > 0, got {p}")
         self.student_layers, self.teacher_layers, self.p = s, t, float(p)
         self.student_taps, self.teacher_taps = s, t
 
@@ -257,6 +258,7 @@ class SPLoss(DistillLoss):
 
     def __init__(self, *, student_layer: str = "layer3", teacher_layer: str = "layer3"):
         super().__init__()
+        check_options(self, locals())
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.student_taps, self.teacher_taps = (student_layer,), (teacher_layer,)
 
@@ -310,9 +312,10 @@ def rkd_loss(student_feat: Tensor, teacher_feat: Tensor, w_d: float = 25.0, w_a:
 class RKDLoss(DistillLoss):
     """Park et al., CVPR 2019, "Relational Knowledge Distillation" (distance + angle on penultimate embeddings)."""
 
-    def __init__(self, *, student_layer: str = "in:fc", teacher_layer: str = "in:fc", w_d: float = 25.0,
-                 w_a: float = 50.0):
+    def __init__(self, *, student_layer: str = "in:fc", teacher_layer: str = "in:fc", w_d: NonNegFloat = 25.0,
+                 w_a: NonNegFloat = 50.0):
         super().__init__()
+        check_options(self, locals())
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.student_taps, self.teacher_taps = (student_layer,), (teacher_layer,)
         self.w_d, self.w_a = float(w_d), float(w_a)

@@ -11,15 +11,18 @@ value. That is what per-sample weighting (`kdkit.losses.wrappers.WeightedLoss`) 
 across the batch, so it has no per-sample form.
 """
 import math
+import typing
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import NonNegFloat, NonNegInt, PositiveFloat, Probability
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
-from .base import DistillLoss
+from .base import DistillLoss, check_options
 
 __all__ = ["kd_loss", "dkd_parts", "dkd_loss", "KDLoss", "DKDLoss"]
 
@@ -59,10 +62,11 @@ def _check_T(T: float) -> None:
         raise ConfigError(f"temperature T must be > 0, got {T}")
 
 
-_REDUCTIONS = ("mean", "none")
+Reduction = Literal["mean", "none"]  # one value per logit row averaged, or kept
+_REDUCTIONS = typing.get_args(Reduction)
 
 
-def _reduce(rows: Tensor, reduction: str, lead: torch.Size) -> Tensor:
+def _reduce(rows: Tensor, reduction: Reduction, lead: torch.Size) -> Tensor:
     """``rows`` ([N], one value per logit row) averaged (``"mean"``) or shaped back to ``lead`` (``"none"``)."""
     if reduction == "mean":
         return rows.mean()
@@ -71,7 +75,8 @@ def _reduce(rows: Tensor, reduction: str, lead: torch.Size) -> Tensor:
     raise ConfigError(f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, got {reduction!r}")
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0, reduction: str = "mean") -> Tensor:
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0,
+            reduction: Reduction = "mean") -> Tensor:
     """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network": T^2 * KL(softmax(t/T) || softmax(s/T)).
 
     Averaged over the batch (``batchmean``; for ``[..., C]`` logits, over all leading positions); per row with
@@ -100,7 +105,7 @@ def _log_binary(z: Tensor, target: Tensor, gt_mask: Tensor) -> Tensor:
 
 
 def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, T: float = 4.0,
-              reduction: str = "mean") -> tuple[Tensor, Tensor]:
+              reduction: Reduction = "mean") -> tuple[Tensor, Tensor]:
     """Decoupled KD (Zhao et al., CVPR 2022) split into ``(tckd, nckd)``, each batch-averaged (per row with
     ``reduction="none"``) and times T^2.
 
@@ -142,7 +147,7 @@ def dkd_loss(
     alpha: float = 1.0,
     beta: float = 8.0,
     T: float = 4.0,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> Tensor:
     """Decoupled KD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD`` (see `dkd_parts`)."""
     tckd, nckd = dkd_parts(student_logits, teacher_logits, target, T, reduction)
@@ -161,9 +166,9 @@ class _TemperatureLoss(DistillLoss):
     fn = staticmethod(kd_loss)
     loss_name = "kd"
 
-    def __init__(self, *, T: float = 4.0, standardize: bool = False):
+    def __init__(self, *, T: PositiveFloat = 4.0, standardize: bool = False):
         super().__init__()
-        _check_T(T)
+        check_options(self, locals())
         self.T = float(T)
         self.standardize = bool(standardize)
 
@@ -204,13 +209,10 @@ class DKDLoss(DistillLoss):
 
     needs_labels = True
 
-    def __init__(
-        self, *, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup: int = 20, standardize: bool = False
-    ):
+    def __init__(self, *, alpha: NonNegFloat = 1.0, beta: NonNegFloat = 8.0, T: PositiveFloat = 4.0,
+                 warmup: NonNegInt = 20, standardize: bool = False):
         super().__init__()
-        _check_T(T)
-        if warmup < 0:
-            raise ConfigError(f"dkd warmup must be >= 0 epochs, got {warmup}")
+        check_options(self, locals())
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.T = float(T)
@@ -288,7 +290,7 @@ def _flat_target(target: Tensor, n: int, c: int, shape, what: str) -> Tensor:
 
 def nkd_loss(
     student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temp: float = 3.0, gamma: float = 3.5,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> Tensor:
     """Yang et al., ICCV 2023, "From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with Normalized Loss and Customized Soft Labels": NKD.
 
@@ -354,7 +356,8 @@ def dist_loss(
     return tau**2 * (beta * inter + gamma * intra)
 
 
-def rkl_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0, reduction: str = "mean") -> Tensor:
+def rkl_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0,
+             reduction: Reduction = "mean") -> Tensor:
     """Reverse KL distillation (as in Gu et al., ICLR 2024, "MiniLLM"; Agarwal et al., ICLR 2024, GKD): T^2 * KL(softmax(s/T) || softmax(t/T)).
 
     Averaged over all leading positions (``batchmean`` for ``[B, C]``); mode-seeking where KD is mode-covering.
@@ -368,7 +371,7 @@ def rkl_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0, red
 
 
 def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, T: float = 1.0,
-             reduction: str = "mean") -> Tensor:
+             reduction: Reduction = "mean") -> Tensor:
     """Agarwal et al., ICLR 2024, "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes" (GKD): generalized JSD.
 
     ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with ``m = beta * p_t + (1 - beta) * p_s`` and
@@ -399,7 +402,7 @@ def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, 
 
 
 def label_free_kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0,
-                       reduction: str = "mean") -> Tensor:
+                       reduction: Reduction = "mean") -> Tensor:
     """Shen & Savvides 2020, "MEAL V2: Boosting Vanilla ResNet-50 to 80%+ Top-1 Accuracy on ImageNet without Tricks": soft-label cross-entropy.
 
     ``-T^2 * mean(sum_c softmax(t/T)_c * log_softmax(s/T)_c)``, as MEAL V2's ``KLLoss`` (its value is the
@@ -433,9 +436,9 @@ class NKDLoss(DistillLoss):
 
     needs_labels = True
 
-    def __init__(self, *, temp: float = 3.0, gamma: float = 3.5, standardize: bool = False):
+    def __init__(self, *, temp: PositiveFloat = 3.0, gamma: NonNegFloat = 3.5, standardize: bool = False):
         super().__init__()
-        _check_T(temp)
+        check_options(self, locals())
         self.temp = float(temp)
         self.gamma = float(gamma)
         self.standardize = bool(standardize)
@@ -461,9 +464,10 @@ class DISTLoss(DistillLoss):
     correlates across the batch, so the value depends on the batch. ``standardize=True`` z-scores both logits first.
     """
 
-    def __init__(self, *, beta: float = 1.0, gamma: float = 1.0, tau: float = 4.0, standardize: bool = False):
+    def __init__(self, *, beta: NonNegFloat = 1.0, gamma: NonNegFloat = 1.0, tau: PositiveFloat = 4.0,
+                 standardize: bool = False):
         super().__init__()
-        _check_T(tau)
+        check_options(self, locals())
         self.beta = float(beta)
         self.gamma = float(gamma)
         self.tau = float(tau)
@@ -493,11 +497,9 @@ class JSDLoss(DistillLoss):
     ``standardize=True`` z-scores both logits first (`standardize_logits`).
     """
 
-    def __init__(self, *, beta: float = 0.5, T: float = 1.0, standardize: bool = False):
+    def __init__(self, *, beta: Probability = 0.5, T: PositiveFloat = 1.0, standardize: bool = False):
         super().__init__()
-        _check_T(T)
-        if not 0.0 <= beta <= 1.0:
-            raise ConfigError(f"jsd beta must be in [0, 1], got {beta}")
+        check_options(self, locals())
         self.beta = float(beta)
         self.T = float(T)
         self.standardize = bool(standardize)
@@ -522,9 +524,9 @@ class LabelFreeKDLoss(DistillLoss):
     hard-label term, so the recipe must set ``ce_weight: 0``. MEAL V2's discriminator is not included.
     """
 
-    def __init__(self, *, T: float = 1.0):
+    def __init__(self, *, T: PositiveFloat = 1.0):
         super().__init__()
-        _check_T(T)
+        check_options(self, locals())
         self.T = float(T)
 
     def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
@@ -545,7 +547,8 @@ class LabelFreeKDLoss(DistillLoss):
 __all__ += ["binary_kl_loss", "binary_kl_norm_loss", "BinaryKLLoss", "BinaryKLNormLoss"]
 
 
-def binary_kl_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 2.0, reduction: str = "mean") -> Tensor:
+def binary_kl_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 2.0,
+                   reduction: Reduction = "mean") -> Tensor:
     """Yang et al. 2024, "Dual-Head Knowledge Distillation: Enhancing Logits Utilization with an Auxiliary Head": BinaryKL.
 
     ``T^2 * sum_c KL(Bernoulli(sigmoid(t_c / T)) || Bernoulli(sigmoid(s_c / T)))`` per row, averaged over rows: each
@@ -563,7 +566,7 @@ def binary_kl_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 2.
 
 
 def binary_kl_norm_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 2.0,
-                        reduction: str = "mean") -> Tensor:
+                        reduction: Reduction = "mean") -> Tensor:
     """Yang et al. 2024, "Dual-Head Knowledge Distillation: Enhancing Logits Utilization with an Auxiliary Head": BinaryKL-Norm.
 
     ``T^2 * sum_c KL(Bernoulli(1/2) || Bernoulli(sigmoid((s_c - t_c) / T)))`` per row, averaged over rows, as the
@@ -589,7 +592,7 @@ class BinaryKLLoss(_TemperatureLoss):
     fn = staticmethod(binary_kl_loss)
     loss_name = "binary_kl"
 
-    def __init__(self, *, T: float = 2.0, standardize: bool = False):
+    def __init__(self, *, T: PositiveFloat = 2.0, standardize: bool = False):
         super().__init__(T=T, standardize=standardize)
 
 
@@ -603,7 +606,7 @@ class BinaryKLNormLoss(_TemperatureLoss):
     fn = staticmethod(binary_kl_norm_loss)
     loss_name = "binary_kl_norm"
 
-    def __init__(self, *, T: float = 2.0, standardize: bool = False):
+    def __init__(self, *, T: PositiveFloat = 2.0, standardize: bool = False):
         super().__init__(T=T, standardize=standardize)
 
 

@@ -4,15 +4,17 @@ rewarding a large norm. Follows the official code (github.com/WangYZ1608/Knowled
 ``CIFAR/emb_fea_distribution.py``); it is used on top of a logit loss (KD++ = KD + ND, DKD++ = DKD + ND).
 """
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
+from ..config import ExistingPath, NonNegInt, Range
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
 from ..models.taps import FeatureTaps, Tap
 from ..registry import LOSSES
-from .base import DistillLoss
+from .base import DistillLoss, check_options
 
 __all__ = ["nd_loss", "NDProjector", "teacher_class_centres", "save_class_centres", "load_class_centres", "NDLoss"]
 
@@ -234,8 +236,8 @@ class NDLoss(DistillLoss):
     """Wang et al., NeurIPS 2023, "Improving Knowledge Distillation via Regularizing Feature Norm and Direction"
     (ND loss: student embedding direction onto the teacher's class centre, large norm).
 
-    Centres: ``centres=PATH`` loads a safetensors file (`save_class_centres` of `teacher_class_centres`, as the
-    official code precomputes them). Left empty, the loss accumulates the exact per-class mean of the frozen
+    Centres: ``centres=PATH`` (an existing file, checked with the recipe) loads a safetensors file (`save_class_centres` of `teacher_class_centres`, as the
+    official code precomputes them). Left unset (null or empty), the loss accumulates the exact per-class mean of the frozen
     teacher's embeddings online, from the batches it sees in training mode during the first ``online_epochs``
     epochs (the epoch the trainer reports via ``set_epoch``), then keeps them fixed; before each loss the
     current batch is added, so every label has a centre. Sums and counts are buffers (checkpointed, summed
@@ -248,17 +250,16 @@ class NDLoss(DistillLoss):
 
     needs_labels = True
 
-    def __init__(self, *, student_layer: str = "in:fc", teacher_layer: str = "in:fc", centres: str = "",
-                 online_epochs: float = 1.0, num_classes: int = 0, projector: bool = True):
+    def __init__(self, *, student_layer: str = "in:fc", teacher_layer: str = "in:fc",
+                 centres: ExistingPath | None = None, online_epochs: Annotated[float, Range(gt=0, finite=False)] = 1.0,
+                 num_classes: NonNegInt = 0, projector: bool = True):
+        # online_epochs: epochs over which the teacher's class centres are averaged (.inf: never frozen);
+        # num_classes 0: the teacher's logit count
         super().__init__()
-        if not online_epochs > 0:
-            raise ConfigError(f"nd: online_epochs must be > 0 (epochs over which to average the teacher's class "
-                              f"centres; .inf to never freeze them), got {online_epochs}")
-        if num_classes < 0:
-            raise ConfigError(f"nd: num_classes must be >= 0 (0: the teacher's logit count), got {num_classes}")
+        check_options(self, locals())
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.student_taps, self.teacher_taps = (student_layer,), (teacher_layer,)
-        self.centres_path = str(centres)
+        self.centres_path = str(centres or "")
         self.online_epochs = float(online_epochs)
         self.num_classes = int(num_classes)
         self.use_projector = bool(projector)

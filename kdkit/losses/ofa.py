@@ -2,15 +2,17 @@
 trained with the OFA loss against the teacher's logits, so only the teacher's logits are needed and any
 teacher architecture (CNN, ViT, MLP) works."""
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import NonNegFloat, NonNegInt, PositiveFloat, Range
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
-from .base import DistillLoss
+from .base import DistillLoss, check_options
 
 __all__ = ["ofa_loss", "ConvBranch", "TokenBranch", "OFALoss"]
 
@@ -226,28 +228,19 @@ class OFALoss(DistillLoss):
 
     needs_labels = True
 
-    def __init__(self, *, stages: str = "layer1,layer2,layer3", eps: float = 1.0, T: float = 1.0,
-                 stage_weight: float = 1.0, logit_weight: float = 1.0, width: int = 0, prefix_tokens: int = -1):
+    def __init__(self, *, stages: str = "layer1,layer2,layer3", eps: PositiveFloat = 1.0, T: PositiveFloat = 1.0,
+                 stage_weight: NonNegFloat = 1.0, logit_weight: NonNegFloat = 1.0, width: NonNegInt = 0,
+                 prefix_tokens: Annotated[int, Range(ge=-1)] = -1):
+        # eps: 1 = plain soft-label cross-entropy (the paper uses 1 to 1.5); width 0: the deepest tapped stage's
+        # channels; prefix_tokens -1: inferred from the token count
         super().__init__()
+        check_options(self, locals())
         paths = tuple(p.strip() for p in str(stages).split(",") if p.strip())
         if not paths:
             raise ConfigError(f"ofa: stages must name at least one student module path (comma-separated), "
                               f"got {stages!r}")
         if len(set(paths)) != len(paths):
             raise ConfigError(f"ofa: stages {stages!r} names a module twice")
-        if not eps > 0:
-            raise ConfigError(f"ofa: eps must be > 0 (1 = plain soft-label cross-entropy; the paper uses 1 to 1.5), "
-                              f"got {eps}")
-        if not T > 0:
-            raise ConfigError(f"ofa: temperature T must be > 0, got {T}")
-        if stage_weight < 0 or logit_weight < 0:
-            raise ConfigError(f"ofa: stage_weight and logit_weight must be >= 0, got {stage_weight} and "
-                              f"{logit_weight}")
-        if width < 0:
-            raise ConfigError(f"ofa: width must be >= 0 (0 = the deepest tapped stage's channels), got {width}")
-        if prefix_tokens < -1:
-            raise ConfigError(f"ofa: prefix_tokens must be >= 0, or -1 to infer it from the token count, "
-                              f"got {prefix_tokens}")
         self.stages = paths
         self.student_taps = paths
         self.eps, self.T = float(eps), float(T)

@@ -3,6 +3,9 @@ features with a smooth-L1 distance. Follows the official code (github.com/roymil
 ``engine.py``): ``orthogonal(nn.Linear(d_s, d_t, bias=False))`` on pooled student features, teacher pooled
 features through ``F.layer_norm`` without affine, ``F.smooth_l1_loss``, weight alpha = 1.
 """
+import typing
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,13 +14,14 @@ from torch.nn.utils.parametrizations import orthogonal
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
-from .base import DistillLoss
+from .base import DistillLoss, check_options
 
 __all__ = ["pool_features", "standardize_features", "orthogonal_projector", "vkd_loss", "VkDLoss"]
 
 # F.layer_norm's default, as the official code uses it.
 _LN_EPS = 1e-5
-_NORMALIZE = ("standardize", "none")
+Normalize = Literal["standardize", "none"]  # the teacher's features z-scored (the paper's), or as they are
+_NORMALIZE: tuple[str, ...] = typing.get_args(Normalize)
 
 
 def _shape(shape) -> tuple[int, ...]:
@@ -93,10 +97,10 @@ class VkDLoss(DistillLoss):
     trained with the student.
     """
 
-    def __init__(self, *, student_layer: str = "in:fc", teacher_layer: str = "in:fc", normalize: str = "standardize"):
+    def __init__(self, *, student_layer: str = "in:fc", teacher_layer: str = "in:fc",
+                 normalize: Normalize = "standardize"):
         super().__init__()
-        if normalize not in _NORMALIZE:
-            raise ConfigError(f"vkd: normalize must be one of {', '.join(_NORMALIZE)}, got {normalize!r}")
+        check_options(self, locals())
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.student_taps, self.teacher_taps = (student_layer,), (teacher_layer,)
         self.normalize = normalize

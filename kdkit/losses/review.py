@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import NonNegInt
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
-from .base import DistillLoss
+from .base import DistillLoss, check_options
 
 __all__ = ["hcl_loss", "ABF", "ReviewKDLoss", "reviewkd_taps"]
 
@@ -167,21 +168,17 @@ class ReviewKDLoss(DistillLoss):
         *,
         student_layers: str = "layer1,layer2,layer3,in:fc",
         teacher_layers: str = "in:layer1.4.relu2,in:layer2.4.relu2,in:layer3.4.relu2,in:fc",
-        mid_channel: int = 0,
-        warmup: int = 20,
+        mid_channel: NonNegInt = 0,
+        warmup: NonNegInt = 20,
     ):
         super().__init__()
+        check_options(self, locals())
         s_paths, t_paths = _paths(student_layers, "student_layers"), _paths(teacher_layers, "teacher_layers")
         if len(s_paths) != len(t_paths):
             raise ConfigError(
                 f"reviewkd: student_layers has {len(s_paths)} levels {list(s_paths)} and teacher_layers "
                 f"{len(t_paths)} {list(t_paths)}; they must pair up level by level"
             )
-        if mid_channel < 0:
-            raise ConfigError(f"reviewkd mid_channel must be >= 0 (0 = min(512, deepest student channels)), "
-                              f"got {mid_channel}")
-        if warmup < 0:
-            raise ConfigError(f"reviewkd warmup must be >= 0 epochs, got {warmup}")
         self.student_layers, self.teacher_layers = s_paths, t_paths
         self.student_taps, self.teacher_taps = s_paths, t_paths
         self.mid_channel = int(mid_channel)

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import NonNegFloat, PositiveFloat, Probability
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
-from .base import DistillLoss
+from .base import DistillLoss, check_options
 from .logits import _check_T
 
 __all__ = ["byot_loss", "BYOTHead", "BYOTLoss"]
@@ -115,13 +116,10 @@ class BYOTLoss(DistillLoss):
     needs_labels = True
 
     def __init__(self, *, stages: str = "layer1,layer2", last_stage: str = "layer3", feature_layer: str = "in:fc",
-                 T: float = 3.0, alpha: float = 0.1, lam: float = 1e-6):
+                 T: PositiveFloat = 3.0, alpha: Probability = 0.1, lam: NonNegFloat = 1e-6):
+        # alpha: the soft targets' share of each head's loss (1 - alpha is its CE); lam: the feature hint's weight
         super().__init__()
-        _check_T(T)
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"byot: alpha (weight of the soft targets) must be in [0, 1], got {alpha}")
-        if not lam >= 0:
-            raise ConfigError(f"byot: lam (weight of the feature hint) must be >= 0, got {lam}")
+        check_options(self, locals())
         self.stages = _stages(stages)
         if last_stage in self.stages:
             raise ConfigError(f"byot: last_stage {last_stage!r} is also in stages {stages!r}; the last stage feeds the "

@@ -16,17 +16,26 @@ over unmasked tokens: sum(w * d) / #unmasked. Teacher rows may hold log-probabil
 (sparse teacher signals, see `sparse_to_dense_logprobs`): terms with zero teacher mass contribute 0.
 """
 import math
+import typing
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import PositiveFloat, Probability, Range
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
-from .base import DistillLoss
+from .base import DistillLoss, check_options
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
+Divergence = Literal["fkl", "rkl", "jsd", "skl", "srkl", "tvd"]
+DIVERGENCES: tuple[str, ...] = typing.get_args(Divergence)
+# GKD's beta, the teacher's share of the mixture m = beta p + (1 - beta) q: 0 is forward KL, 1 reverse KL.
+JSDBeta = Probability
+# DistiLLM's skew alpha, the first distribution's share of the mixture: 0 is the plain KL; at 1 the mixture is the
+# first distribution itself and the divergence is 0 whatever the student does, so 1 is refused.
+Skew = Annotated[float, Range(ge=0, lt=1)]
 
 
 def check_divergence(divergence: str, beta: float = 0.5, skew: float = 0.1, T: float = 1.0) -> None:
@@ -217,10 +226,10 @@ class TokenKDLoss(DistillLoss):
 
     needs_labels = True
 
-    def __init__(self, *, divergence: str = "fkl", T: float = 1.0, beta: float = 0.5, skew: float = 0.1,
-                 ignore_index: int = -100):
+    def __init__(self, *, divergence: Divergence = "fkl", T: PositiveFloat = 1.0, beta: JSDBeta = 0.5,
+                 skew: Skew = 0.1, ignore_index: int = -100):
         super().__init__()
-        check_divergence(divergence, beta, skew, T)
+        check_options(self, locals())
         self.divergence = divergence
         self.T = float(T)
         self.beta = float(beta)

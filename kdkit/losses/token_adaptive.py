@@ -9,17 +9,25 @@ gradient accumulation, as in both official codes. Under DDP the module's buffers
 every forward, so rank 0's losses drive the state.
 """
 import math
+import typing
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import NonNegFloat, PositiveFloat, Probability, Range
 from ..errors import ConfigError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
-from .base import DistillLoss
-from .token import (check_divergence, compute_dtype, divergence_from_logprobs, masked_token_mean, token_logits,
-                    token_mask, token_weights)
+from .base import DistillLoss, check_options
+from .token import (Divergence, JSDBeta, Skew, compute_dtype, divergence_from_logprobs, masked_token_mean,
+                    token_logits, token_mask, token_weights)
+
+# a share in (0, 1]: at 0 AdaKD would keep no token, TAID's target would never leave the student
+NonZeroShare = Annotated[float, Range(gt=0, le=1)]
+# a momentum, an EMA decay or a relative step in [0, 1): at 1 an average would never move, a ratio would drop to 0
+BelowOne = Annotated[float, Range(ge=0, lt=1)]
 
 __all__ = ["TAIDLoss", "AdaKDLoss", "taid_per_token", "taid_next_t", "hellinger_per_token", "hardest_tokens",
            "idts_temperatures", "adakd_per_token"]
@@ -33,9 +41,6 @@ class _ProgressLoss(DistillLoss):
 
     def _init_common(self, divergence: str, T: float, beta: float, skew: float, ignore_index: int,
                      total_epochs: float) -> None:
-        check_divergence(divergence, beta, skew, T)
-        if total_epochs < 0:
-            raise ConfigError(f"total_epochs must be >= 0 (0: progress comes from set_progress), got {total_epochs}")
         self.divergence = divergence
         self.T, self.beta, self.skew = float(T), float(beta), float(skew)
         self.ignore_index = int(ignore_index)
@@ -108,18 +113,15 @@ class TAIDLoss(_ProgressLoss):
     logits before the interpolation, and the loss is multiplied by T^2.
     """
 
-    def __init__(self, *, divergence: str = "fkl", t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4,
-                 momentum: float = 0.99, adaptive: bool = True, T: float = 1.0, beta: float = 0.5,
-                 skew: float = 0.1, total_epochs: float = 0.0, ignore_index: int = -100):
+    def __init__(self, *, divergence: Divergence = "fkl", t_start: Probability = 0.4, t_end: NonZeroShare = 1.0,
+                 alpha: Probability = 5e-4, momentum: BelowOne = 0.99, adaptive: bool = True, T: PositiveFloat = 1.0,
+                 beta: JSDBeta = 0.5, skew: Skew = 0.1, total_epochs: NonNegFloat = 0.0, ignore_index: int = -100):
         super().__init__()
-        self._init_common(divergence, T, beta, skew, ignore_index, total_epochs)
-        if not 0.0 <= t_start <= t_end <= 1.0 or t_end <= 0.0:
-            raise ConfigError(f"taid needs 0 <= t_start <= t_end <= 1 and t_end > 0, got t_start={t_start}, "
+        check_options(self, locals())
+        if t_start > t_end:
+            raise ConfigError(f"taid needs t_start <= t_end (t rises from t_start to t_end), got t_start={t_start}, "
                               f"t_end={t_end}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"taid alpha (the step size of t) must be in [0, 1], got {alpha}")
-        if not 0.0 <= momentum < 1.0:
-            raise ConfigError(f"taid momentum must be in [0, 1), got {momentum}")
+        self._init_common(divergence, T, beta, skew, ignore_index, total_epochs)
         self.t_start, self.t_end = float(t_start), float(t_end)
         self.alpha, self.momentum, self.adaptive = float(alpha), float(momentum), bool(adaptive)
         self.register_buffer("t", torch.tensor(self.t_start))  # the interpolation parameter
@@ -152,7 +154,8 @@ class TAIDLoss(_ProgressLoss):
 
 # ---------------------------------------------------------------- AdaKD
 
-SCORES = ("hellinger", "divergence")
+Score = Literal["hellinger", "divergence"]
+SCORES: tuple[str, ...] = typing.get_args(Score)
 
 
 def hellinger_per_token(log_q: Tensor, log_p: Tensor) -> Tensor:
@@ -237,21 +240,15 @@ class AdaKDLoss(_ProgressLoss):
     (official default 0) is left out.
     """
 
-    def __init__(self, *, divergence: str = "rkl", T: float = 1.0, beta: float = 0.5, skew: float = 0.1,
-                 keep_ratio: float = 1.0, adaptive_ratio: bool = True, min_keep_ratio: float = 0.1,
-                 ratio_step: float = 0.05, loss_eps: float = 0.05, ema_decay: float = 0.99, warmup: float = 0.05,
-                 adaptive_T: bool = True, T_scale: float = 0.5, score: str = "hellinger",
-                 total_epochs: float = 0.0, ignore_index: int = -100):
+    def __init__(self, *, divergence: Divergence = "rkl", T: PositiveFloat = 1.0, beta: JSDBeta = 0.5,
+                 skew: Skew = 0.1, keep_ratio: NonZeroShare = 1.0, adaptive_ratio: bool = True,
+                 min_keep_ratio: NonZeroShare = 0.1, ratio_step: BelowOne = 0.05, loss_eps: NonNegFloat = 0.05,
+                 ema_decay: BelowOne = 0.99, warmup: Probability = 0.05, adaptive_T: bool = True,
+                 T_scale: NonNegFloat = 0.5, score: Score = "hellinger", total_epochs: NonNegFloat = 0.0,
+                 ignore_index: int = -100):
         super().__init__()
+        check_options(self, locals())
         self._init_common(divergence, T, beta, skew, ignore_index, total_epochs)
-        if score not in SCORES:
-            raise ConfigError(f"unknown adakd score {score!r}; choose one of {', '.join(SCORES)}")
-        if not 0.0 < min_keep_ratio <= 1.0 or not 0.0 < keep_ratio <= 1.0:
-            raise ConfigError(f"adakd keep_ratio and min_keep_ratio must be in (0, 1], got {keep_ratio}, "
-                              f"{min_keep_ratio}")
-        if not 0.0 <= ratio_step < 1.0 or loss_eps < 0.0 or not 0.0 <= ema_decay < 1.0 or not 0.0 <= warmup <= 1.0:
-            raise ConfigError(f"adakd needs 0 <= ratio_step < 1, loss_eps >= 0, 0 <= ema_decay < 1, 0 <= warmup <= 1;"
-                              f" got {ratio_step}, {loss_eps}, {ema_decay}, {warmup}")
         self.keep_ratio, self.adaptive_ratio, self.min_keep_ratio = float(keep_ratio), bool(adaptive_ratio), \
             float(min_keep_ratio)
         self.ratio_step, self.loss_eps, self.ema_decay, self.warmup = float(ratio_step), float(loss_eps), \

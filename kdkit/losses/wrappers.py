@@ -6,28 +6,28 @@ loss's options sit side by side; whatever the wrapper does not declare goes to t
     losses:
       kd: {type: weighted, inner: kd, scheme: teacher_confidence, T: 4}
 
-Recipe validation (`kdkit.config.validate_losses`) reads constructor signatures, so each wrapper's signature lists,
-after its own options, the options of the logit losses it is meant to wrap (the union, typed; the defaults shown
-are those of the default inner loss, an option left out keeps the chosen inner loss's own default). A recipe
-naming an option no such loss has fails at ``--dry-run``; one the chosen inner loss lacks (``inner: kd, gamma: 3``)
-fails with a `ConfigError` when the loss is built. ``options_for(inner)`` gives the exact options for one inner
-loss (what a per-inner recipe check would use). From Python, ``WeightedLoss.wrap(loss)`` / ``DualHeadLoss.wrap(loss)``
-wrap an already built loss, and ``weight_fn`` gives per-sample weights from any callable.
+Recipe validation (`kdkit.config.validate_losses`) reads typed options: ``options_for(inner)`` gives a wrapper's
+own options plus those of the loss registered as ``inner``, each with its declared type and range, and that is
+what an entry naming ``inner`` is checked against (``inner: jsd, beta: 2`` is refused before any work, as for a
+plain ``jsd``). The wrapper's signature itself lists its own options and those of its default inner loss, so an
+entry without ``inner`` is checked against exactly the loss it will build. From Python,
+``WeightedLoss.wrap(loss)`` / ``DualHeadLoss.wrap(loss)`` wrap an already built loss, and ``weight_fn`` gives
+per-sample weights from any callable.
 """
 import inspect
-import math
 import typing
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import NonNegFloat, PositiveFloat, factory_options
 from ..errors import ConfigError, ShapeMismatchError, UnknownNameError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
-from .base import DistillLoss
-from .logits import (BinaryKLLoss, BinaryKLNormLoss, DISTLoss, DKDLoss, JSDLoss, KDLoss, LabelFreeKDLoss, NKDLoss,
-                     RKLLoss, _check_T, _logits)
+from .base import DistillLoss, check_options
+from .logits import BinaryKLNormLoss, KDLoss, _check_T, _logits
 
 __all__ = ["teacher_sample_weights", "weighted_mean", "WeightedLoss", "DualHeadLoss", "AuxHead"]
 
@@ -35,34 +35,28 @@ __all__ = ["teacher_sample_weights", "weighted_mean", "WeightedLoss", "DualHeadL
 # ---------------------------------------------------------------- inner losses and their options
 
 
-def _options_of(factory) -> dict[str, typing.Any]:
-    """A loss factory's keyword options and their types (as `kdkit.config.loss_params` reads them)."""
-    sig = inspect.signature(factory)
-    hints = typing.get_type_hints(factory.__init__) if inspect.isclass(factory) else typing.get_type_hints(factory)
-    return {n: hints.get(n, typing.Any) for n, p in sig.parameters.items()
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-
-
 def _own_options(cls) -> dict[str, inspect.Parameter]:
     return {n: p for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
-def _advertise_inner_options(cls, inner_classes) -> None:
-    """Give `cls` the signature ``(*, <own options>, <options of inner_classes>)`` with matching type hints.
+def _own_hints(cls) -> dict[str, typing.Any]:
+    """The declared (typed, ranged) annotations of the wrapper's own options."""
+    hints = typing.get_type_hints(cls.__init__, include_extras=True)
+    return {n: hints[n] for n in _own_options(cls)}
+
+
+def _advertise_default_inner(cls, default_inner: type) -> None:
+    """Give `cls` the signature ``(*, <own options>, <options of default_inner>)`` with their declared types.
 
     Only what recipe validation and ``inspect`` see changes; the constructor still takes ``**inner_options``.
+    An entry naming another inner loss is checked with ``options_for(inner)`` instead.
     """
     params = dict(_own_options(cls))
-    for inner in inner_classes:
-        for name, p in inspect.signature(inner).parameters.items():
-            if name in params:
-                if params[name].annotation is not p.annotation:  # a developer error: fail at import
-                    raise TypeError(f"{cls.__name__}: option {name!r} is {params[name].annotation} in one wrapped loss "
-                                    f"and {p.annotation} in {inner.__name__}")
-                continue
-            params[name] = p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-    cls.__signature__ = inspect.Signature(list(params.values()))
-    cls.__init__.__annotations__ = {n: p.annotation for n, p in params.items()}
+    hints = _own_hints(cls) | typing.get_type_hints(default_inner.__init__, include_extras=True)
+    for name, p in inspect.signature(default_inner).parameters.items():
+        params.setdefault(name, p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+    cls.__signature__ = inspect.Signature([p.replace(annotation=hints[n]) for n, p in params.items()])
+    cls.__init__.__annotations__ = {n: hints[n] for n in params}
 
 
 def _build_inner(wrapper: str, inner: str, options: dict, check=None) -> DistillLoss:
@@ -78,7 +72,7 @@ def _build_inner(wrapper: str, inner: str, options: dict, check=None) -> Distill
         raise ConfigError(f"{wrapper}: inner: {e}") from None
     if check is not None:
         check(factory, inner)
-    allowed = _options_of(factory)
+    allowed = factory_options(factory)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ConfigError(
@@ -90,12 +84,12 @@ def _build_inner(wrapper: str, inner: str, options: dict, check=None) -> Distill
 
 
 def _options_for(cls, inner: str) -> dict[str, typing.Any]:
-    own = {n: p.annotation for n, p in _own_options(cls).items()}
+    own = _own_hints(cls)
     try:
         factory = LOSSES.get(inner)
     except UnknownNameError as e:
         raise ConfigError(f"inner: {e}") from None
-    return own | {n: t for n, t in _options_of(factory).items() if n not in own}
+    return own | {n: t for n, (t, _) in factory_options(factory).items() if n not in own}
 
 
 def _per_sample_losses() -> list[str]:
@@ -113,7 +107,8 @@ def _require_per_sample(loss, name: str) -> None:
 
 # ---------------------------------------------------------------- per-sample weighting
 
-SCHEMES = ("teacher_confidence", "teacher_correct", "entropy")
+Scheme = Literal["teacher_confidence", "teacher_correct", "entropy"]
+SCHEMES: tuple[str, ...] = typing.get_args(Scheme)
 
 
 def teacher_sample_weights(teacher_logits: Tensor, labels: Tensor | None = None, scheme: str = "teacher_confidence",
@@ -187,15 +182,15 @@ class WeightedLoss(DistillLoss):
     which replaces the scheme. ``normalize: true`` rescales the weights to mean 1 per batch.
     """
 
-    def __init__(self, *, inner: str = "kd", scheme: str = "teacher_confidence", wrong_weight: float = 0.0,
-                 entropy_T: float = 4.0, normalize: bool = False, **inner_options):
+    def __init__(self, *, inner: str = "kd", scheme: Scheme = "teacher_confidence", wrong_weight: NonNegFloat = 0.0,
+                 entropy_T: PositiveFloat = 4.0, normalize: bool = False, **inner_options):
         super().__init__()
         self._configure(_build_inner("weighted", inner, inner_options, _require_per_sample), inner, scheme,
                         wrong_weight, entropy_T, normalize, None)
 
     @classmethod
-    def wrap(cls, loss: DistillLoss, *, scheme: str = "teacher_confidence", wrong_weight: float = 0.0,
-             entropy_T: float = 4.0, normalize: bool = False, weight_fn=None) -> "WeightedLoss":
+    def wrap(cls, loss: DistillLoss, *, scheme: Scheme = "teacher_confidence", wrong_weight: NonNegFloat = 0.0,
+             entropy_T: PositiveFloat = 4.0, normalize: bool = False, weight_fn=None) -> "WeightedLoss":
         """Weight an already built loss (from Python); `weight_fn`, if given, overrides `scheme`."""
         obj = cls.__new__(cls)
         DistillLoss.__init__(obj)
@@ -214,13 +209,7 @@ class WeightedLoss(DistillLoss):
         if loss.needs_index:
             raise ConfigError(f"weighted: loss {inner_name!r} needs dataset indices (needs_index), which per_sample "
                               "does not pass; it cannot be wrapped")
-        if scheme not in SCHEMES:
-            raise ConfigError(f"weighted: scheme must be one of {', '.join(SCHEMES)}, got {scheme!r} (for your own "
-                              "weights set weight_fn from Python)")
-        if scheme == "entropy":
-            _check_T(entropy_T)
-        if not (math.isfinite(wrong_weight) and wrong_weight >= 0):
-            raise ConfigError(f"weighted: wrong_weight must be a finite number >= 0, got {wrong_weight}")
+        check_options(self, dict(scheme=scheme, wrong_weight=wrong_weight, entropy_T=entropy_T, normalize=normalize))
         if weight_fn is not None and not callable(weight_fn):
             raise ConfigError(f"weighted: weight_fn must be callable(student, teacher, labels) -> [B], "
                               f"got {weight_fn!r}")
@@ -268,7 +257,8 @@ class WeightedLoss(DistillLoss):
 
 # ---------------------------------------------------------------- dual head (Yang et al. 2024)
 
-HEADS = ("linear", "nonlinear")
+Head = Literal["linear", "nonlinear"]
+HEADS: tuple[str, ...] = typing.get_args(Head)
 
 
 class AuxHead(nn.Module):
@@ -315,13 +305,13 @@ class DualHeadLoss(DistillLoss):
     not part of this loss. Official settings: CIFAR-100 weight 1 with CE 1; ImageNet weight 0.1.
     """
 
-    def __init__(self, *, inner: str = "binary_kl_norm", feature_layer: str = "in:fc", head: str = "linear",
+    def __init__(self, *, inner: str = "binary_kl_norm", feature_layer: str = "in:fc", head: Head = "linear",
                  detach: bool = False, **inner_options):
         super().__init__()
         self._configure(_build_inner("dual_head", inner, inner_options), inner, feature_layer, head, detach)
 
     @classmethod
-    def wrap(cls, loss: DistillLoss, *, feature_layer: str = "in:fc", head: str = "linear",
+    def wrap(cls, loss: DistillLoss, *, feature_layer: str = "in:fc", head: Head = "linear",
              detach: bool = False) -> "DualHeadLoss":
         """Put an already built logit loss on an auxiliary head (from Python)."""
         obj = cls.__new__(cls)
@@ -337,8 +327,7 @@ class DualHeadLoss(DistillLoss):
     def _configure(self, loss, inner_name, feature_layer, head, detach) -> None:
         if not isinstance(loss, DistillLoss):
             raise ConfigError(f"dual_head wraps a DistillLoss, got {type(loss).__name__}")
-        if head not in HEADS:
-            raise ConfigError(f"dual_head: head must be one of {', '.join(HEADS)}, got {head!r}")
+        check_options(self, dict(feature_layer=feature_layer, head=head, detach=detach))
         if not str(feature_layer).strip():
             raise ConfigError("dual_head: feature_layer must name the student's penultimate features, e.g. 'in:fc'")
         if loss.needs_index:
@@ -393,10 +382,8 @@ class DualHeadLoss(DistillLoss):
         return f"feature_layer={self.feature_layer!r}, head={self.head_kind!r}, detach={self.detach}"
 
 
-_advertise_inner_options(WeightedLoss, (KDLoss, DKDLoss, NKDLoss, RKLLoss, JSDLoss, LabelFreeKDLoss, BinaryKLLoss,
-                                        BinaryKLNormLoss))
-_advertise_inner_options(DualHeadLoss, (BinaryKLNormLoss, BinaryKLLoss, KDLoss, DKDLoss, NKDLoss, DISTLoss, RKLLoss,
-                                        JSDLoss, LabelFreeKDLoss))
+_advertise_default_inner(WeightedLoss, KDLoss)
+_advertise_default_inner(DualHeadLoss, BinaryKLNormLoss)
 
 for _name, _cls in (("weighted", WeightedLoss), ("dual_head", DualHeadLoss)):
     if _name not in LOSSES:  # tolerate a re-import (importlib.reload)

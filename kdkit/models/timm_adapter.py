@@ -45,14 +45,24 @@ def _import_timm():
     return timm
 
 
-def _check_name(timm, name: str) -> None:
-    if ":" in name:  # hf-hub:org/repo, local-dir:/path: resolved by timm itself
-        return
-    if not timm.is_model(name):
-        arch = name.split(".", 1)[0]
-        close = difflib.get_close_matches(arch, timm.list_models(), n=5)
-        hint = f" Close: {', '.join(close)}." if close else ""
-        raise KeyError(f"unknown timm model '{name}'.{hint} See timm.list_models() for all names")
+def timm_name_error(name: str) -> str | None:
+    """None when timm knows `name` (looked up in its registry, nothing built), else what is wrong with it.
+
+    ``hf-hub:org/repo`` and ``local-dir:/path`` names are resolved by timm itself when building.
+    """
+    timm = _import_timm()
+    if ":" in name or timm.is_model(name):
+        return None
+    arch = name.split(".", 1)[0]
+    close = difflib.get_close_matches(arch, timm.list_models(), n=5)
+    hint = f" Close: {', '.join(close)}." if close else ""
+    return f"unknown timm model '{name}'.{hint} See timm.list_models() for all names"
+
+
+def _check_name(name: str) -> None:
+    problem = timm_name_error(name)
+    if problem:
+        raise KeyError(problem)
 
 
 def _cached_weights(name: str, kwargs: dict) -> tuple[bool, str, str]:
@@ -107,7 +117,7 @@ def build_timm(name: str, num_classes: int = 10, pretrained: bool = False, **kwa
     honoured: offline (``HF_HUB_OFFLINE=1``) without the weights in the local HF cache, or a failed download.
     """
     timm = _import_timm()
-    _check_name(timm, name)
+    _check_name(name)
     if pretrained and _offline():
         ok, what, repo = _cached_weights(name, kwargs)
         if not ok:

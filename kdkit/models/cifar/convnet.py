@@ -9,12 +9,17 @@ ablations. Weights keep PyTorch's default init, as in the reference. Blocks are 
 """
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 from torch import nn
 
+from ...config import PositiveInt
 from ...errors import ConfigError
 from ...registry import MODELS
 
-NORMS = ("instancenorm", "batchnorm", "none")
+Norm = Literal["instancenorm", "batchnorm", "none"]
+NORMS: tuple[str, ...] = typing.get_args(Norm)
 
 
 def _norm(kind: str, width: int) -> list[nn.Module]:
@@ -33,9 +38,8 @@ class ConvNet(nn.Module):
             raise ConfigError(f"convnet norm must be one of {', '.join(NORMS)}, got '{norm}'")
         if depth < 1:
             raise ConfigError(f"convnet depth must be >= 1, got {depth}")
+        check_side(depth, im_size)
         side = 32 if im_size == 28 else im_size
-        if side % (2 ** depth) != 0:
-            raise ConfigError(f"convnet input side {im_size} is not divisible by 2^depth = {2 ** depth}")
         cin = in_channels
         for d in range(depth):
             pad = 3 if (d == 0 and im_size == 28) else 1
@@ -56,21 +60,36 @@ class ConvNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def convnet3(num_classes: int = 10, width: int = 128, depth: int = 3, norm: str = "instancenorm",
-             im_size: int = 32, in_channels: int = 3) -> ConvNet:
+def check_side(depth: int, im_size: int, at: str = "") -> None:
+    """The input side must halve `depth` times (28 counts as 32, padded by the first conv)."""
+    side = 32 if im_size == 28 else im_size
+    if side % (2 ** depth) != 0:
+        raise ConfigError(f"{at}im_size={im_size} does not fit {at}depth={depth}: the ConvNet halves its input "
+                          f"{depth} times, so the side (28 counts as 32) must be divisible by {2 ** depth}")
+
+
+def convnet3(num_classes: int = 10, width: PositiveInt = 128, depth: PositiveInt = 3, norm: Norm = "instancenorm",
+             im_size: PositiveInt = 32, in_channels: PositiveInt = 3) -> ConvNet:
     return ConvNet(num_classes, width=width, depth=depth, norm=norm, im_size=im_size, in_channels=in_channels)
 
 
+def _check_convnet3(options: dict, at: str) -> None:
+    check_side(options.get("depth", 3), options.get("im_size", 32), at)
+
+
+convnet3.check_options = _check_convnet3  # the cross-option rule, for `kdkit.models.check_model`
 MODELS.register("convnet3", convnet3)
 
 
 def _convnet3_width(width: int):
     """A named ConvNet-3 of fixed width, so CPU-scale teacher->student pairs can be named like the zoo's."""
 
-    def factory(num_classes: int = 10, norm: str = "instancenorm", im_size: int = 32, in_channels: int = 3) -> ConvNet:
+    def factory(num_classes: int = 10, norm: Norm = "instancenorm", im_size: PositiveInt = 32,
+                in_channels: PositiveInt = 3) -> ConvNet:
         return ConvNet(num_classes, width=width, depth=3, norm=norm, im_size=im_size, in_channels=in_channels)
 
     factory.__name__ = f"convnet3_w{width}"
+    factory.check_options = _check_convnet3
     return factory
 
 

@@ -8,9 +8,15 @@ The seven inverted-residual groups are grouped into stages at RepDistiller's fea
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 from torch import nn
 
+from ...config import PositiveInt, Range
 from ...registry import MODELS
+
+# a width multiplier that leaves every layer (the narrowest has 16 channels at 1.0) at least one channel
+WidthMult = Annotated[float, Range(ge=1 / 16)]
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -80,7 +86,7 @@ class CifarMobileNetV2(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def mobilenetv2(num_classes: int = 10, width_mult: float = 0.5, expansion: int = 6) -> CifarMobileNetV2:
+def mobilenetv2(num_classes: int = 10, width_mult: WidthMult = 0.5, expansion: PositiveInt = 6) -> CifarMobileNetV2:
     return CifarMobileNetV2(num_classes, expansion=expansion, width_mult=width_mult)
 
 

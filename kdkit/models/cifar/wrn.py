@@ -7,10 +7,15 @@ pooled embedding. The reference's ``blockK.layer.*`` / ``convShortcut`` keys are
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch.nn.functional as F
 from torch import nn
 
+from ...config import Range
 from ...registry import MODELS
+
+DropRate = Annotated[float, Range(ge=0, lt=1)]  # dropout probability inside each block (1 would drop everything)
 
 
 class WideBasicBlock(nn.Module):
@@ -77,11 +82,11 @@ class WideResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def wrn_40_2(num_classes: int = 10, drop_rate: float = 0.0) -> WideResNet:
+def wrn_40_2(num_classes: int = 10, drop_rate: DropRate = 0.0) -> WideResNet:
     return WideResNet(40, 2, num_classes, drop_rate)
 
 
-def wrn_16_2(num_classes: int = 10, drop_rate: float = 0.0) -> WideResNet:
+def wrn_16_2(num_classes: int = 10, drop_rate: DropRate = 0.0) -> WideResNet:
     return WideResNet(16, 2, num_classes, drop_rate)
 
 
