@@ -24,16 +24,6 @@ EPILOG = """examples:
 """
 
 
-def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
-    recipe, rest = None, []
-    for a in args:
-        if a.startswith("recipe="):
-            recipe = a.partition("=")[2]
-        else:
-            rest.append(a)
-    return recipe, rest
-
-
 # `kdkit distill|train`: the module that checks and runs each kind of recipe (`task:`)
 TASKS = {"classify": "kdkit.train.build", "lm": "kdkit.llm.build", "cot": "kdkit.llm.cot_pipeline"}
 
@@ -41,21 +31,16 @@ TASKS = {"classify": "kdkit.train.build", "lm": "kdkit.llm.build", "cot": "kdkit
 def _run(mode: str, ns) -> int:
     import importlib
 
-    from .config import load_recipe
+    from .config import load_recipe, split_recipe
 
-    recipe_name, overrides = _split_recipe(ns.settings + ns.after_flag)
+    recipe_name, overrides = split_recipe(ns.settings + ns.after_flag)
     if recipe_name is None:
         raise KdkitError(f"`kdkit {mode}` needs recipe=NAME (see `kdkit recipes`)")
     recipe = load_recipe(recipe_name, overrides)
     task = importlib.import_module(TASKS[recipe.task])
     task.check_recipe(recipe, mode)  # every rule that needs no data or model, before any work
     if ns.dry_run:
-        import yaml
-
-        from .config import to_plain
-
-        print(yaml.safe_dump(to_plain(recipe), sort_keys=False), end="")
-        return 0
+        return _print_resolved(recipe)
     run_dir, summary = task.run_recipe(recipe, mode, recipe_name)
     if run_dir is not None:
         print(f"run folder: {run_dir}")
@@ -84,10 +69,10 @@ def _recipes(ns) -> int:
 
 
 def _teacher_signal(ns) -> int:
-    from .config import load_recipe
+    from .config import load_recipe, split_recipe
     from .llm.build import teacher_signal_options, write_store_from_recipe
 
-    recipe_name, rest = _split_recipe(ns.settings)
+    recipe_name, rest = split_recipe(ns.settings)
     if recipe_name is None:
         raise KdkitError("`kdkit teacher-signal` needs recipe=NAME (an LM recipe with teacher.model)")
     options, overrides = teacher_signal_options(rest)
@@ -117,6 +102,22 @@ class _OptionThenSettings(argparse.Action):
         namespace.settings = list(getattr(namespace, "settings", None) or []) + rest
 
 
+def _dry_run_flag(sub: argparse.ArgumentParser) -> None:
+    """`--dry-run` for a verb: every check a run makes before its work, then the resolved settings, no work."""
+    sub.add_argument("--dry-run", nargs="*", default=False, action=_FlagThenSettings, metavar="key=value",
+                     help="check everything a run checks before its work, print the resolved settings and exit")
+    sub.set_defaults(after_flag=[])
+
+
+def _print_resolved(config) -> int:
+    import yaml
+
+    from .config import to_plain
+
+    print(yaml.safe_dump(to_plain(config), sort_keys=False), end="")
+    return 0
+
+
 class _FlagThenSettings(argparse.Action):
     """`--dry-run recipe=x a=1` and `recipe=x --dry-run a=1`: a flag, and the `key=value`s after it are settings
     (kept in `after_flag`: argparse assigns the positional settings after the options)."""
@@ -139,8 +140,13 @@ def _condense(ns) -> int:
         options["ipc"] = ns.ipc
     if ns.eval is not None:
         options["eval"] = ns.eval
-    method = ns.method or default_method(ns.dataset, ns.settings)  # each dataset kind has its own default
-    metrics = condense(ns.dataset, method, ns.settings, **options)
+    settings = [*ns.settings, *ns.after_flag]
+    method = ns.method or default_method(ns.dataset, settings)  # each dataset kind has its own default
+    if ns.dry_run:
+        from .condense.resolve import load_condense_config
+
+        return _print_resolved(load_condense_config(ns.dataset, method, settings, **options))
+    metrics = condense(ns.dataset, method, settings, **options)
     print(f"run folder: {metrics['run_dir']}")
     return 0
 
@@ -184,15 +190,9 @@ def _diffusion(ns) -> int:
     """`kdkit diffusion METHOD|train-teacher [recipe=NAME] [key=value ...]` (few-step diffusion distillation)."""
     from .diffusion.run import run_diffusion
 
-    dry_run = ns.dry_run is not None  # settings may follow the flag: `--dry-run fake_steps=10`
-    out = run_diffusion(ns.what, [*ns.settings, *(ns.dry_run or [])], dry_run=dry_run)
-    if dry_run:
-        import yaml
-
-        from .config import to_plain
-
-        print(yaml.safe_dump(to_plain(out), sort_keys=False), end="")
-        return 0
+    out = run_diffusion(ns.what, [*ns.settings, *ns.after_flag], dry_run=ns.dry_run)
+    if ns.dry_run:
+        return _print_resolved(out)
     print(f"run folder: {out['run_dir']}")
     reports = (("teacher", out.get("eval")),) if ns.what == "train-teacher" else (
         ("teacher", out.get("teacher")), ("student", out.get("final")))
@@ -212,9 +212,8 @@ def parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
         s.add_argument("settings", nargs="*", metavar="recipe=NAME|key=value",
                        help="the recipe, then overrides of nested fields, e.g. trainer.epochs=10 losses.kd.T=2")
-        s.add_argument("--dry-run", nargs="*", default=None, action=_FlagThenSettings, metavar="key=value",
-                       help="check everything a run checks before its work, print the resolved recipe and exit")
-        s.set_defaults(func=lambda ns, m=mode: _run(m, ns), after_flag=[])
+        _dry_run_flag(s)
+        s.set_defaults(func=lambda ns, m=mode: _run(m, ns))
     s = sub.add_parser("check", help="pre-flight for LM distillation: tokenizers, vocab, dtype, memory",
                        description="Check that a teacher and a student LM can be distilled: vocabulary and tokenizer "
                                    "compatibility, special tokens, dtype/device, and a memory estimate.")
@@ -250,6 +249,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", default=None, nargs="+", action=_OptionThenSettings, metavar="N",
                    help="splits/seeds to run (default 5)")
     s.add_argument("settings", nargs="*", metavar="recipe=NAME|preset=NAME|key=value")
+    _dry_run_flag(s)
     s.set_defaults(func=_condense)
     s = sub.add_parser("recipes", help="list recipes, models and losses",
                        description="List the named recipes with one-line descriptions, the models and the losses.")
@@ -275,8 +275,7 @@ def parser() -> argparse.ArgumentParser:
                               "guidance_scale=2 fd_classifier=runs/train-resnet56-...")
     s.add_argument("what", help="dmd2 | sid | cd | rectflow | train-teacher")
     s.add_argument("settings", nargs="*", metavar="recipe=NAME|key=value")
-    s.add_argument("--dry-run", nargs="*", default=None, metavar="key=value",
-                   help="check every setting, print the resolved ones and exit")
+    _dry_run_flag(s)
     s.set_defaults(func=_diffusion)
     s = sub.add_parser("bench", help="benchmarks that write results JSON",
                        description="Benchmarks. `throughput`: KD training images/s (student alone, with a teacher, "

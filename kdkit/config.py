@@ -238,7 +238,7 @@ class CoTConfig:
     short_ratio: Probability = 0.0  # mix distillation: this fraction of examples use the short (dataset) rationale
     sft_epochs: PositiveFloat = 1.0
     kd_weight: NonNegFloat = 0.0  # > 0: token-level logit KD from the teacher on completion tokens (same tokenizer)
-    kd_divergence: Literal["fkl", "rkl", "jsd", "skl", "srkl", "tvd"] = "fkl"
+    kd_divergence: str = "fkl"  # a token_kd divergence (checked against the loss's own choices)
     max_length: Annotated[int, Range(ge=2)] = 512  # prompt + completion tokens in SFT
     redi: bool = True  # stage 4 after SFT (needs incorrect rationales)
     redi_alpha: Probability = 0.8  # weight of the negative term (REDI's alpha)
@@ -285,7 +285,7 @@ class Recipe:
         "trainer.save_every_steps", "trainer.threads", "trainer.eval_every", "data.eval_batch_size",
         "data.test_limit", "trainer.compile", "trainer.compile_mode", "llm.eval_every_steps", "llm.eval_examples",
         "cot.eval_max_new_tokens", "cot.eval_teacher", "cot.eval_student_before", "cot.examples_in_report",
-        "cot.test_questions", "cot.backend", "cot.fallback_to_transformers", "cot.shard_size")
+        "cot.test_questions", "cot.shard_size", "name")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -387,6 +387,17 @@ def _merge_list(items: list, edits: dict, key: str) -> list:
             raise ConfigError(f"override {key}.{i}: '{key}' has {len(out)} element(s) (indices 0..{len(out) - 1})")
         out[i] = merge(out[i], v) if isinstance(v, dict) and isinstance(out[i], dict) else v
     return out
+
+
+def split_recipe(settings: list[str]) -> tuple[str | None, list[str]]:
+    """`recipe=NAME` (the last one given) apart from the other `key=value` settings of a command line."""
+    recipe, rest = None, []
+    for item in settings:
+        if item.startswith("recipe="):
+            recipe = item.partition("=")[2]
+        else:
+            rest.append(item)
+    return recipe, rest
 
 
 def parse_overrides(items: list[str]) -> dict:

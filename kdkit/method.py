@@ -93,6 +93,11 @@ class Method(abc.ABC):
     def is_save_step(self, step: int) -> bool:
         return step == self.total_steps or bool(self.save_every and step % self.save_every == 0)
 
+    def can_stop(self, step: int) -> bool:
+        """Whether a Ctrl-C may checkpoint after `step` (False mid gradient-accumulation under several processes,
+        whose unsynchronised gradients one checkpoint cannot hold); the loop then stops at the next step that may."""
+        return True
+
     def evaluate(self, run: Run, step: int) -> dict:
         """Metrics at `step` (recorded in metrics.jsonl and train.log)."""
         return {}
@@ -117,7 +122,7 @@ def fit(run: Run, method: Method, on_step: Callable[[Method, int], None] | None 
     if resumed:
         start, state = run.restore()
         method.load_state_dict(state)
-    step = start
+    step, stopping = start, False
     with run.interruptible():
         bar = run.progress(method.total_steps, start, desc=method.name)
         sums: dict[str, torch.Tensor] = {}
@@ -130,7 +135,7 @@ def fit(run: Run, method: Method, on_step: Callable[[Method, int], None] | None 
                 on_step(method, step)
             for k, v in logs.items():
                 v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
-                sums[k] = sums[k] + v if k in sums else v
+                sums[k] = sums[k] + v if k in sums else v.clone()  # a captured graph reuses its outputs
             count += 1
             bar.update(1)
             if sums and (step % method.log_every == 0 or step == method.total_steps):
@@ -145,10 +150,13 @@ def fit(run: Run, method: Method, on_step: Callable[[Method, int], None] | None 
                 ev = method.evaluate(run, step)
                 if ev:
                     run.record({"step": step, **ev})
+            due = step % method.log_every == 0 or method.is_save_step(step)
+            stopping = stopping or run.stop_requested(due)
+            stop_now = stopping and method.can_stop(step)
             saved = None
-            if method.is_save_step(step) or run.interrupted:
+            if method.is_save_step(step) or stop_now:
                 saved = run.save(step, method.state_dict())
-            if run.interrupted and step < method.total_steps:
+            if stop_now and step < method.total_steps:
                 bar.close()
                 raise Interrupted(step, saved, run.run_dir)
         bar.close()

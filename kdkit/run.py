@@ -117,12 +117,13 @@ class Run:
     def __init__(self, config, run_dir: Path, *, resume: str | None = None, seed: int = 0, device: str = "auto",
                  threads: int | None = None, progress: bool = True, keep_checkpoints: int = 2,
                  may_change: tuple[str, ...] = (), main: bool = True, barrier: Callable[[], None] | None = None,
-                 tensorboard: bool = True, console: bool = True):
+                 tensorboard: bool = True, console: bool = True, agree: Callable[[bool], bool] | None = None):
         self.config, self.run_dir = config, Path(run_dir)
         self.resume, self.seed, self.device_name, self.threads = resume, seed, device, threads
         self.show_progress, self.keep, self.may_change = progress, keep_checkpoints, tuple(may_change)
         self.main, self.barrier, self.console = main, barrier or (lambda: None), console
         self.use_tensorboard = tensorboard
+        self.agree = agree  # several processes: True on every process when any of them saw Ctrl-C (a collective)
         self.interrupted = False
         self.resume_folder: Path | None = None
         self.device = pick_device(device)
@@ -165,16 +166,17 @@ class Run:
         return latest
 
     def check_same_settings(self, folder: Path) -> None:
-        """Refuse to resume with changed training settings, naming each (old -> new); reads only the checkpoint's
-        verified state.json."""
+        """Before anything is written: the checkpoint is whole (checksums, a readable tensor file, a kdkit run's
+        state) and was made with the same training settings, else refuse naming each change (old -> new)."""
         ckpt.verify(folder)
+        ckpt.read_metadata(folder / "state.safetensors")  # the header only: a foreign or corrupt file is named
         try:
-            saved = json.loads((folder / "state.json").read_text()).get("config")
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
+            saved = json.loads((folder / "state.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"checkpoint {folder}/state.json is corrupt ({e})") from e
-        if saved is None:
-            return
-        changes = config_changes(saved, to_plain(self.config), self.may_change)
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or "step" not in saved:
+            raise CheckpointError(f"checkpoint {folder} was not written by a kdkit run (no step and config)")
+        changes = config_changes(saved["config"], to_plain(self.config), self.may_change)
         if changes:
             raise ConfigError(f"resume: {len(changes)} setting(s) differ from the run being resumed ({folder}): "
                               + "; ".join(changes) + ". Start a new run (another name=) or put them back"
@@ -263,6 +265,14 @@ class Run:
         return int(full["step"]), full["method"]
 
     # ------------------------------------------------------------ Ctrl-C
+
+    def stop_requested(self, due: bool) -> bool:
+        """Whether the loop should stop for Ctrl-C. One process: at once. Several: only at `due` steps (the same on
+        every process: logging and checkpoint steps), where they agree through one collective, so all stop at
+        the same step."""
+        if self.agree is None:
+            return self.interrupted
+        return due and self.agree(self.interrupted)
 
     @contextlib.contextmanager
     def interruptible(self):

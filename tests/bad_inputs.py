@@ -180,3 +180,8 @@ CASES += [KD + ["teacher.cache={tmp}/corrupt.safetensors"], TRAIN + ["student.ch
           ["bench", "llm", "recipe=nope"], ["bench", "llm", "llm.on_policy.backend=trl", "llm.max_steps=null"],
           ["bench", "kernels", "beta=2"], ["bench", "kernels", "impls=foo"], ["bench", "kernels", "dtype=int8"],
           ["bench", "kernels", "vocab=8192,abc"], ["bench", "kernels", "hidden=[64,0]"], ["bench", "kernels", "T=0"]]
+
+# --dry-run runs every check a real run makes, for every verb that has it
+CASES += [IMG + ["--dry-run", "lr_img=nan"], GRAPH + ["--dry-run", "depth=0"], DMD2 + ["--dry-run", "fake_steps=0"],
+          KD + ["--dry-run", "student.options={width: -3}"], COT + ["--dry-run", "cot.kd_divergence=foo"],
+          ["diffusion", "rectflow", "pairs=10", "batch_size=64"]]

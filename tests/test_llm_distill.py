@@ -94,7 +94,7 @@ def test_lm_recipe_errors(tmp_path):
     with pytest.raises(ConfigError, match="divergence"):
         check_lm_mode(load_recipe("smollm2-kd-small", ["losses.kd.divergence=kl2"]), "distill")
     with pytest.raises(ConfigError, match="token_kd losses only"):
-        check_lm_mode(load_recipe("smollm2-kd-small", ["teacher.model=null", "teacher.cache=/x",
+        check_lm_mode(load_recipe("smollm2-kd-small", ["teacher.model=null", f"teacher.cache={tmp_path}",
                                                         "losses.kd.type=taid", "losses.kd.divergence=fkl"]), "distill")
 
 
@@ -164,6 +164,7 @@ def test_trl_backend_runs_the_recipe(tmp_path, teacher_dir):
     summary = json.loads((tmp_path / "trl" / "metrics.json").read_text())["summary"]
     assert summary["steps"] == 2 and math.isfinite(summary["train_loss"])
     assert (tmp_path / "trl" / "student" / "config.json").is_file()
+    assert (tmp_path / "trl" / "config.yaml").is_file() and (tmp_path / "trl" / "train.log").is_file()
 
 
 def test_fused_distill_runs_from_the_cli(tmp_path, teacher_dir):

@@ -343,7 +343,7 @@ def test_preflight_different_tokenizer(other_lm, capsys):
 
 
 def test_check_errors():
-    with pytest.raises(KdkitError, match="unknown model"):
+    with pytest.raises(KdkitError, match="model='no-such-teacher' is not allowed: expected one of smollm2-135m-instruct"):
         preflight("no-such-teacher", "truncated-teacher")
     with pytest.raises(ConfigError, match="unknown key 'sequence'. Did you mean 'seq_len'"):
         run_check([f"teacher={SMOL}", "sequence=5"])

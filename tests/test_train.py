@@ -22,8 +22,12 @@ def recipe(tmp_path, name="cifar10-240ep", *overrides):
 
 
 def test_teacher_run_folder_is_complete_and_it_learned(teacher_run):
-    for f in ("config.yaml", "metrics.json", "model.safetensors", "curves.png", "train.log"):
+    for f in ("config.yaml", "metrics.json", "metrics.jsonl", "model.safetensors", "curves.png", "train.log"):
         assert (teacher_run / f).is_file(), f
+    latest = sorted((teacher_run / "checkpoints").glob("step-*"))[-1]
+    assert sorted(p.name for p in latest.iterdir()) == ["manifest.json", "state.json", "state.safetensors"]
+    rows = [json.loads(line) for line in (teacher_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "test_acc" in r] == [1, 2, 3]
     assert list((teacher_run / "logs").rglob("events.out.tfevents.*")), "no TensorBoard log"
     metrics = json.loads((teacher_run / "metrics.json").read_text())
     hist = metrics["history"]

@@ -3,8 +3,16 @@ methods on it, each registered with `kdkit.method.register_method("diffusion", N
 (`sid.py`), consistency distillation (`consistency.py`), the paired-regression baseline (`rectified_flow.py`),
 and teacher training (`train_teacher.py`). EDM's sigma parametrisation throughout (`edm.py`).
 
-`kdkit diffusion dmd2` runs the default: a 2-D Gaussian mixture with its exact (analytic) teacher, on CPU."""
-from . import consistency, dmd2, rectified_flow, sid, train_teacher  # noqa: F401  (register the methods)
+`kdkit diffusion dmd2` runs the default: a 2-D Gaussian mixture with its exact (analytic) teacher, on CPU.
+
+Every module of this package is imported here, so a new method (or generator loss) is one file with its
+`@register_method` (or `@GENERATOR_LOSSES.register`) and nothing else to edit."""
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
 from .edm import Denoiser, FlowMatchingAdapter
 from .engine import GENERATOR_LOSSES, DistillMethod, MethodContext, Plan, Schedule, ScoreDistillation
 from .metrics import frechet_distance, mmd, mode_mass, precision_recall, sliced_w2

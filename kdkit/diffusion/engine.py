@@ -6,8 +6,9 @@ iteration (pure tensor work with static shapes: no `.item()`, no data-dependent 
 `fast_step.py` can compile it or capture it as one CUDA graph), `step(batch)` runs it through the run's fast
 step, and `state_dict()` holds the trainable networks, the EMA, every optimiser and the evaluation history.
 A new method is one file: a `DistillMethod` subclass and a factory `@register_method("diffusion", NAME)` whose
-typed keyword-only arguments (ranges beside their types) are its options (`kdkit diffusion NAME key=value`),
-imported by the package's `__init__.py`; its 2-D presets, if any, are a recipe `recipes/diffusion-NAME-mixture.yaml`.
+typed keyword-only arguments (ranges beside their types) are its options (`kdkit diffusion NAME key=value`);
+the package imports every module in it, so nothing else is edited. Its 2-D presets, if any, are a recipe
+`recipes/diffusion-NAME-mixture.yaml`.
 
 `ScoreDistillation` is DMD2 and SiD at once: one step is `fake_steps` updates of F (denoising on G's samples,
 plus a GAN head on F's features when asked) and one update of G by a *generator loss* looked up by name in

@@ -14,6 +14,7 @@ method's networks and the data, and train with `kdkit.method.fit` in a `kdkit.ru
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -77,17 +78,25 @@ class RunConfig:
     RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = (
         "description", "resume", "output_dir", "progress", "log_every", "keep_checkpoints", "save_every", "threads",
         "eval_every", "eval_samples", "teacher_steps", "sampler", "sample_every", "fd_classifier", "inception",
-        "fast", "compile_mode", "steps")
+        "fast", "compile_mode", "steps", "name")
 
     def validate(self, at: str) -> None:
         check_resume(self.resume, f"{at}resume")
-        check_teacher(self.teacher, f"{at}teacher")
+        meta = check_teacher(self.teacher, f"{at}teacher")
+        if self.data == "mixture" and meta and (meta["diffusion_arch"] != "mlp" or
+                                                json.loads(meta.get("diffusion_options", "{}")).get("dim", 2) != 2):
+            raise ConfigError(f"{at}teacher={self.teacher} denoises {meta['diffusion_arch']} samples, but "
+                              f"data=mixture is 2-D: pass a teacher trained with `kdkit diffusion train-teacher "
+                              "data=mixture`, or data=cifar10")
         if self.data == "mixture" and self.teacher.startswith("diffusers:"):
             raise ConfigError(f"{at}data=mixture is 2-D; a diffusers teacher makes images (use data=cifar10)")
         if self.data != "mixture" and self.teacher == "analytic":
             raise ConfigError(f"{at}teacher=analytic exists only for data=mixture; for data={self.data} pass "
                               "teacher=PATH (a `kdkit diffusion train-teacher` run) or teacher=diffusers:FOLDER")
         self.options = method_settings(self.method, self.options, at)
+        if self.options.get("pairs") is not None and self.options["pairs"] < self.batch_size:
+            raise ConfigError(f"{at}options.pairs={self.options['pairs']} must be >= {at}batch_size="
+                              f"{self.batch_size} (each step draws a batch of the stored teacher pairs)")
 
 
 def resolve_config(method: str, settings: list[str]) -> RunConfig:

@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 import inspect
 
-from ..config import list_recipes, load_recipe, parse_overrides, to_plain
+from ..config import list_recipes, load_recipe, parse_overrides, split_recipe, to_plain
 from ..errors import ConfigError
 from ..method import check_method_options, method_options
 
@@ -24,12 +24,7 @@ PILLAR = "diffusion"
 
 def resolve(schema, method: str, settings: list[str]):
     """`settings` of `kdkit diffusion METHOD` as a validated `schema` instance."""
-    recipe, items = None, []
-    for item in settings:
-        if item.startswith("recipe="):
-            recipe = item.partition("=")[2]
-        else:
-            items.append(item)
+    recipe, items = split_recipe(settings)
     params = method_options(PILLAR, method)  # an unknown method is refused here, listing the choices
     fields = {f.name for f in dataclasses.fields(schema)}
     parsed = parse_overrides(items)

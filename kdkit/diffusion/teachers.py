@@ -68,20 +68,23 @@ TEACHER_CHOICES = ("analytic (data=mixture), diffusers:FOLDER (a diffusers UNet2
                    "`kdkit diffusion train-teacher` run folder or its model.safetensors")
 
 
-def check_teacher(spec: str, key: str = "teacher") -> None:
+def check_teacher(spec: str, key: str = "teacher") -> dict[str, str]:
     """Before any work: `analytic`, an existing `diffusers:FOLDER`, or a kdkit teacher file whose header says it
-    is one (a cheap read of the safetensors metadata: a corrupt or foreign file is named here)."""
+    is one (a cheap read of the safetensors metadata: a corrupt or foreign file is named here). Returns that
+    metadata (empty for the other two)."""
     if spec == "analytic":
-        return
+        return {}
     if spec.startswith("diffusers:"):
         if not Path(spec.partition(":")[2]).expanduser().is_dir():
             raise bad_value(key, spec, f"{TEACHER_CHOICES} (no folder is there)")
-        return
+        return {}
     f = teacher_file(Path(spec).expanduser())
     if not Path(spec).expanduser().exists():
         raise bad_value(key, spec, f"{TEACHER_CHOICES} (nothing is there)")
-    if "diffusion_arch" not in ckpt.read_metadata(f):
-        raise CheckpointError(f"{f} is not a kdkit diffusion teacher (no diffusion_arch in its metadata); train one "
+    meta = ckpt.read_metadata(f)
+    if "diffusion_arch" in meta:
+        return meta
+    raise CheckpointError(f"{f} is not a kdkit diffusion teacher (no diffusion_arch in its metadata); train one "
                               "with `kdkit diffusion train-teacher`, or pass diffusers:PATH for a diffusers model")
 
 

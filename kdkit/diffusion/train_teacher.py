@@ -61,7 +61,7 @@ class TeacherConfig:
     # the learning rate is constant, so `steps` only says where to stop (a finished run can go on)
     RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = (
         "description", "resume", "output_dir", "progress", "log_every", "keep_checkpoints", "save_every", "threads",
-        "eval_samples", "eval_steps", "steps")
+        "eval_samples", "eval_steps", "steps", "name")
 
     def validate(self, at: str) -> None:
         check_resume(self.resume, f"{at}resume")

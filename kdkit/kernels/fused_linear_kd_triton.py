@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import ConfigError
 from .rows import RowOptions
 
 MODES = {"fkl": 0, "rkl": 1, "jsd": 2, "skl": 3, "srkl": 4, "tvd": 5}
@@ -230,6 +231,9 @@ def triton_rows(opts: RowOptions, block_v: int | None = None):
 def _mode(opts: RowOptions) -> tuple[int, float]:
     """Kernel mode and the mixture weight w1 of its first log term (jsd: beta; skl/srkl: skew)."""
     d = opts.divergence
+    if d not in MODES:
+        raise ConfigError(f"divergence {d!r} has no Triton kernel mode (choices: {', '.join(MODES)}); use the "
+                          "unfused path (llm.fused=false) or backend='torch'")
     if d == "jsd":
         if opts.beta == 0.0:
             return MODES["fkl"], 0.0

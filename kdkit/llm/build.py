@@ -50,7 +50,8 @@ def check_lm_mode(recipe: Recipe, mode: Mode) -> None:
         if not recipe.ce_weight:
             raise ConfigError("`kdkit train` trains on cross-entropy alone: ce_weight must be > 0")
         if lc.fused:
-            raise ConfigError("llm.fused=true fuses token KD with CE; `kdkit train` has no KD loss: set llm.fused=false")
+            raise ConfigError("llm.fused=true fuses token KD with CE; `kdkit train` has no KD loss: set "
+                              "llm.fused=false")
         if lc.on_policy.fraction > 0:
             raise ConfigError("on-policy batches are scored by a teacher; `kdkit train` has none: set "
                               "llm.on_policy.fraction=0")
@@ -88,7 +89,8 @@ def check_lm_mode(recipe: Recipe, mode: Mode) -> None:
     elif lc.fused:
         fused_options(built)
         if not live:
-            raise ConfigError("llm.fused=true needs a live teacher (teacher.model); stored signals use the unfused path")
+            raise ConfigError("llm.fused=true needs a live teacher (teacher.model); stored signals use the unfused "
+                              "path")
 
 
 def check_trl(recipe: Recipe, built: dict, live: bool) -> None:
@@ -304,6 +306,7 @@ def check_teacher_signal(recipe: Recipe, options: TeacherSignalOptions) -> None:
     if not recipe.teacher.model:
         raise ConfigError("teacher-signal needs teacher.model (the teacher to run once)")
     check_lm_name(recipe.teacher.model, "teacher.model")
+    check_precision(recipe)
     check_data(recipe)
     out = Path(options.out)
     if out.exists() and not out.is_dir():
@@ -333,7 +336,8 @@ class TRLGKDRun:
     def __init__(self, recipe: Recipe, run_dir: Path, teacher, student, tokenizer):
         from accelerate import PartialState
 
-        self.recipe, self.run_dir, self.teacher, self.student, self.tokenizer = recipe, run_dir, teacher, student, tokenizer
+        self.recipe, self.run_dir, self.teacher, self.student = recipe, run_dir, teacher, student
+        self.tokenizer = tokenizer
         self.accelerator = PartialState(cpu=use_cpu(recipe))
         self.run = make_run(recipe, run_dir, main=self.accelerator.is_main_process,
                             barrier=self.accelerator.wait_for_everyone)

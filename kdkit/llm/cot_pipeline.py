@@ -65,6 +65,10 @@ class _Stopped(Exception):
     """A stage saved its own progress after Ctrl-C and stopped before finishing."""
 
 
+# data.eval_batch_size is the teacher's generation batch here: changing it mid-generation changes the samples
+COT_RESUME_MAY_CHANGE = tuple(k for k in Recipe.RESUME_MAY_CHANGE if k != "data.eval_batch_size")
+
+
 class CoTDistill(Method):
     """Rationale distillation: one step per stage (see the module docstring); `artefacts` evaluates and reports."""
 
@@ -406,6 +410,8 @@ def cot_method(ctx: Recipe, *, cot: CoTConfig | None = None) -> CoTDistill:
 
 def check_recipe(recipe: Recipe, mode: str) -> None:
     """Every rule of a CoT recipe that needs no data or model (what `--dry-run` checks too)."""
+    from ..config import bad_value
+    from ..losses.token import DIVERGENCES
     from .generation_vllm import vllm_available
     from .models import check_lm_name
     from .students import check_student
@@ -421,6 +427,8 @@ def check_recipe(recipe: Recipe, mode: str) -> None:
     if recipe.teachers or recipe.peer:
         raise ConfigError("rationale distillation takes one teacher (teacher.model); teachers:/peer: are classifier "
                           "options")
+    if c.kd_divergence not in DIVERGENCES:
+        raise bad_value("cot.kd_divergence", c.kd_divergence, f"one of {', '.join(DIVERGENCES)}")
     check_lm_name(recipe.teacher.model, "teacher.model")
     check_student(recipe.student, True, recipe.llm)
     if recipe.data.name != "gsm8k":
@@ -446,6 +454,6 @@ def run_recipe(recipe: Recipe, mode: str, recipe_name: str | None = None):
     run_dir = run_folder(recipe.output_dir, recipe.name, recipe_name or "run")
     run = Run(recipe, run_dir, resume=recipe.resume or "auto", seed=t.seed, device="cpu" if t.cpu else "auto",
               threads=t.threads or env_threads(), progress=t.progress, keep_checkpoints=t.keep_checkpoints,
-              may_change=Recipe.RESUME_MAY_CHANGE)
+              may_change=COT_RESUME_MAY_CHANGE)
     method = build_method("distill", "cot", recipe, {"cot": to_plain(recipe.cot)})
     return run_dir, fit(run, method)

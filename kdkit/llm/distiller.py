@@ -30,7 +30,6 @@ from ..errors import ConfigError
 from ..method import register_method
 from ..models.outputs import Outputs
 from ..train.accelerated import AcceleratedMethod
-from ..train.curves import plot_curves
 
 
 def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,10 +343,7 @@ class LMDistiller(AcceleratedMethod):
                 model.save_pretrained(str(tmp))
                 self.tokenizer.save_pretrained(str(tmp))
                 (tmp / "kdkit.json").write_text(json.dumps(self.meta, indent=1))
-            plot_curves(self.run_dir, history)
-        run.write_json("metrics.json", {"summary": summary, "history": history})
-        acc.wait_for_everyone()
-        return summary
+        return self.write_summary(run, summary)
 
 
 @register_method("distill", "lm")

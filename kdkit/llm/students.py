@@ -155,7 +155,7 @@ def check_student(model_cfg: ModelConfig, teacher_named: bool, llm_cfg: LLMConfi
         if llm_cfg.lora is not None:
             raise ConfigError("llm.lora on a randomly initialised student trains almost nothing; drop llm.lora")
         if own or not teacher_named:
-            if not own or not isinstance(opts.get("config"), dict) or set(opts) - {"tokenizer", "config"}:
+            if not own or not isinstance(opts.get("config"), dict):
                 raise ConfigError("student.model=scratch with its own tokenizer (or without a teacher) takes "
                                   "student.options={tokenizer: NAME-or-folder, config: {model_type: llama, ...}}")
             where = Path(str(opts["tokenizer"])).expanduser()

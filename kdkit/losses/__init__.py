@@ -1,5 +1,11 @@
-"""The loss zoo: loss functions of tensors, `DistillLoss` modules around them; each file registers its own names."""
+"""The loss zoo: loss functions of tensors, `DistillLoss` modules around them; each file registers its own names.
+
+Every module of this package is imported (below), so a new loss is one file with its function, its module and
+one `LOSSES.register(...)` line; the imports here only name the public API.
+"""
+import importlib
 import inspect
+import pkgutil
 
 from ..errors import ConfigError
 from ..registry import LOSSES
@@ -47,6 +53,9 @@ __all__ = [
     "AuxHead", "teacher_sample_weights", "weighted_mean", "BinaryKLLoss", "BinaryKLNormLoss", "binary_kl_loss",
     "binary_kl_norm_loss", "TokenKDLoss", "token_kd_loss", "AdaKDLoss", "TAIDLoss", "CrossTokenizerLoss", "alm_loss",
 ]
+
+for _module in pkgutil.iter_modules(__path__):  # a new loss file registers itself by being here
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def build_loss(name: str, **kwargs) -> DistillLoss:

@@ -25,6 +25,7 @@ from ..config import Recipe
 from ..errors import ConfigError
 from ..method import Method, fit
 from ..run import Run
+from .curves import plot_curves
 from .optim import build_optimizer, lr_at, set_lr
 
 
@@ -48,13 +49,13 @@ def match_accelerator_state(mixed_precision: str) -> None:
 
 
 def make_run(recipe: Recipe, run_dir: Path, main: bool = True, barrier: Callable[[], None] | None = None,
-             device: str = "auto") -> Run:
+             device: str = "auto", agree: Callable[[bool], bool] | None = None) -> Run:
     """The `Run` of a `kdkit distill|train` recipe: its folder, seed, threads, progress, checkpoints and the
     resume rule (`Recipe.RESUME_MAY_CHANGE` lists the settings a resumed run may change)."""
     t = recipe.trainer
     return Run(recipe, run_dir, resume=recipe.resume, seed=t.seed, device=device, threads=t.threads,
                progress=t.progress, keep_checkpoints=t.keep_checkpoints, may_change=Recipe.RESUME_MAY_CHANGE,
-               main=main, barrier=barrier)
+               main=main, barrier=barrier, agree=agree)
 
 
 def check_resume(recipe: Recipe, run_dir: Path) -> None:
@@ -113,9 +114,19 @@ class AcceleratedMethod(Method):
         match_accelerator_state(self.tcfg.mixed_precision)
         self.accelerator = acc = Accelerator(cpu=use_cpu(recipe), mixed_precision=self.tcfg.mixed_precision)
         self.run = make_run(recipe, self.run_dir, main=acc.is_main_process, barrier=acc.wait_for_everyone,
-                            device=str(acc.device))
+                            device=str(acc.device), agree=self._any_process if acc.num_processes > 1 else None)
         self.window = TermMeans()  # the loss terms since the last history record
         self.state: dict = {"history": [], "train_seconds": 0.0}
+
+    def _any_process(self, flag: bool) -> bool:
+        """True on every process when any process saw Ctrl-C (one all-reduce)."""
+        acc = self.accelerator
+        return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0)
+
+    def can_stop(self, step: int) -> bool:
+        """Under several processes a Ctrl-C waits for the end of a gradient accumulation (each process's local
+        gradients differ before DDP's all-reduce; one checkpoint holds one set)."""
+        return self.accelerator.num_processes == 1 or all(p.grad is None for p in self.params)
 
     # ------------------------------------------------------------ set-up
 
@@ -185,6 +196,14 @@ class AcceleratedMethod(Method):
         self.state = state["state"]
 
     # ------------------------------------------------------------ the run
+
+    def write_summary(self, run: Run, summary: dict) -> dict:
+        """metrics.json (the summary and the history) and curves.png; every process waits for the files."""
+        if self.accelerator.is_main_process:
+            plot_curves(self.run_dir, self.state["history"])
+        run.write_json("metrics.json", {"summary": summary, "history": self.state["history"]})
+        self.accelerator.wait_for_everyone()
+        return summary
 
     def fit(self) -> dict:
         """Train to the last step in `self.run` (resume, logs, evaluations, checkpoints, Ctrl-C: `kdkit.method.fit`)

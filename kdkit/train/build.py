@@ -142,13 +142,12 @@ def check_models(recipe: Recipe) -> None:
             check_model(*teacher_architecture(t, key), key)
 
 
-def check_recipe(recipe: Recipe, mode: Mode, recipe_name: str | None = None) -> None:
+def check_recipe(recipe: Recipe, mode: Mode) -> None:
     """Every rule of a classifier recipe that needs no data or model (what `--dry-run` checks too): the mode,
     the dataset name, models and weights files, the losses built with their own options and matched with the
     teachers, and the resume rule."""
     check_mode(recipe, mode)
-    if recipe.data.name.strip().lower() not in DATASETS:
-        DATASETS.get(recipe.data.name)  # the unknown-name error, with the choices
+    DATASETS.get(recipe.data.name.strip().lower())  # an unknown name is refused with the choices
     check_models(recipe)
     losses = {n: loss for n, (_, loss) in build_losses(recipe, {"epochs": recipe.trainer.epochs}).items()}
     t = recipe.teacher

@@ -25,7 +25,6 @@ from ..losses.base import DistillLoss
 from ..method import register_method
 from ..models.teacher import CachedTeacher, Student, Teacher
 from .accelerated import AcceleratedMethod
-from .curves import plot_curves
 
 
 class DistillModule(nn.Module):
@@ -94,7 +93,8 @@ class Distiller(AcceleratedMethod):
         super().__init__(cfg, run_dir, on_step)
         acc, t = self.accelerator, self.tcfg
         self.model_meta = dict(model_meta or {})
-        self.peer_meta = dict(peer_meta or {k: v for k, v in self.model_meta.items() if k in ("num_classes", "dataset")})
+        self.peer_meta = dict(peer_meta or {k: v for k, v in self.model_meta.items()
+                                            if k in ("num_classes", "dataset")})
 
         student = student if isinstance(student, Student) else Student(student)
         many = isinstance(teacher, (list, tuple))
@@ -293,10 +293,7 @@ class Distiller(AcceleratedMethod):
             ckpt.save_model(self.raw.student.model, self.run_dir / "model.safetensors", self.model_meta)
             if self.raw.peer is not None:
                 ckpt.save_model(self.raw.peer.model, self.run_dir / "peer.safetensors", self.peer_meta)
-            plot_curves(self.run_dir, history)
-        run.write_json("metrics.json", {"summary": summary, "history": history})
-        acc.wait_for_everyone()
-        return summary
+        return self.write_summary(run, summary)
 
 
 @register_method("distill", "classify")
