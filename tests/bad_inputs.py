@@ -184,4 +184,4 @@ CASES += [KD + ["teacher.cache={tmp}/corrupt.safetensors"], TRAIN + ["student.ch
 # --dry-run runs every check a real run makes, for every verb that has it
 CASES += [IMG + ["--dry-run", "lr_img=nan"], GRAPH + ["--dry-run", "depth=0"], DMD2 + ["--dry-run", "fake_steps=0"],
           KD + ["--dry-run", "student.options={width: -3}"], COT + ["--dry-run", "cot.kd_divergence=foo"],
-          ["diffusion", "rectflow", "pairs=10", "batch_size=64"]]
+          ["diffusion", "rectflow", "pairs=10", "batch_size=64"], ["check", "recipe=demo-kd"]]

@@ -349,3 +349,13 @@ def test_check_errors():
         run_check([f"teacher={SMOL}", "sequence=5"])
     with pytest.raises(ConfigError, match="needs teacher"):
         run_check(["student=truncated-teacher"])
+
+
+def test_check_takes_an_lm_recipe_as_its_defaults():
+    from kdkit.llm.check import check_options
+
+    opts = check_options(["recipe=smollm2-kd-small", "batch_size=2"])
+    assert (opts.teacher, opts.student, opts.seq_len, opts.batch_size) == ("smollm2-135m-instruct",
+                                                                         "truncated-teacher", 128, 2)
+    with pytest.raises(ConfigError, match="checks LM recipes"):
+        check_options(["recipe=demo-kd"])

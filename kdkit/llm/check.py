@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal
 
 import torch
 
-from ..config import LoRAConfig, PositiveInt, apply_overrides, build, parse_overrides
+from ..config import (LoRAConfig, PositiveInt, apply_overrides, build, load_recipe, parse_overrides, split_recipe,
+                      to_plain)
 from ..errors import ConfigError
 from .models import load_tokenizer, resolve_lm, to_dtype
 from .tokenizers import tokenizer_differences
@@ -309,11 +310,26 @@ class CheckOptions:
                       LLMConfig(lora=self.lora if isinstance(self.lora, LoRAConfig) else None))
 
 
+def recipe_defaults(name: str) -> dict:
+    """What an LM recipe (`kdkit check recipe=smollm2-kd`) says about the models and the training shape."""
+    r = load_recipe(name)
+    if r.task not in ("lm", "cot"):
+        raise ConfigError(f"recipe={name} is a task: {r.task} recipe; `kdkit check` checks LM recipes (task: lm or cot)")
+    out = {"teacher": r.teacher.model, "student": r.student.model, "student_options": dict(r.student.options),
+           "dtype": r.llm.dtype, "batch_size": r.data.batch_size, "seq_len": r.llm.block_size,
+           "chunk_size": r.llm.chunk_size}
+    if r.llm.lora is not None:
+        out["lora"] = to_plain(r.llm.lora)
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def check_options(settings: list[str]) -> CheckOptions:
-    """`key=value` words -> validated `CheckOptions`, all checked before any tokenizer or config loads."""
+    """`key=value` words (and `recipe=NAME`, whose models and shapes are the defaults) -> validated
+    `CheckOptions`, all checked before any tokenizer or config loads."""
+    recipe, settings = split_recipe(settings)
     items = [f"student_options.{i[len('student.'):]}" if i.startswith("student.") else i for i in settings]
     flags = [i for i in items if i.partition("=")[0] == "lora"]
-    raw = apply_overrides({}, [i for i in items if i not in flags])
+    raw = apply_overrides(recipe_defaults(recipe) if recipe else {}, [i for i in items if i not in flags])
     if flags:
         flag = parse_overrides(flags[-1:])["lora"]
         if "lora" not in raw or flag is not True:  # lora=false wins over lora.X; lora=true adds nothing to them
@@ -322,8 +338,8 @@ def check_options(settings: list[str]) -> CheckOptions:
 
 
 def run_check(settings: list[str]) -> int:
-    """`kdkit check teacher=... student=... [student.layers=15 dtype=bfloat16 seq_len=1024 batch_size=8 lora=true]`:
-    prints the report; 0 when token KD applies, 1 when the tokenizers (or heads) differ."""
+    """`kdkit check [recipe=NAME] teacher=... student=... [student.layers=15 dtype=bfloat16 seq_len=1024 ...]`: prints
+    the report; 0 when token KD applies, 1 when the tokenizers (or heads) differ."""
     opts = check_options(settings)
     report = preflight(opts.teacher, opts.student, student_options=opts.student_options, device=opts.device,
                        dtype=opts.dtype, batch_size=opts.batch_size, seq_len=opts.seq_len,
