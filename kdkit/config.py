@@ -643,6 +643,18 @@ def build_options(factory, raw: dict, prefix: str, what: str) -> dict:
     return out
 
 
+def complete_options(factory, given: dict, prefix: str, what: str) -> dict:
+    """`given` options checked (`build_options`) with the factory's defaults filled in, as plain data: what a run's
+    config.yaml shows and what a resumed run must match. A required option left out is refused."""
+    checked = build_options(factory, given if given is not None else {}, prefix, what)
+    out = {}
+    for name, (tp, default) in factory_options(factory).items():
+        if name not in checked and default is inspect.Parameter.empty:
+            raise ConfigError(f"{what} needs {prefix}{name}=... ({describe_type(tp)})")
+        out[name] = to_plain(checked.get(name, default))
+    return out
+
+
 def loss_params(factory) -> dict[str, Any]:
     """The typed keyword options a loss constructor accepts."""
     return {n: tp for n, (tp, _) in factory_options(factory).items()}

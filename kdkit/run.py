@@ -119,7 +119,8 @@ class Run:
                  may_change: tuple[str, ...] = (), main: bool = True, barrier: Callable[[], None] | None = None,
                  tensorboard: bool = True, console: bool = True, agree: Callable[[bool], bool] | None = None):
         self.config, self.run_dir = config, Path(run_dir)
-        self.resume, self.seed, self.device_name, self.threads = resume, seed, device, threads
+        self.resume, self.seed, self.device_name = resume, seed, device
+        self.threads = threads or env_threads()
         self.show_progress, self.keep, self.may_change = progress, keep_checkpoints, tuple(may_change)
         self.main, self.barrier, self.console = main, barrier or (lambda: None), console
         self.use_tensorboard = tensorboard

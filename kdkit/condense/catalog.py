@@ -7,10 +7,9 @@ condenses (`kind = "image"` or `"graph"`); its typed keyword-only arguments are 
 from __future__ import annotations
 
 import difflib
-import inspect
 from dataclasses import dataclass
 
-from ..config import build_options, describe_type, factory_options
+from ..config import complete_options, factory_options
 from ..errors import ConfigError
 from ..method import methods
 
@@ -71,13 +70,4 @@ def resolve_options(factory, name: str, given: dict, fields: tuple[str, ...] = (
             raise ConfigError(f"unknown setting '{key}' for condense method '{name}'.{hint} Settings: "
                               f"{', '.join(f for f in fields if f != 'options')}; {name} options: "
                               f"{', '.join(params) or '(none)'}")
-    checked = build_options(factory, given, "", f"condense method '{name}'")
-    out = {}
-    for option, (tp, default) in params.items():
-        if option in checked:
-            out[option] = checked[option]
-        elif default is inspect.Parameter.empty:
-            raise ConfigError(f"condense method '{name}' needs {option}=... ({describe_type(tp)})")
-        else:
-            out[option] = default
-    return out
+    return complete_options(factory, given, "", f"condense method '{name}'")

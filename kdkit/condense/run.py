@@ -12,7 +12,7 @@ import shutil
 
 from .. import checkpoint as ckpt
 from ..method import build_method, fit
-from ..run import Run, env_threads
+from ..run import Run
 from .catalog import KINDS, dataset_kind, method_factory
 from .context import CondenseContext
 from .resolve import load_condense_config
@@ -33,7 +33,7 @@ def run_condense(cfg, *, splits=None, graphs=None) -> dict:
     method = build_method("condense", cfg.method, CondenseContext(cfg, splits=splits, graphs=graphs), cfg.options)
     resume = "auto" if cfg.resume is True else (cfg.resume or None)
     may_change = cfg.RESUME_MAY_CHANGE + tuple(f"options.{k}" for k in factory.resume_may_change)
-    run = Run(cfg, cfg.run_dir(), resume=resume, threads=cfg.threads or env_threads(),
+    run = Run(cfg, cfg.run_dir(), resume=resume, threads=cfg.threads,
               keep_checkpoints=cfg.keep_checkpoints, may_change=may_change, **cfg.run_options())
     if resume is None:
         start_over(run)

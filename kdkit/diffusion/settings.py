@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 
-from ..config import list_recipes, load_recipe, parse_overrides, split_recipe, to_plain
+from ..config import complete_options, list_recipes, load_recipe, parse_overrides, split_recipe
 from ..errors import ConfigError
-from ..method import check_method_options, method_options
+from ..method import method_options, methods
 
 PILLAR = "diffusion"
 
@@ -61,10 +60,4 @@ def _unknown(key: str, method: str, fields: set[str], params: dict) -> ConfigErr
 def method_settings(method: str, options: dict, at: str) -> dict:
     """The method's options typed and range-checked, with the factory's defaults filled in: what `config.yaml`
     shows and what a resumed run must match."""
-    given = check_method_options(PILLAR, method, options, f"{at}options.")
-    out = {}
-    for name, (_, default) in method_options(PILLAR, method).items():
-        if name not in given and default is inspect.Parameter.empty:
-            raise ConfigError(f"{at}options.{name} is required by diffusion method '{method}'")
-        out[name] = to_plain(given.get(name, default))
-    return out
+    return complete_options(methods(PILLAR).get(method), options, f"{at}options.", f"diffusion method '{method}'")

@@ -448,12 +448,12 @@ def run_recipe(recipe: Recipe, mode: str, recipe_name: str | None = None):
     """`kdkit distill` for a CoT recipe: (run folder, {model: accuracy}). A rerun with the same `name=` continues
     the run folder's newest checkpoint (resume=auto) unless `resume=` says otherwise."""
     from ..method import build_method, fit
-    from ..run import env_threads, run_folder
+    from ..run import run_folder
 
     t = recipe.trainer
     run_dir = run_folder(recipe.output_dir, recipe.name, recipe_name or "run")
     run = Run(recipe, run_dir, resume=recipe.resume or "auto", seed=t.seed, device="cpu" if t.cpu else "auto",
-              threads=t.threads or env_threads(), progress=t.progress, keep_checkpoints=t.keep_checkpoints,
+              threads=t.threads, progress=t.progress, keep_checkpoints=t.keep_checkpoints,
               may_change=COT_RESUME_MAY_CHANGE)
     method = build_method("distill", "cot", recipe, {"cot": to_plain(recipe.cot)})
     return run_dir, fit(run, method)
