@@ -6,6 +6,8 @@ and the import graph has no circles (`tests/test_layering.py`, `python scripts/i
     config                the one options mechanism (types, ranges, recipes, overrides)
     run, method           the one Run and the one method contract + training loop
     data, models          datasets (offline first) and networks with feature taps
+    divergence            the one definition of the divergences (name, T, beta, skew, per-row math, gradients)
+    signals               typed teacher signals (dense, hidden + head, top-k, sampled, cross-tokenizer)
     losses                the loss zoo (pure tensor functions + modules)
     kernels               fused kernels with their pure-torch references
     train                 the accelerate step shared by classifier and LM distillation
@@ -14,6 +16,6 @@ and the import graph has no circles (`tests/test_layering.py`, `python scripts/i
     cli                   the `kdkit` command
 """
 LAYERS: list[list[str]] = [
-    ["layers"], ["errors"], ["registry"], ["checkpoint"], ["config"], ["run"], ["method"], ["data", "models"], ["losses"],
+    ["layers"], ["errors"], ["registry"], ["checkpoint"], ["config"], ["run"], ["method"], ["data", "models"], ["divergence"], ["signals"], ["losses"],
     ["kernels"], ["train"], ["llm", "condense", "diffusion"], ["bench", "demo"], ["cli"],
 ]

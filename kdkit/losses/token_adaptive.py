@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
 from .base import DistillLoss, check_options
-from .token import (Divergence, JSDBeta, Skew, compute_dtype, divergence_from_logprobs, masked_token_mean,
+from .token import (DivergenceName, JSDBeta, Skew, compute_dtype, divergence_from_logprobs, masked_token_mean,
                     token_logits, token_mask, token_weights)
 
 # a share in (0, 1]: at 0 AdaKD would keep no token, TAID's target would never leave the student
@@ -113,7 +113,7 @@ class TAIDLoss(_ProgressLoss):
     logits before the interpolation, and the loss is multiplied by T^2.
     """
 
-    def __init__(self, *, divergence: Divergence = "fkl", t_start: Probability = 0.4, t_end: NonZeroShare = 1.0,
+    def __init__(self, *, divergence: DivergenceName = "fkl", t_start: Probability = 0.4, t_end: NonZeroShare = 1.0,
                  alpha: Probability = 5e-4, momentum: BelowOne = 0.99, adaptive: bool = True, T: PositiveFloat = 1.0,
                  beta: JSDBeta = 0.5, skew: Skew = 0.1, total_epochs: NonNegFloat = 0.0, ignore_index: int = -100):
         super().__init__()
@@ -240,7 +240,7 @@ class AdaKDLoss(_ProgressLoss):
     (official default 0) is left out.
     """
 
-    def __init__(self, *, divergence: Divergence = "rkl", T: PositiveFloat = 1.0, beta: JSDBeta = 0.5,
+    def __init__(self, *, divergence: DivergenceName = "rkl", T: PositiveFloat = 1.0, beta: JSDBeta = 0.5,
                  skew: Skew = 0.1, keep_ratio: NonZeroShare = 1.0, adaptive_ratio: bool = True,
                  min_keep_ratio: NonZeroShare = 0.1, ratio_step: BelowOne = 0.05, loss_eps: NonNegFloat = 0.05,
                  ema_decay: BelowOne = 0.99, warmup: Probability = 0.05, adaptive_T: bool = True,
