@@ -2,13 +2,19 @@
 
 The LM head's logits are the largest tensors of LM distillation (16k tokens x 152k vocab in fp32 is 10 GB, and
 autograd keeps several). `fused_linear_kd` computes the same loss chunk by chunk of tokens (see `chunked.py`),
-so peak memory is O(chunk x vocab). Two backends compute a chunk's rows:
+so peak memory is O(chunk x vocab). The backends that compute a chunk's rows:
 
-- ``torch``: the reference (`rows.py`). Per chunk, the divergence of `kdkit.losses.token` on materialised chunk
-  logits and its gradient by `torch.autograd.grad` (float32, or float64 for float64 inputs). Any device.
+- ``torch``: `rows.py`. `kdkit.divergence.Divergence.value_and_grad` (closed-form gradients) on cache-sized
+  blocks of the chunk's rows, float32 (float64 for float64 inputs). Any device.
+- ``compiled``: the same rows through ``torch.compile`` (one fused C++/Triton loop nest per block; the first call
+  of each shape compiles, a few seconds).
 - ``triton``: `fused_linear_kd_triton.py`, one Triton kernel per chunk with an online softmax and analytic
   gradients written in place into the logits buffer. CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests).
-- ``auto``: triton on CUDA (when triton imports), torch otherwise.
+- ``auto``: triton on CUDA (when triton imports); on CPU ``compiled`` for calls large enough to repay the
+  compilation (tokens x vocab >= `COMPILE_MIN_ELEMENTS`, and a C++ compiler present), ``torch`` otherwise.
+
+``chunk_size=None`` picks the chunk from the shape: on CPU about 256 tokens of logits at SmolLM2's vocabulary
+(`auto_chunk_size`), enough rows for the LM-head matmuls to run at full speed while the chunk stays small.
 
 The teacher is dense (hidden states + LM head) or a sparse top-k signal (ids + log-probs, densified per chunk by
 `sparse_to_dense_logprobs`; the dense log-probs then play the teacher logits, exactly as in
@@ -17,74 +23,124 @@ The teacher is dense (hidden states + LM head) or a sparse top-k signal (ids + l
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
 
 import torch
 from torch import Tensor
 
+from ..divergence import Divergence, check_divergence
 from ..errors import ConfigError, ShapeMismatchError
-from ..losses.token import check_divergence
+from ..signals import HiddenStates, TeacherSignal, TopK
 from .chunked import ChunkedLinearKD, ChunkPlan
 from .rows import RowOptions, torch_rows
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "compiled", "triton")
+COMPILE_MIN_ELEMENTS = 1 << 24  # tokens x vocab from which compiling the CPU rows pays for itself (~3 s)
 
 
-def fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None,
-                    teacher_weight: Tensor | None, labels: Tensor | None = None, *, divergence: str = "fkl",
+def fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None = None,
+                    teacher_weight: Tensor | None = None, labels: Tensor | None = None, *, divergence: str = "fkl",
                     T: float = 1.0, beta: float = 0.5, skew: float = 0.1, ignore_index: int = -100,
                     weights: Tensor | None = None, ce_weight: float = 0.0, kd_weight: float = 1.0,
                     teacher_topk_indices: Tensor | None = None, teacher_topk_logprobs: Tensor | None = None,
                     topk_fill: str = "uniform", student_bias: Tensor | None = None,
-                    teacher_bias: Tensor | None = None, chunk_size: int = 1024, backend: str = "auto") -> Tensor:
+                    teacher_bias: Tensor | None = None, chunk_size: int | None = None, backend: str = "auto",
+                    teacher: TeacherSignal | None = None, div: Divergence | None = None) -> Tensor:
     """kd_weight * token_kd_loss(student logits, teacher logits, labels, ...) + ce_weight * CE(student logits, labels).
 
     Shapes: hidden [N, H], weight [V, H], bias [V], labels / weights [N], top-k ids and log-probs [N, k].
-    The KD term is `kdkit.losses.token.token_kd_loss` (mean over tokens with labels != ignore_index, optional
-    per-token weights); the CE term is the unweighted token mean of cross-entropy at T=1 over the same tokens.
-    Gradients reach the student's hidden states, weight and bias; the teacher gets none.
+    The teacher is given as tensors, or as a typed `teacher` signal (`HiddenStates` or `TopK`; a top-k signal's
+    temperature must be T); `div` may replace divergence/T/beta/skew. The KD term is
+    `kdkit.losses.token.token_kd_loss` (mean over tokens with labels != ignore_index, optional per-token weights);
+    the CE term is the unweighted token mean of cross-entropy at T=1 over the same tokens. Gradients reach the
+    student's hidden states, weight and bias; the teacher gets none.
     """
+    if div is not None:
+        divergence, T, beta, skew = div.name, div.T, div.beta, div.skew
     check_divergence(divergence, beta, skew, T)
+    if teacher is not None:
+        teacher_hidden, teacher_weight, teacher_bias, teacher_topk_indices, teacher_topk_logprobs, topk_fill = (
+            _unpack_signal(teacher, T, teacher_hidden, teacher_weight, teacher_topk_indices))
     sparse = _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
                            teacher_topk_indices, teacher_topk_logprobs, student_bias, teacher_bias)
     if ce_weight and labels is None:
         raise ConfigError("ce_weight > 0 needs labels (the hard targets of the cross-entropy term)")
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(student_weight.shape[0], student_hidden.device)
+    if isinstance(chunk_size, bool) or not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ConfigError(f"chunk_size={chunk_size!r} is not allowed: expected a positive integer (or None: auto)")
     if topk_fill not in ("uniform", "none"):
         raise ConfigError(f"topk_fill must be 'uniform' or 'none', got {topk_fill!r}")
     opts = RowOptions(divergence, float(T), float(beta), float(skew), int(ignore_index), float(kd_weight),
-                      float(ce_weight))
+                      float(ce_weight), topk_fill)
     device = student_hidden.device
-    which = resolve_backend(backend, device)
+    which = resolve_backend(backend, device, student_hidden.shape[0] * student_weight.shape[0])
     if which == "triton":
-        from .fused_linear_kd_triton import triton_rows
+        from .fused_linear_kd_triton import MODES, triton_rows
 
-        rows = triton_rows(opts)
-    else:
-        rows = torch_rows(opts)
+        if divergence not in MODES:
+            warnings.warn(f"kdkit: divergence {divergence!r} has no Triton kernel; fused_linear_kd runs it on the "
+                          "torch backend", stacklevel=2)
+            which = "torch"
+        else:
+            rows = triton_rows(opts)
+    if which != "triton":
+        rows = torch_rows(opts, compiled=which == "compiled")
     s_dtype = _matmul_dtype(student_hidden, student_weight)
     t_dtype = s_dtype if sparse else _matmul_dtype(teacher_hidden, teacher_weight)
-    plan = ChunkPlan(chunk_size, s_dtype, t_dtype, student_weight.shape[0], opts.ignore_index, topk_fill)
+    plan = ChunkPlan(chunk_size, s_dtype, t_dtype, student_weight.shape[0], opts.ignore_index, topk_fill,
+                     densifies=which != "triton")
     return ChunkedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                  teacher_bias, teacher_topk_indices, teacher_topk_logprobs, labels, weights, plan,
                                  rows)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'triton' on CUDA when triton imports, else 'torch'; 'triton' on CPU only under the interpreter."""
+def auto_chunk_size(vocab: int, device: torch.device) -> int:
+    """Tokens per chunk: on CUDA 1024 (Liger's default); on CPU about 48 MiB of float32 logits per chunk (256 tokens
+    at a 49k vocabulary), a power of two in [64, 1024], where the LM-head matmuls already run at full speed."""
+    if device.type == "cuda":
+        return 1024
+    rows = max(64, min(1024, (48 << 20) // (4 * vocab)))
+    return 1 << (rows.bit_length() - 1)
+
+
+def resolve_backend(backend: str, device: torch.device, elements: int = 0) -> str:
+    """'auto' -> 'triton' on CUDA when triton imports; on CPU 'compiled' for `elements` (tokens x vocab) >=
+    COMPILE_MIN_ELEMENTS when a C++ compiler is present (KDKIT_COMPILE=0 turns it off), else 'torch'.
+    'triton' on CPU only under the interpreter."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "torch":
-        return "torch"
+    if backend in ("torch", "compiled"):
+        return backend
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        if device.type == "cuda" and _triton_available():
+            return "triton"
+        big = elements >= COMPILE_MIN_ELEMENTS and device.type == "cpu"
+        can = os.environ.get("KDKIT_COMPILE", "1") != "0" and shutil.which(os.environ.get("CXX", "g++")) is not None
+        return "compiled" if big and can else "torch"
     if not _triton_available():
         raise ConfigError("backend='triton' needs the triton package (pip install triton); use backend='torch'")
     if device.type != "cuda" and not interpret:
         raise ConfigError(f"backend='triton' runs on CUDA tensors, got {device.type}; for CPU tests set "
                           "TRITON_INTERPRET=1 before triton is first imported, or use backend='torch'")
     return "triton"
+
+
+def _unpack_signal(teacher: TeacherSignal, T: float, h_t, w_t, topk_idx):
+    """(hidden, weight, bias, top-k ids, top-k log-probs, fill) of a typed teacher signal."""
+    if h_t is not None or w_t is not None or topk_idx is not None:
+        raise ConfigError("give the teacher either as tensors or as `teacher=` signal, not both")
+    if isinstance(teacher, HiddenStates):
+        return teacher.hidden, teacher.weight, teacher.bias, None, None, "uniform"
+    if isinstance(teacher, TopK):
+        teacher.check_temperature(T, "fused_linear_kd")
+        if teacher.tail == "support":
+            raise ConfigError("fused_linear_kd densifies a top-k teacher: tail='support' is not available (use "
+                              "tail='uniform' or 'none', or the unfused loss)")
+        return None, None, None, teacher.indices, teacher.logprobs, teacher.tail
+    raise ConfigError(f"fused_linear_kd takes a HiddenStates or TopK teacher signal, got {teacher.kind}")
 
 
 def _triton_available() -> bool:
