@@ -206,7 +206,7 @@ class LLMConfig:
     eval_every_steps: NonNegInt = 0  # extra perplexity evaluations (0 = at the end of each epoch)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights of teacher and student
     fused: bool = False  # token KD through the fused chunked linear-KD kernel (no tokens x vocab logits)
-    chunk_size: PositiveInt = 1024  # tokens per chunk of the fused kernel
+    chunk_size: PositiveInt | None = None  # tokens per chunk of the fused kernel (None: its auto_chunk_size)
     lora: LoRAConfig | None = None  # train LoRA adapters (peft) instead of every weight
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     gradient_checkpointing: bool = False

@@ -171,7 +171,10 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 def _plogp_ratio(log_a: Tensor, log_b: Tensor) -> Tensor:
     """a * (log a - log b) elementwise, 0 where a == 0 (so -inf log-probs in a sparse teacher are harmless)."""
     a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - torch.where(a > 0, log_b, 0.0)), 0.0)
+    keep = a > 0
+    # both logs zeroed where a == 0: neither the value nor the gradient sees 0 * inf (autograd differentiates both
+    # branches of a where)
+    return torch.where(keep, a * (torch.where(keep, log_a, 0.0) - torch.where(keep, log_b, 0.0)), 0.0)
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
@@ -180,6 +183,10 @@ def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
         return log_b
     if w >= 1.0:
         return log_a
+    # classes both put at -inf (masked): 0 for both logs keeps the mixture's gradient finite; they then contribute
+    # nothing, since a == 0 there
+    both = torch.isneginf(log_a) & torch.isneginf(log_b)
+    log_a, log_b = torch.where(both, 0.0, log_a), torch.where(both, 0.0, log_b)
     return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
 
 

@@ -91,7 +91,7 @@ class DenseLogits(TeacherSignal):
     @classmethod
     def from_logprobs(cls, logprobs: Tensor, temperature: float, tokenizer: str | None = None) -> "DenseLogits":
         """Stored log p at T0: log p * T0 are logits whose softmax at T0 is p, and at any T the teacher at T."""
-        return cls(1.0, tokenizer, logprobs.float() * float(temperature))
+        return cls(temperature=1.0, tokenizer=tokenizer, logits=_at_least_float32(logprobs) * float(temperature))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,8 +167,9 @@ class Sampled(TeacherSignal):
         return self.indices.shape[:-1]
 
     def weights(self) -> Tensor:
-        w = self.counts.float() / self.samples
-        return w if self.ratios is None else w * self.ratios.float()
+        dtype = torch.promote_types(self.logprobs.dtype, torch.float32)
+        w = self.counts.to(dtype) / self.samples
+        return w if self.ratios is None else w * self.ratios.to(dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,14 +212,20 @@ def sparse_to_dense_logprobs(indices: Tensor, logprobs: Tensor, vocab_size: int,
     if fill not in ("uniform", "none"):
         raise ConfigError(f"fill must be 'uniform' or 'none', got {fill!r}")
     k = indices.shape[-1]
-    probs = torch.zeros(*indices.shape[:-1], vocab_size, dtype=torch.float32, device=indices.device)
-    probs.scatter_add_(-1, indices.long(), logprobs.float().exp())
+    logprobs = _at_least_float32(logprobs)
+    probs = torch.zeros(*indices.shape[:-1], vocab_size, dtype=logprobs.dtype, device=indices.device)
+    probs.scatter_add_(-1, indices.long(), logprobs.exp())
     if fill == "uniform" and vocab_size > k:
         present = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, indices.long(), True)
         rest = (1.0 - probs.sum(-1, keepdim=True)).clamp(min=0.0)
         n_rest = (~present).sum(-1, keepdim=True).clamp(min=1)
         probs = torch.where(present, probs, rest / n_rest)
     return probs.log()
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """float32 for stored half-precision log-probs; float64 stays float64 (reference checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _check_sparse(indices: Tensor | None, logprobs: Tensor | None, what: str) -> None:

@@ -115,7 +115,7 @@ def test_reference_without_labels_counts_every_token():
     assert_matches(got, want, 1e-10)
 
 
-@pytest.mark.parametrize("fill,divergence", [("uniform", "jsd"), ("uniform", "srkl"), ("none", "fkl")])
+@pytest.mark.parametrize("fill,divergence", [*(("uniform", d) for d in DIVERGENCES), ("none", "fkl")])
 def test_reference_sparse_topk_teacher(fill, divergence):
     """Top-k ids + log-probs densified per chunk equal token_kd_loss on the densified teacher, T included."""
     x = make(torch.float64, seed=4)
@@ -128,6 +128,47 @@ def test_reference_sparse_topk_teacher(fill, divergence):
     p = plain(x, divergence, teacher_logprobs=sparse_to_dense_logprobs(idx, lp, V, fill), **kw)
     assert torch.isfinite(f)
     assert_matches((f, grads(f, x)), (p, grads(p, x)), 1e-10)
+
+
+@pytest.mark.parametrize("divergence,topk", [("jsd", False), ("rkl", True)])
+def test_compiled_backend_matches_plain_float64(divergence, topk):
+    """backend='compiled' (torch.compile per row block, the CPU default for large calls) is the same math: float64
+    agreement with the plain definition, dense and top-k teachers. V = 4096 gives full blocks and a ragged one."""
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    x = make(torch.float64, seed=7, n=40, v=4096)
+    kw = dict(T=1.5, beta=0.3, ce_weight=0.2)
+    if topk:
+        full = torch.log_softmax(x["h_t"] @ x["w_t"].T + x["b_t"], -1)
+        lp, idx = full.topk(16, -1)
+        f = fused_linear_kd(x["h_s"], x["w_s"], None, None, x["labels"], divergence=divergence,
+                            weights=x["weights"], student_bias=x["b_s"], teacher_topk_indices=idx,
+                            teacher_topk_logprobs=lp, chunk_size=24, backend="compiled", **kw)
+        p = plain(x, divergence, teacher_logprobs=sparse_to_dense_logprobs(idx, lp, 4096), **kw)
+    else:
+        f = fused(x, divergence, backend="compiled", chunk_size=24, **kw)
+        p = plain(x, divergence, **kw)
+    assert_matches((f, grads(f, x)), (p, grads(p, x)), 1e-10)
+
+
+@pytest.mark.parametrize("divergence,beta", [("fkl", 0.0), ("rkl", 1.0), ("jsd", 0.5), ("jsd", 0.9)])
+def test_fused_matches_liger_fused_linear_jsd(divergence, beta):
+    """kdkit's fused kernel against Liger-Kernel's LigerFusedLinearJSDLoss on the same inputs (float32, T = 2):
+    Liger has no T^2 factor and sums over the batch's unmasked tokens divided by their count, so
+    kdkit = T^2 * Liger; gradients likewise."""
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    x = make(torch.float32, seed=8, bias=False)
+    T = 2.0
+    f = fused(x, divergence, weighted=False, T=T, beta=beta, backend="torch")
+    mod = liger.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, temperature=T,
+                                        chunk_size=CHUNK, compiled=False)
+    ref = mod(x["h_s"], x["w_s"], x["h_t"], x["w_t"], x["labels"]) * T * T
+    got_g, ref_g = grads(f, x), grads(ref, x)
+    assert f.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(got_g, ref_g):
+        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 
 def test_reference_ce_only_and_grad_output_scaling():

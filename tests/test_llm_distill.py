@@ -111,8 +111,12 @@ def test_fused_step_equals_unfused(teacher_dir):
     ids = torch.randint(0, 512, (2, 24))
     losses = {"kd": (0.7, build_loss("token_kd", divergence="jsd", beta=0.3, T=2.0))}
     grads = []
-    for fused in (None, {"kd": {"divergence": "jsd", "beta": 0.3, "T": 2.0, "skew": 0.1, "ignore_index": -100,
-                                "chunk_size": 7, "backend": "torch"}}):
+    from kdkit.llm.distiller import fused_options
+    from kdkit.signals import DenseLogits, HiddenStates
+
+    options = fused_options(losses)
+    assert options["kd"]["div"] == losses["kd"][1].div
+    for fused in (None, {"kd": {**options["kd"], "chunk_size": 7, "backend": "torch"}}):
         torch.manual_seed(0)
         student = truncated_copy(teacher, 2)
         step = LMStep(student, losses, 0.4, fused=fused)
@@ -120,9 +124,11 @@ def test_fused_step_equals_unfused(teacher_dir):
             if fused:
                 from kdkit.llm.models import decoder_of, lm_head_of
 
-                sig = {"hidden": decoder_of(teacher)(input_ids=ids).last_hidden_state, "head": lm_head_of(teacher)}
+                w, b = lm_head_of(teacher)
+                sig = HiddenStates(hidden=decoder_of(teacher)(input_ids=ids).last_hidden_state[:, :-1], weight=w,
+                                   bias=b)
             else:
-                sig = {"logits": teacher(input_ids=ids).logits}
+                sig = DenseLogits(logits=teacher(input_ids=ids).logits[:, :-1])
         total = sum(step(ids, None, ids, sig).values())
         total.backward()
         grads.append((total.item(), student.model.layers[0].mlp.up_proj.weight.grad.clone(),
@@ -151,6 +157,28 @@ def test_distill_from_stored_teacher_signal(tmp_path, teacher_dir):
     assert rc == 0
     hist = json.loads((tmp_path / "cached" / "metrics.json").read_text())
     assert hist["summary"]["steps"] == 6 and math.isfinite(hist["history"][-1]["train_kd"])
+
+
+@pytest.mark.parametrize("kind,setting", [("dense", "losses.kd.divergence=jsd losses.kd.beta=0.9"),
+                                          ("dense", "losses.kd.divergence=skl losses.kd.skew=0.3 losses.kd.T=2.0"),
+                                          ("topk", "losses.kd.divergence=srkl losses.kd.skew=0.2 "
+                                                   "losses.kd.ignore_index=0")])
+def test_store_run_means_what_the_live_run_means(tmp_path, teacher_dir, kind, setting):
+    """The same first step from a live teacher and from a teacher-signal store: the same KD term, with the loss's
+    beta, skew, T and ignore_index applied (the old store path dropped all but divergence and T). Top-k: k = V, so
+    the store holds the whole distribution."""
+    store = tmp_path / "store"
+    args = ["recipe=smollm2-kd-small", *TAIL, f"teacher.model={teacher_dir / 'student'}", "llm.train_examples=16",
+            "student.model=truncated-teacher", "student.options={layers: 2}", "llm.eval_examples=8",
+            "llm.max_steps=1", "data.batch_size=4", "losses.kd.type=token_kd", *setting.split()]
+    T = next((a.split("=")[1] for a in args if a.startswith("losses.kd.T=")), "1.0")
+    assert main(["teacher-signal", *args, f"out={store}", f"kind={kind}", "k=512", f"temperature={T}",
+                 "dtype=float32"]) == 0
+    kd = {}
+    for name, extra in (("live", []), ("store", [f"teacher.cache={store}"])):
+        assert main(["distill", *args, *extra, f"output_dir={tmp_path}", f"name={name}"]) == 0
+        kd[name] = json.loads((tmp_path / name / "metrics.json").read_text())["history"][-1]["train_kd"]
+    assert kd["store"] == pytest.approx(kd["live"], rel=1e-4) and kd["live"] > 0
 
 
 def test_trl_backend_runs_the_recipe(tmp_path, teacher_dir):

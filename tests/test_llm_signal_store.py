@@ -256,7 +256,8 @@ def test_sampled_loss_gradient_averages_to_forward_kl_gradient():
     draws, n = 4000, 16
     idx, cnt, ratio = sample_sparse_targets(logp.expand(draws, -1), n, generator=torch.Generator().manual_seed(3))
     batch = {"kind": "sampled", "temperature": 1.0, "vocab_size": 50, "indices": idx[None],
-             "weights": (cnt.float() / n * ratio)[None], "logprobs": logp.gather(0, idx.flatten()).view_as(idx)[None]}
+             "counts": cnt[None], "ratios": ratio[None], "samples": n,
+             "logprobs": logp.gather(0, idx.flatten()).view_as(idx)[None]}
     # every position sees the same student logits: d(mean over draws)/d(student) is the mean per-draw gradient
     est = signal_kd_loss(student.expand(1, draws, 50), batch)
     (g_est,) = torch.autograd.grad(est, student)
@@ -268,7 +269,7 @@ def test_sampled_loss_gradient_averages_to_forward_kl_gradient():
     assert ((g_est - g_dense).abs() <= 5 * sd + 1e-6).all()
     # the loss itself is an unbiased estimate of KL(p || s), not just of the cross-entropy
     per_draw = torch.stack([signal_kd_loss(student.detach()[None, None], {**batch, **{k: batch[k][:, d:d + 1]
-                                                                         for k in ("indices", "weights", "logprobs")}})
+                                                                         for k in ("indices", "counts", "ratios", "logprobs")}})
                             for d in range(200)])
     assert abs(est.item() - dense.item()) < 5 * float(per_draw.std()) / math.sqrt(draws)
 

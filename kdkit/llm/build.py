@@ -70,6 +70,7 @@ def check_lm_mode(recipe: Recipe, mode: Mode) -> None:
         if other:
             raise ConfigError(f"a stored teacher signal (teacher.cache) trains token_kd losses only; {other} need the "
                               "live teacher's logits (set teacher.model)")
+        _check_store_losses(recipe.teacher.cache, built)
     cross = sorted(n for n, k in kinds.items() if k == "CrossTokenizerLoss")
     if cross:
         other = sorted(set(built) - set(cross))
@@ -88,9 +89,9 @@ def check_lm_mode(recipe: Recipe, mode: Mode) -> None:
         check_trl(recipe, built, live)
     elif lc.fused:
         fused_options(built)
-        if not live:
-            raise ConfigError("llm.fused=true needs a live teacher (teacher.model); stored signals use the unfused "
-                              "path")
+        if not live and _store_meta(recipe.teacher.cache).get("kind") != "topk":
+            raise ConfigError("llm.fused=true needs a live teacher (teacher.model) or a top-k teacher-signal store "
+                              "(teacher.cache); dense and sampled stores use the unfused path (llm.fused=false)")
 
 
 def check_trl(recipe: Recipe, built: dict, live: bool) -> None:
@@ -284,10 +285,35 @@ class TeacherSignalOptions:
     samples: Annotated[int, Range(ge=1, le=32767)] = 64  # sampled: draws per position (counts are int16)
     temperature: PositiveFloat = 1.0  # the signal is softmax(logits / temperature)
     batch_size: PositiveInt = 8  # blocks per teacher forward
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage of the log-probabilities
 
     def validate(self, at: str) -> None:
         if not self.out:
             raise ConfigError(f"teacher-signal needs {at}out=DIR (the store folder)")
+
+
+def _store_meta(path) -> dict:
+    """A store's signal_store.json ({} when unreadable: opening the store then names what is wrong)."""
+    try:
+        return json.loads((Path(path) / "signal_store.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_store_losses(path, built: dict) -> None:
+    """Before any work: a sparse store serves only its own temperature, and a sampled one forward KL only."""
+    meta = _store_meta(path)
+    kind, spec = meta.get("kind"), meta.get("spec") or {}
+    if kind not in ("topk", "sampled"):
+        return
+    T0 = float(spec.get("temperature", 1.0))
+    for name, (_, loss) in built.items():
+        if float(loss.T) != T0:
+            raise ConfigError(f"losses.{name}.T={loss.T}: the {kind} store {path} was made at temperature {T0}, and "
+                              f"a sparse signal cannot be re-tempered; set losses.{name}.T={T0} or rebuild the store")
+        if kind == "sampled" and loss.divergence != "fkl":
+            raise ConfigError(f"losses.{name}.divergence={loss.divergence}: a sampled (RS-KD) store estimates forward "
+                              "KL only; set divergence=fkl, or use a dense or top-k store")
 
 
 def teacher_signal_options(settings: list[str]) -> tuple[TeacherSignalOptions, list[str]]:
@@ -321,7 +347,7 @@ def write_store_from_recipe(recipe: Recipe, options: TeacherSignalOptions) -> Pa
 
     check_teacher_signal(recipe, options)
     spec = SignalSpec(kind=options.kind, k=options.k, samples=options.samples, temperature=options.temperature,
-                      seed=recipe.trainer.seed)
+                      dtype=options.dtype, seed=recipe.trainer.seed)
     teacher, tok = load_causal_lm(recipe.teacher.model, dtype=recipe.llm.dtype,
                                   device="cpu" if use_cpu(recipe) else "cuda")
     train, _ = build_lm_blocks(recipe, tok)

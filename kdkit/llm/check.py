@@ -317,7 +317,7 @@ def recipe_defaults(name: str) -> dict:
         raise ConfigError(f"recipe={name} is a task: {r.task} recipe; `kdkit check` checks LM recipes (task: lm or cot)")
     out = {"teacher": r.teacher.model, "student": r.student.model, "student_options": dict(r.student.options),
            "dtype": r.llm.dtype, "batch_size": r.data.batch_size, "seq_len": r.llm.block_size,
-           "chunk_size": r.llm.chunk_size}
+           "chunk_size": r.llm.chunk_size or 1024}
     if r.llm.lora is not None:
         out["lora"] = to_plain(r.llm.lora)
     return {k: v for k, v in out.items() if v is not None}

@@ -100,13 +100,15 @@ def build_sft_examples(correct, questions, mode: str, instruction: str, *, ratio
     return datasets.Dataset.from_list(rows)
 
 
-def completion_losses(logits, labels, weights, teacher_logits=None, kd_weight: float = 0.0,
-                      divergence: str = "fkl"):
+def completion_losses(logits, labels, weights, teacher=None, kd_weight: float = 0.0, divergence: str = "fkl"):
     """(total, parts): weighted completion CE over next-token positions (+ kd_weight * token KD on the same ones).
 
     CE = sum_i w_i * sum_t ce_it / sum_i n_i: a token-level mean in which example i's tokens count w_i times.
+    `teacher`: the teacher's logits [B, L, V] over the same ids, or a `TeacherSignal` at the shifted positions.
     """
-    from ..losses.token import token_kd_loss
+    from ..divergence import Divergence
+    from ..losses.token import signal_kd_loss
+    from ..signals import DenseLogits, TeacherSignal
 
     s, y = logits[:, :-1].float(), labels[:, 1:]
     mask = y != -100
@@ -115,8 +117,9 @@ def completion_losses(logits, labels, weights, teacher_logits=None, kd_weight: f
     total_tokens = mask.sum().clamp(min=1)
     loss = (weights.to(per_example) * per_example).sum() / total_tokens
     parts = {"ce": (per_example.sum() / total_tokens).detach()}
-    if teacher_logits is not None and kd_weight > 0:
-        kd = token_kd_loss(s, teacher_logits[:, :-1].float(), divergence=divergence, labels=y)
+    if teacher is not None and kd_weight > 0:
+        signal = teacher if isinstance(teacher, TeacherSignal) else DenseLogits(logits=teacher[:, :-1].float())
+        kd = signal_kd_loss(s, signal, y, div=Divergence(divergence))
         loss = loss + kd_weight * kd
         parts["kd"] = kd.detach()
     return loss, parts

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -29,6 +30,7 @@ from ..config import Recipe
 from ..errors import ConfigError
 from ..method import register_method
 from ..models.outputs import Outputs
+from ..signals import CrossTokenizerChunks, DenseLogits, HiddenStates, TeacherSignal, TopK
 from ..train.accelerated import AcceleratedMethod
 
 
@@ -46,12 +48,15 @@ class LMStep(nn.Module):
         self.losses = nn.ModuleDict({name: loss for name, (_, loss) in losses.items()})
         self.weights = {name: float(w) for name, (w, _) in losses.items()}
         self.ce_weight = float(ce_weight)
-        self.fused = fused  # {loss name: options} when token KD runs through the fused linear-KD kernel
+        self.fused = fused  # {loss name: kernel options} when token KD runs through the fused linear-KD kernel
 
-    def forward(self, input_ids, attention_mask, labels, teacher: dict | None, use_ce: bool = True):
+    def forward(self, input_ids, attention_mask, labels, teacher: TeacherSignal | None, use_ce: bool = True,
+                student_features: dict | None = None):
         """`use_ce=False` on student-generated (on-policy) batches: no hard-label CE on the student's own text.
-        `teacher`: {"logits": [B, L, V]} (live), {"hidden": [B, L, H], "head": (W, b)} (fused), or a stored
-        signal batch {"store": batch, "loss": fn}; None without a teacher."""
+        `teacher`: the step's `TeacherSignal` at the shifted positions [B, L-1] (dense logits from a live teacher,
+        hidden states + head for the fused kernel, a stored signal of any kind), or `CrossTokenizerChunks` over
+        the teacher's own tokens with `student_features` the student's side; None without a teacher. Every loss
+        gets the signal itself and applies its own settings to it."""
         terms = {}
         if self.fused is not None:
             return self._fused_terms(input_ids, attention_mask, labels, teacher, use_ce)
@@ -60,22 +65,16 @@ class LMStep(nn.Module):
         if self.ce_weight and use_ce:
             terms["ce"] = self.ce_weight * F.cross_entropy(s_logits.flatten(0, 1).float(), y.flatten(),
                                                            ignore_index=-100)
-        if teacher is not None and "cross" in teacher:
-            s_out = Outputs(logits, teacher["cross"]["student"])
-            t_out = Outputs(teacher["logits"], teacher["cross"]["teacher"])
+        if isinstance(teacher, CrossTokenizerChunks):
+            s_out = Outputs(logits, student_features or {})
             for name, loss in self.losses.items():
-                terms[name] = self.weights[name] * loss(s_out, t_out)
+                terms[name] = self.weights[name] * loss(s_out, teacher)
             return terms
-        if teacher is not None and "store" in teacher:
-            for name in self.losses:
-                terms[name] = self.weights[name] * teacher["loss"](s_logits, teacher["store"], self.losses[name])
-            return terms
-        t_out = None if teacher is None else Outputs(shift(teacher["logits"], labels)[0])
         for name, loss in self.losses.items():
-            terms[name] = self.weights[name] * loss(Outputs(s_logits), t_out, y)
+            terms[name] = self.weights[name] * loss(Outputs(s_logits), teacher, y)
         return terms
 
-    def _fused_terms(self, input_ids, attention_mask, labels, teacher, use_ce: bool = True):
+    def _fused_terms(self, input_ids, attention_mask, labels, teacher: HiddenStates | TopK, use_ce: bool = True):
         from ..kernels import fused_linear_kd
         from .models import decoder_of, lm_head_of
 
@@ -83,24 +82,26 @@ class LMStep(nn.Module):
         w_s, b_s = lm_head_of(self.student)
         (name, opts), = self.fused.items()
         _, y = shift(hidden, labels)
-        h_s = hidden[:, :-1].flatten(0, 1)
-        h_t = teacher["hidden"][:, :-1].flatten(0, 1)
-        w_t, b_t = teacher["head"]
-        loss = fused_linear_kd(h_s, w_s, h_t, w_t, y.flatten(), student_bias=b_s, teacher_bias=b_t,
-                               kd_weight=self.weights[name], ce_weight=self.ce_weight if use_ce else 0.0, **opts)
+        flat = teacher.to(hidden.device)
+        flat = (replace(flat, hidden=flat.hidden.flatten(0, 1)) if isinstance(flat, HiddenStates)
+                else replace(flat, indices=flat.indices.flatten(0, 1), logprobs=flat.logprobs.flatten(0, 1)))
+        loss = fused_linear_kd(hidden[:, :-1].flatten(0, 1), w_s, labels=y.flatten(), student_bias=b_s,
+                               teacher=flat, kd_weight=self.weights[name],
+                               ce_weight=self.ce_weight if use_ce else 0.0, **opts)
         return {f"ce+{name}": loss}
 
 
 def fused_options(losses: dict) -> dict:
     """{loss name: kernel options} for `llm.fused=true`, which runs exactly one token_kd loss through the fused
     linear-KD kernel (checked by `kdkit distill` before any work, and by the LMDistiller for the Python API)."""
-    kinds = {n: type(l).__name__ for n, (_, l) in losses.items()}
-    if len(losses) != 1 or next(iter(kinds.values())) != "TokenKDLoss":
+    from ..losses.token import TokenKDLoss
+
+    if len(losses) != 1 or not isinstance(next(iter(losses.values()))[1], TokenKDLoss):
+        kinds = {n: type(l).__name__ for n, (_, l) in losses.items()}
         raise ConfigError(f"llm.fused=true runs exactly one token_kd loss through the fused kernel; the recipe "
                           f"has {kinds or 'none'} (set llm.fused=false for other losses)")
     (name, (_, loss)), = losses.items()
-    return {name: {"divergence": loss.divergence, "T": loss.T, "beta": loss.beta, "skew": loss.skew,
-                   "ignore_index": loss.ignore_index}}
+    return {name: {"div": loss.div, "ignore_index": loss.ignore_index}}
 
 
 class LMDistiller(AcceleratedMethod):
@@ -133,9 +134,9 @@ class LMDistiller(AcceleratedMethod):
         if self.lcfg.fused:
             fused = fused_options(losses)
             next(iter(fused.values()))["chunk_size"] = self.lcfg.chunk_size
-            if teacher is None:
-                raise ConfigError("llm.fused=true needs a live teacher (teacher.model); stored signals use the "
-                                  "unfused path")
+            if teacher is None and (store is None or store.kind != "topk"):
+                raise ConfigError("llm.fused=true needs a live teacher (teacher.model) or a top-k teacher-signal "
+                                  "store (teacher.cache); dense and sampled stores use the unfused path")
         self.cross = cross
         if cross is not None:
             if teacher is None or fused is not None or store is not None or self.lcfg.on_policy.fraction > 0:
@@ -182,28 +183,26 @@ class LMDistiller(AcceleratedMethod):
         bs = self.cfg.data.batch_size
         return mine[step * bs:(step + 1) * bs]
 
-    def _teacher_signal(self, input_ids, attention_mask, index):
+    def _teacher_signal(self, input_ids, attention_mask, index) -> TeacherSignal | None:
+        """The step's teacher signal at the shifted positions [B, L-1] (cross-tokenizer: over the teacher's own
+        tokens, unshifted): read from the store, or made by the live teacher under inference mode."""
         if self.store is not None:
-            from .signal_store import signal_kd_loss
+            from .signal_store import batch_signal
 
             batch = self.store.rows(index.tolist())
-            batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            if not torch.equal(batch["input_ids"], input_ids.cpu().to(batch["input_ids"].device)):
+            if not torch.equal(batch["input_ids"], input_ids.cpu()):
                 raise ConfigError("the teacher-signal store's token blocks differ from this run's training blocks: "
                                   "build the store from the same data, tokenizer and llm.block_size")
-
-            def loss_fn(s_logits, b, loss):
-                return signal_kd_loss(s_logits, b, divergence=getattr(loss, "divergence", "fkl"),
-                                      T=getattr(loss, "T", 1.0))
-
-            return {"store": batch, "loss": loss_fn}
+            return batch_signal(batch, tokenizer=self.store.meta.get("tokenizer_fingerprint")).to(
+                self.accelerator.device)
         if self.teacher is None:
             return None
         if self.cross is not None:
             side = self.cross_batch["teacher"]
             with torch.inference_mode(), self.accelerator.autocast():
                 logits = self.teacher(input_ids=side["input_ids"], attention_mask=side["attention_mask"]).logits
-            return {"logits": logits.clone(), "cross": self.cross_batch}
+            return CrossTokenizerChunks(logits=logits.clone(), input_ids=side["input_ids"],
+                                        chunk_ids=side["chunk_ids"], space_mask=side.get("space_mask"))
         with torch.inference_mode(), self.accelerator.autocast():
             if self.raw.fused is not None:
                 from .models import decoder_of, lm_head_of
@@ -211,9 +210,10 @@ class LMDistiller(AcceleratedMethod):
                 h = decoder_of(self.teacher)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
                 w, b = lm_head_of(self.teacher)
                 # the head is a parameter, not an inference tensor: no per-step copy of its V x H weight
-                return {"hidden": h.clone(), "head": (w.detach(), None if b is None else b.detach())}
+                return HiddenStates(hidden=h[:, :-1].clone(), weight=w.detach(),
+                                    bias=None if b is None else b.detach())
             logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
-        return {"logits": logits.clone()}
+        return DenseLogits(logits=logits[:, :-1].clone())
 
     def _cross_batch(self, index):
         """(student ids, mask, labels) of the step's texts; both sides' aligned batch kept for the teacher and losses."""
@@ -271,7 +271,8 @@ class LMDistiller(AcceleratedMethod):
             self.state["on_policy_steps"] = self.state.get("on_policy_steps", 0) + int(on_policy)
         teacher = self._teacher_signal(ids, mask, index)
         sync = (step + 1) % self.tcfg.grad_accum == 0
-        terms = self.backward(lambda: self.module(ids, mask, labels, teacher, not on_policy), sync)
+        s_features = None if self.cross is None else self.cross_batch["student"]
+        terms = self.backward(lambda: self.module(ids, mask, labels, teacher, not on_policy, s_features), sync)
         n_tok = int(ids.numel() if mask is None else mask.sum()) * acc.num_processes
         self._tokens += n_tok
         self.state["tokens"] += n_tok

@@ -49,7 +49,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError, KdkitError, ShapeMismatchError, TokenizerMismatchError
-from ..losses.token import check_divergence, masked_token_mean, sparse_to_dense_logprobs, token_kd_loss, token_mask
+from ..divergence import Divergence
+from ..losses.token import signal_kd_loss as token_signal_kd_loss
+from ..signals import DenseLogits, Sampled, TeacherSignal, TopK
 from .tokenizers import tokenizer_fingerprint
 
 FORMAT = "kdkit-signal-store/1"
@@ -532,6 +534,8 @@ class SignalStore:
             batch["counts"] = t["counts"]
             w = t["counts"].float() / self.spec.samples
             batch["weights"] = w * t["ratio"] if "ratio" in t else w
+            if "ratio" in t:
+                batch["ratios"] = t["ratio"]
         return batch
 
     def batches(self, batch_size: int, shuffle_buffer: int = 0, seed: int = 0,
@@ -672,50 +676,39 @@ def _aligned(student_logits: Tensor, batch: dict, positions: int) -> Tensor:
     return student_logits
 
 
+def batch_signal(batch: dict, *, tail: str = "uniform", tokenizer: str | None = None) -> TeacherSignal:
+    """A store batch as its typed `TeacherSignal` at the stored positions [B, P]: dense log-probs as `DenseLogits`
+    (exact at any loss T), top-k as `TopK` (with `tail`), sampled as `Sampled`, each at the stored temperature."""
+    kind, T0 = batch["kind"], float(batch["temperature"])
+    if kind == "dense":
+        return DenseLogits.from_logprobs(batch["logprobs"], T0, tokenizer)
+    if kind == "topk":
+        return TopK(temperature=T0, tokenizer=tokenizer, indices=batch["indices"], logprobs=batch["logprobs"],
+                    tail=tail)
+    if kind == "sampled":
+        return Sampled(temperature=T0, tokenizer=tokenizer, indices=batch["indices"], logprobs=batch["logprobs"],
+                       counts=batch["counts"], ratios=batch.get("ratios"), samples=int(batch["samples"]))
+    raise ConfigError(f"unknown signal kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
 def signal_kd_loss(student_logits: Tensor, batch: dict, *, divergence: str = "fkl", T: float = 1.0,
                    beta: float = 0.5, skew: float = 0.1, topk_mode: str = "densify", fill: str = "uniform",
                    ignore_index: int = -100, weights: Tensor | None = None) -> Tensor:
-    """Token KD of `student_logits` ([B, L, V], or already shifted [B, L-1, V]) against a stored signal batch.
+    """Token KD of `student_logits` ([B, L, V], or already shifted [B, L-1, V]) against a stored signal batch:
+    `kdkit.losses.token.signal_kd_loss` of its `batch_signal`, the same loss a live teacher gets.
 
-    dense: `token_kd_loss` against the stored log-probs, any divergence and any T (re-tempering a full
-    distribution is exact). topk: ``topk_mode="densify"`` completes the row with `sparse_to_dense_logprobs(fill)`
-    and runs `token_kd_loss`; ``"support"`` is forward KL summed over the stored ids only (DistillKit's "missing
-    mass is zero"). sampled: the RS-KD estimate sum_i w_i (log p_i - log s_i) of forward KL, unbiased in value and
-    gradient. Sparse signals are only defined at the temperature they were stored at: another T is refused.
-    Scaled by T^2 and averaged over counted tokens like `token_kd_loss`.
+    dense: any divergence and any T (re-tempering a full distribution is exact). topk: ``topk_mode="densify"``
+    completes the row with `sparse_to_dense_logprobs(fill)`; ``"support"`` is forward KL summed over the stored
+    ids only (DistillKit's "missing mass is zero"). sampled: the RS-KD estimate sum_i w_i (log p_i - log s_i) of
+    forward KL, unbiased in value and gradient. Sparse signals are only defined at the temperature they were
+    stored at: another T is refused. Scaled by T^2 and averaged over counted tokens like `token_kd_loss`.
     """
-    kind, stored_T = batch["kind"], float(batch["temperature"])
-    check_divergence(divergence, beta, skew, T)
+    if topk_mode not in ("densify", "support"):
+        raise ConfigError(f"topk_mode must be 'densify' or 'support', got {topk_mode!r}")
+    div = Divergence(divergence, T, beta, skew)
     positions = batch["logprobs"].shape[1]
     s = _aligned(student_logits, batch, positions)
     labels = batch.get("labels")
     y = None if labels is None else labels[:, 1:].to(s.device)
-    if kind == "dense":
-        # logits/T with logits = stored log p_{T0} * T0 gives softmax = p at temperature T, exactly
-        teacher = batch["logprobs"].to(s.device).float() * stored_T
-        return token_kd_loss(s, teacher, y, divergence=divergence, T=T, beta=beta, skew=skew,
-                             ignore_index=ignore_index, weights=weights)
-    if kind not in ("topk", "sampled"):
-        raise ConfigError(f"unknown signal kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if T != stored_T:
-        raise ConfigError(f"the {kind} signal was stored at temperature {stored_T}; a sparse signal cannot be "
-                          f"re-tempered, so the loss must use T={stored_T} (got T={T}), or rebuild the store at T={T}")
-    idx = batch["indices"].to(s.device)
-    t_logp = batch["logprobs"].to(s.device).float()
-    if kind == "topk" and topk_mode == "densify":
-        dense = sparse_to_dense_logprobs(idx, t_logp, s.shape[-1], fill=fill)
-        return token_kd_loss(s, dense * T, y, divergence=divergence, T=T, beta=beta, skew=skew,
-                             ignore_index=ignore_index, weights=weights)
-    if kind == "topk" and topk_mode != "support":
-        raise ConfigError(f"topk_mode must be 'densify' or 'support', got {topk_mode!r}")
-    if divergence != "fkl":
-        what = "the sampled (RS-KD) estimator" if kind == "sampled" else "topk_mode='support'"
-        raise ConfigError(f"{what} estimates forward KL only (divergence='fkl'), got {divergence!r}; use a dense "
-                          "store or topk_mode='densify' for other divergences")
-    w = batch["weights"].to(s.device).float() if kind == "sampled" else t_logp.exp()
-    log_s = F.log_softmax(s.float() / T, dim=-1).gather(-1, idx)
-    d = torch.where(w > 0, w * (t_logp - log_s), 0.0).sum(-1) * (T * T)
-    mask = token_mask(d.shape, y, ignore_index, d.device)
-    if weights is not None and weights.shape != d.shape:
-        raise ShapeMismatchError(f"per-token weights {tuple(weights.shape)} do not match the tokens {tuple(d.shape)}")
-    return masked_token_mean(d, mask, weights)
+    signal = batch_signal(batch, tail="support" if topk_mode == "support" else fill).to(s.device)
+    return token_signal_kd_loss(s, signal, y, div=div, ignore_index=ignore_index, weights=weights)

@@ -39,6 +39,7 @@ from ..config import PositiveFloat
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
+from ..signals import CrossTokenizerChunks
 from .base import DistillLoss, check_options
 
 __all__ = ["chunk_logprobs", "binarised_divergence", "alm_loss", "CrossTokenizerLoss", "CHUNK_MODES",
@@ -178,7 +179,11 @@ class CrossTokenizerLoss(DistillLoss):
         check_options(self, locals())
         self.T, self.divergence, self.append_space, self.chunks = float(T), divergence, bool(append_space), chunks
 
-    def _inputs(self, student: Outputs, teacher: Outputs | None) -> dict:
+    def _inputs(self, student: Outputs, teacher: Outputs | CrossTokenizerChunks | None) -> dict:
+        if isinstance(teacher, CrossTokenizerChunks):  # the trainer's typed signal: the same fields, named
+            teacher = Outputs(teacher.logits, {k: v for k, v in (("input_ids", teacher.input_ids),
+                                                                  ("chunk_ids", teacher.chunk_ids),
+                                                                  ("space_mask", teacher.space_mask)) if v is not None})
         s_ids, t_ids = _side(student, "student", "input_ids"), _side(teacher, "teacher", "input_ids")
         space = self.append_space
         return dict(student_logits=student.logits, teacher_logits=teacher.logits, student_ids=s_ids,
@@ -188,7 +193,7 @@ class CrossTokenizerLoss(DistillLoss):
                     teacher_space_mask=_side(teacher, "teacher", "space_mask") if space else None,
                     divergence=self.divergence, T=self.T)
 
-    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
+    def forward(self, student: Outputs, teacher: Outputs | CrossTokenizerChunks | None, labels: Tensor | None = None) -> Tensor:
         return alm_loss(**self._inputs(student, teacher))
 
     def per_chunk(self, student: Outputs, teacher: Outputs | None) -> Tensor:

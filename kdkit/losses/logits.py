@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import NonNegFloat, NonNegInt, PositiveFloat, Probability
+from ..divergence import Divergence
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
@@ -80,13 +81,21 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0,
     """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network": T^2 * KL(softmax(t/T) || softmax(s/T)).
 
     Averaged over the batch (``batchmean``; for ``[..., C]`` logits, over all leading positions); per row with
-    ``reduction="none"``.
+    ``reduction="none"``. The divergence is `kdkit.divergence.Divergence` ("fkl"), the one the LM losses use.
     """
+    return _divergence_loss("kd_loss", student_logits, teacher_logits, Divergence("fkl", _checked_T(T)), reduction)
+
+
+def _checked_T(T: float) -> float:
     _check_T(T)
-    s, t = _flat_logits(student_logits, teacher_logits, "kd_loss")
-    log_p_s = F.log_softmax(s / T, dim=-1)
-    log_p_t = F.log_softmax(t / T, dim=-1)
-    return _reduce(_kl_rows(log_p_t, log_p_s) * (T**2), reduction, student_logits.shape[:-1])
+    return T
+
+
+def _divergence_loss(what: str, student_logits: Tensor, teacher_logits: Tensor, div: Divergence,
+                     reduction: Reduction) -> Tensor:
+    """`div.per_row` (T^2 · D) of the flattened logits, reduced: the classifier face of the shared divergences."""
+    s, t = _flat_logits(student_logits, teacher_logits, what)
+    return _reduce(div.per_row(s, t), reduction, student_logits.shape[:-1])
 
 
 def _log_binary(z: Tensor, target: Tensor, gt_mask: Tensor) -> Tensor:
@@ -363,19 +372,16 @@ def rkl_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0,
     Averaged over all leading positions (``batchmean`` for ``[B, C]``); mode-seeking where KD is mode-covering.
     Classes both models put at -inf contribute nothing.
     """
-    _check_T(T)
-    s, t = _flat_logits(student_logits, teacher_logits, "rkl_loss")
-    log_p_s = F.log_softmax(s / T, dim=-1)
-    log_p_t = F.log_softmax(t / T, dim=-1)
-    return _reduce(_kl_rows(log_p_s, log_p_t) * (T**2), reduction, student_logits.shape[:-1])
+    return _divergence_loss("rkl_loss", student_logits, teacher_logits, Divergence("rkl", _checked_T(T)), reduction)
 
 
 def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, T: float = 1.0,
              reduction: Reduction = "mean") -> Tensor:
     """Agarwal et al., ICLR 2024, "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes" (GKD): generalized JSD.
 
-    ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with ``m = beta * p_t + (1 - beta) * p_s`` and
-    ``p = softmax(logits / T)``, averaged over all leading positions; no T^2 factor. Same convention as TRL's
+    ``T^2 * (beta * KL(p_t || m) + (1 - beta) * KL(p_s || m))`` with ``m = beta * p_t + (1 - beta) * p_s`` and
+    ``p = softmax(logits / T)``, averaged over all leading positions. The T^2 factor is kdkit's one convention
+    (`kdkit.divergence`; the LM ``token_kd`` jsd is the same number); at T = 1 it is TRL's
     ``GKDTrainer.generalized_jsd_loss``, including its end points: ``beta = 0`` gives the forward KL(p_t || p_s)
     and ``beta = 1`` the reverse KL(p_s || p_t) (the limits of JSD(beta) / beta and / (1 - beta)). TRL's
     ``batchmean`` divides ``[B, L, V]`` sums by B only; kdkit averages over all B * L positions.
@@ -383,22 +389,7 @@ def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, 
     _check_T(T)
     if not 0.0 <= beta <= 1.0:
         raise ConfigError(f"jsd beta must be in [0, 1], got {beta}")
-    s, t = _flat_logits(student_logits, teacher_logits, "jsd_loss")
-    log_p_s = F.log_softmax(s / T, dim=-1)
-    log_p_t = F.log_softmax(t / T, dim=-1)
-    lead = student_logits.shape[:-1]
-    if beta == 0.0:
-        return _reduce(_kl_rows(log_p_t, log_p_s), reduction, lead)
-    if beta == 1.0:
-        return _reduce(_kl_rows(log_p_s, log_p_t), reduction, lead)
-    # Classes both put at -inf: use 0 for both logs, so the mixture's logsumexp (and its gradient) stays finite;
-    # they then contribute 1 * (0 - 0) = 0 to both KL terms, as they should.
-    both = torch.isneginf(log_p_s) & torch.isneginf(log_p_t)
-    ls, lt = torch.where(both, 0.0, log_p_s), torch.where(both, 0.0, log_p_t)
-    log_m = torch.logsumexp(torch.stack([ls + math.log1p(-beta), lt + math.log(beta)]), dim=0)
-    kl_t = _kl_rows(lt, log_m)
-    kl_s = _kl_rows(ls, log_m)
-    return _reduce(beta * kl_t + (1 - beta) * kl_s, reduction, lead)
+    return _divergence_loss("jsd_loss", student_logits, teacher_logits, Divergence("jsd", T, beta), reduction)
 
 
 def label_free_kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0,

@@ -17,12 +17,12 @@ from ..divergence import (DIVERGENCES, Divergence, DivergenceName, JSDBeta, Skew
 from ..errors import ConfigError, ShapeMismatchError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
-from ..signals import sparse_to_dense_logprobs
+from ..signals import CrossTokenizerChunks, Sampled, TeacherSignal, TopK, as_signal, sparse_to_dense_logprobs
 from .base import DistillLoss, check_options
 
 __all__ = ["DIVERGENCES", "Divergence", "DivergenceName", "JSDBeta", "Skew", "check_divergence", "compute_dtype",
-           "divergence_from_logprobs", "divergence_per_token", "token_kd_loss", "sparse_to_dense_logprobs",
-           "TokenKDLoss"]
+           "divergence_from_logprobs", "divergence_per_token", "token_kd_loss", "signal_kd_loss",
+           "sparse_to_dense_logprobs", "TokenKDLoss"]
 
 
 def divergence_per_token(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "fkl", *,
@@ -66,29 +66,78 @@ def token_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
     return masked_token_mean(d, mask, weights)
 
 
+def sparse_fkl_per_token(student_logits: Tensor, signal: TopK | Sampled, T: float = 1.0) -> Tensor:
+    """T^2 * sum_i w_i (log p_i - log s_i) over a sparse signal's ids [...]: forward KL on the support of a top-k
+    signal with tail='support' (w = p), or RS-KD's unbiased estimate of forward KL from a sampled one (w = counts
+    / N * p / q). Entries of weight 0 (padding) contribute nothing."""
+    dtype = compute_dtype(student_logits)
+    idx = signal.indices.to(student_logits.device).long()
+    t_logp = signal.logprobs.to(student_logits.device, dtype)
+    w = signal.weights().to(t_logp) if isinstance(signal, Sampled) else t_logp.exp()
+    log_s = F.log_softmax(student_logits.to(dtype) / T, dim=-1).gather(-1, idx)
+    return torch.where(w > 0, w * (t_logp - log_s), 0.0).sum(-1) * (T * T)
+
+
+def signal_kd_loss(student_logits: Tensor, teacher, labels: Tensor | None = None, *, div: Divergence,
+                   ignore_index: int = -100, weights: Tensor | None = None, reduction: str = "mean",
+                   loss: str = "token_kd") -> Tensor:
+    """Token KD of `student_logits` [..., V] against any teacher signal at the same positions [...]: a live
+    teacher's logits (`Outputs` or a tensor), or a `TeacherSignal` from a store, a server or the fused path.
+
+    Kinds with a full distribution (dense logits, hidden states + head, top-k with a uniform or renormalised tail)
+    go through `token_kd_loss` with every setting of `div`; a top-k signal with tail='support' and a sampled one
+    estimate forward KL on their ids (`sparse_fkl_per_token`), so they take divergence='fkl' only. Sparse signals
+    are refused at another temperature than their own.
+    """
+    signal = as_signal(teacher)
+    if signal is None:
+        raise ConfigError(f"{loss} needs a teacher signal, got none")
+    if tuple(signal.positions()) != tuple(student_logits.shape[:-1]):
+        raise ShapeMismatchError(f"{loss}: student logits {tuple(student_logits.shape)} and the {signal.kind} "
+                                 f"teacher signal at positions {tuple(signal.positions())} cover different positions;"
+                                 " both must be aligned already (position t predicts token t + 1)")
+    if isinstance(signal, CrossTokenizerChunks):
+        raise ConfigError(f"{loss} compares distributions id by id; a CrossTokenizerChunks signal comes from a "
+                          "teacher with another tokenizer: use the cross_tokenizer loss")
+    if isinstance(signal, Sampled) or (isinstance(signal, TopK) and signal.tail == "support"):
+        signal.check_temperature(div.T, loss)
+        if div.name != "fkl":
+            what = "a sampled (RS-KD) signal" if isinstance(signal, Sampled) else "a top-k signal with tail='support'"
+            raise ConfigError(f"{loss}: {what} estimates forward KL only (divergence='fkl'), got {div.name!r}; use a "
+                              "dense signal or a top-k one with tail='uniform' or 'none' for other divergences")
+        d = sparse_fkl_per_token(student_logits, signal, div.T)
+        mask = token_mask(d.shape, labels, ignore_index, d.device)
+        if weights is not None and weights.shape != d.shape:
+            raise ShapeMismatchError(f"per-token weights {tuple(weights.shape)} do not match the tokens "
+                                     f"{tuple(d.shape)}")
+        if reduction == "none":
+            return torch.where(mask, d if weights is None else d * weights, 0.0)
+        return masked_token_mean(d, mask, weights)
+    t = signal.teacher_logits(div.T, student_logits.shape[-1], loss)
+    return token_kd_loss(student_logits, t, labels, divergence=div.name, T=div.T, beta=div.beta, skew=div.skew,
+                         ignore_index=ignore_index, weights=weights, reduction=reduction)
+
+
 # ---------------------------------------------------------------- the registered loss module
 
 TOKEN_WEIGHTS = "token_weights"
 
 
-def token_logits(student: Outputs, teacher: Outputs | None, loss: str) -> tuple[Tensor, Tensor]:
-    """Student and teacher logits [B, L, V], refused (not truncated) when the vocabularies or positions differ.
+def token_logits(student: Outputs, teacher, loss: str, T: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Student logits [B, L, V] and teacher logits whose softmax at T is the teacher at T, from a live teacher's
+    `Outputs` or any `TeacherSignal` with a full distribution; refused (not truncated) when the vocabularies or
+    positions differ.
 
     LM heads are often padded past the tokenizer (e.g. 49152 rows for a 49152-token tokenizer on one side, a
     multiple of 64 or 128 on the other): cutting the longer head silently would hide a tokenizer mismatch, so the
     error names both sizes and the ways out.
     """
-    for who, out in (("student", student), ("teacher", teacher)):
-        if out is None or out.logits is None:
-            raise ValueError(f"{loss} needs {who} logits, but the {who} returned none")
-    s, t = student.logits, teacher.logits
-    if s.shape[-1] != t.shape[-1]:
-        raise ShapeMismatchError(
-            f"{loss}: the student's logits have {s.shape[-1]:,} vocabulary entries and the teacher's "
-            f"{t.shape[-1]:,}; token KD compares the two distributions id by id, so they must be the same size. "
-            "If the tokenizers are the same and one LM head is only padded, slice both logits to the tokenizer's "
-            "vocabulary before the loss; if they differ, use the cross-tokenizer loss (losses.cross_tokenizer). "
-            "`kdkit check teacher=... student=...` lists the differences.")
+    if student is None or student.logits is None:
+        raise ValueError(f"{loss} needs student logits, but the student returned none")
+    if teacher is None or (isinstance(teacher, Outputs) and teacher.logits is None):
+        raise ValueError(f"{loss} needs teacher logits, but the teacher returned none")
+    s, signal = student.logits, as_signal(teacher)
+    t = signal.teacher_logits(T, s.shape[-1], loss)
     if s.shape != t.shape:
         raise ShapeMismatchError(f"{loss}: student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} "
                                  "cover different positions; both must be [batch, length, vocab], already aligned")
@@ -124,16 +173,23 @@ class TokenKDLoss(DistillLoss):
                  skew: Skew = 0.1, ignore_index: int = -100):
         super().__init__()
         check_options(self, locals())
-        self.divergence = divergence
-        self.T = float(T)
-        self.beta = float(beta)
-        self.skew = float(skew)
+        self.div = Divergence(divergence, T, beta, skew)
         self.ignore_index = int(ignore_index)
 
-    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
-        s, t = token_logits(student, teacher, "token_kd")
-        return token_kd_loss(s, t, labels, divergence=self.divergence, T=self.T, beta=self.beta, skew=self.skew,
-                             ignore_index=self.ignore_index, weights=token_weights(student, s.shape[:-1]))
+    divergence = property(lambda self: self.div.name)
+    T = property(lambda self: self.div.T)
+    beta = property(lambda self: self.div.beta)
+    skew = property(lambda self: self.div.skew)
+
+    def forward(self, student: Outputs, teacher: Outputs | TeacherSignal | None,
+                labels: Tensor | None = None) -> Tensor:
+        if student is None or student.logits is None:
+            raise ValueError("token_kd needs student logits, but the student returned none")
+        if teacher is None or (isinstance(teacher, Outputs) and teacher.logits is None):
+            raise ValueError("token_kd needs teacher logits, but the teacher returned none")
+        s = student.logits
+        return signal_kd_loss(s, teacher, labels, div=self.div, ignore_index=self.ignore_index,
+                              weights=token_weights(student, s.shape[:-1]))
 
     def extra_repr(self) -> str:
         return (f"divergence={self.divergence!r}, T={self.T}, beta={self.beta}, skew={self.skew}, "

@@ -21,6 +21,8 @@ from ..errors import ConfigError
 from ..models.outputs import Outputs
 from ..registry import LOSSES
 from .base import DistillLoss, check_options
+from ..divergence import Divergence
+from ..signals import TeacherSignal
 from .token import (DivergenceName, JSDBeta, Skew, compute_dtype, divergence_from_logprobs, masked_token_mean,
                     token_logits, token_mask, token_weights)
 
@@ -41,10 +43,14 @@ class _ProgressLoss(DistillLoss):
 
     def _init_common(self, divergence: str, T: float, beta: float, skew: float, ignore_index: int,
                      total_epochs: float) -> None:
-        self.divergence = divergence
-        self.T, self.beta, self.skew = float(T), float(beta), float(skew)
+        self.div = Divergence(divergence, T, beta, skew)
         self.ignore_index = int(ignore_index)
         self.total_epochs = float(total_epochs)
+
+    divergence = property(lambda self: self.div.name)
+    T = property(lambda self: self.div.T)
+    beta = property(lambda self: self.div.beta)
+    skew = property(lambda self: self.div.skew)
 
     def set_progress(self, fraction: float) -> None:
         """Training progress in [0, 1] (the LM trainer: step / total_steps, before each step)."""
@@ -138,8 +144,8 @@ class TAIDLoss(_ProgressLoss):
         self.m.copy_(m)
         self.prev_loss.copy_(loss)
 
-    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
-        s, z = token_logits(student, teacher, "taid")
+    def forward(self, student: Outputs, teacher: Outputs | TeacherSignal | None, labels: Tensor | None = None) -> Tensor:
+        s, z = token_logits(student, teacher, "taid", self.T)
         d = taid_per_token(s, z, self.t, self.divergence, T=self.T, beta=self.beta, skew=self.skew)
         mask = token_mask(d.shape, labels, self.ignore_index, d.device)
         loss = masked_token_mean(d, mask, token_weights(student, d.shape))
@@ -277,8 +283,8 @@ class AdaKDLoss(_ProgressLoss):
         if self.adaptive_ratio:
             self.ratio.copy_(ratio)
 
-    def forward(self, student: Outputs, teacher: Outputs | None, labels: Tensor | None = None) -> Tensor:
-        s, z = token_logits(student, teacher, "adakd")
+    def forward(self, student: Outputs, teacher: Outputs | TeacherSignal | None, labels: Tensor | None = None) -> Tensor:
+        s, z = token_logits(student, teacher, "adakd", self.T)
         mask = token_mask(s.shape[:-1], labels, self.ignore_index, s.device)
         d, keep, _ = adakd_per_token(s, z, mask, self.ratio, self.divergence, T=self.T, beta=self.beta,
                                      skew=self.skew, adaptive_T=self.adaptive_T, T_scale=self.T_scale,

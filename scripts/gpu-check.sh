@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Every GPU measurement kdkit needs, as sections of at most 4 minutes each that write result JSON under $OUT.
+# Unattended: a failing or timed-out section is recorded in $OUT/sections.json and the next one runs.
+#
+#   bash scripts/gpu-check.sh                 # every section
+#   bash scripts/gpu-check.sh kernels         # one section
+#
+# On the lent device (its image has torch + triton but not liger-kernel; carry Liger as a wheel):
+#   here:    echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
+#              --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5
+#   device:  run(command="bash scripts/gpu-check.sh", carry=[".whl"], timeout_s=600)
+# Afterwards, copy $OUT/kernels/*.json into leaderboards/results/kernels/ and run
+#   .venv/bin/python -c "from kdkit.bench.kernels import write_kernels_markdown as w; print(w())"
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/.cache/gpu-check}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 KDKIT_THREADS=${KDKIT_THREADS:-8}
+LIMIT=${LIMIT:-230}  # seconds per section: 4 minutes with start-up to spare
+
+# kernels-agreement: the Triton kernel against the torch reference (loss and gradients) for every divergence,
+# fp32 and bf16, dense and top-k teachers, on CUDA; one JSON row per case.
+section_kernels_agreement() {
+  timeout "$LIMIT" $PY - "$OUT/kernels-agreement.json" <<'PY'
+import json, sys, torch
+from kdkit.divergence import DIVERGENCES
+from kdkit.kernels import fused_linear_kd
+from kdkit.signals import TopK
+rows = []
+for dtype in (torch.float32, torch.bfloat16):
+    for name in DIVERGENCES:
+        for teacher in ("dense", "topk"):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            n, h, v = 3000, 1024, 49152
+            hs = torch.randn(n, h, device="cuda", generator=g).to(dtype)
+            ws = (torch.randn(v, h, device="cuda", generator=g) * h ** -0.5).to(dtype)
+            ht, wt = hs.clone(), (ws.float() + 0.1 * torch.randn_like(ws.float())).to(dtype)
+            y = torch.randint(0, v, (n,), device="cuda", generator=g)
+            y[::7] = -100
+            kw = dict(labels=y, divergence=name, T=2.0, beta=0.3, skew=0.2, ce_weight=0.1)
+            if teacher == "topk":
+                lp, idx = torch.log_softmax((ht @ wt.T).float() / 2.0, -1).topk(64, -1)
+                kw["teacher"] = TopK(temperature=2.0, indices=idx, logprobs=lp)
+            else:
+                kw.update(teacher_hidden=ht, teacher_weight=wt)
+            out = {}
+            for backend in ("triton", "torch"):
+                a, b = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+                try:
+                    loss = fused_linear_kd(a, b, backend=backend, **kw)
+                    loss.backward()
+                    out[backend] = (loss.float().item(), a.grad.float(), b.grad.float())
+                except Exception as e:  # noqa: BLE001 - recorded, not fatal
+                    out[backend] = repr(e)[:300]
+            row = {"dtype": str(dtype), "divergence": name, "teacher": teacher}
+            if all(isinstance(o, tuple) for o in out.values()):
+                (lt, gat, gbt), (lr, gar, gbr) = out["triton"], out["torch"]
+                row |= {"loss_triton": lt, "loss_torch": lr, "loss_rel": abs(lt - lr) / max(abs(lr), 1e-12),
+                        "grad_h_rel": ((gat - gar).abs().max() / gar.abs().max()).item(),
+                        "grad_w_rel": ((gbt - gbr).abs().max() / gbr.abs().max()).item()}
+            else:
+                row["error"] = {k: v for k, v in out.items() if isinstance(v, str)}
+            rows.append(row)
+            print(row, flush=True)
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
+                      open(sys.argv[1], "w"), indent=1)
+PY
+}
+
+# kernels: `kdkit bench kernels` on the CUDA grid (bf16; plain, Liger, kdkit-triton, kdkit-torch), jsd and fkl;
+# rows are written as they are measured, so a timed-out section keeps what it finished.
+section_kernels() {
+  timeout "$LIMIT" $PY -m kdkit.cli bench kernels divergences=jsd,fkl tokens=4096,16384 hidden=2048,4096 \
+    vocab=49152,151936 repeats=5 warmup=2 out="$OUT/kernels"
+}
+
+SECTIONS=("$@")
+[[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(kernels_agreement kernels)
+status="{"
+for s in "${SECTIONS[@]}"; do
+  s=${s//-/_}
+  start=$(date +%s)
+  if declare -F "section_$s" >/dev/null; then
+    "section_$s"; rc=$?
+  else
+    echo "unknown section $s; sections: kernels_agreement kernels" >&2; rc=2
+  fi
+  status+="\"$s\": {\"rc\": $rc, \"seconds\": $(( $(date +%s) - start ))}, "
+done
+echo "${status%, }}" > "$OUT/sections.json"
+cat "$OUT/sections.json"
