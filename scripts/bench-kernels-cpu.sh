@@ -15,8 +15,8 @@ step() {  # step NAME ARGS...: run `kdkit bench kernels ARGS` once
   touch "$STATE/$name.done"
 }
 DIVS=divergences=fkl,rkl,jsd
-step fp32-dense $DIVS dtype=float32
-step bf16-dense $DIVS dtype=bfloat16
+step fp32-dense $DIVS dtype=float32 repeats=3
+step bf16-dense $DIVS dtype=bfloat16 repeats=3
 step fp32-topk $DIVS dtype=float32 teacher=topk topk=64 impls=plain,kdkit-compiled,kdkit-torch
 step bf16-topk $DIVS dtype=bfloat16 teacher=topk topk=64 impls=plain,kdkit-compiled,kdkit-torch
 if [[ -n "${BEFORE:-}" ]]; then

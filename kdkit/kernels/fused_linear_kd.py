@@ -13,8 +13,8 @@ so peak memory is O(chunk x vocab). The backends that compute a chunk's rows:
 - ``auto``: triton on CUDA (when triton imports); on CPU ``compiled`` for calls large enough to repay the
   compilation (tokens x vocab >= `COMPILE_MIN_ELEMENTS`, and a C++ compiler present), ``torch`` otherwise.
 
-``chunk_size=None`` picks the chunk from the shape (`auto_chunk_size`): on CPU 1024 tokens up to a 128k
-vocabulary, fewer above, so the LM-head matmuls run at full speed while a chunk's logits stay within 512 MiB.
+``chunk_size=None`` picks the chunk from the shape (`auto_chunk_size`): on CPU 1024 tokens up to a 64k
+vocabulary, fewer above, so the LM-head matmuls run at full speed while a chunk's logits stay within 256 MiB.
 
 The teacher is dense (hidden states + LM head) or a sparse top-k signal (ids + log-probs, densified per chunk by
 `sparse_to_dense_logprobs`; the dense log-probs then play the teacher logits, exactly as in
@@ -98,13 +98,13 @@ def fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
 
 def auto_chunk_size(vocab: int, device: torch.device) -> int:
     """Tokens per chunk: 1024 on CUDA (Liger's default). On CPU the largest power of two in [256, 1024] whose
-    float32 logits stay within 512 MiB per side (1024 tokens up to a 128k vocabulary, 512 at Gemma's 262k): the
+    float32 logits stay within 256 MiB per side (1024 tokens up to a 64k vocabulary, 256 at Gemma's 262k): the
     LM-head weight is streamed from memory once per chunk and matmul, so longer chunks run the matmuls faster
-    (measured at 2048 x 576 x 49152 on 2 cores: 2.35 s at 1024, 2.70 s at 256, 3.39 s at 128), while memory stays
-    below Liger's, which holds a chunk of 1024 tokens' logits and their gradients."""
+    (measured at 2048 x 576 x 49152 on 2 cores: 2.35 s at 1024, 2.70 s at 256, 3.39 s at 128), up to a point
+    (512 x 640 x 262144: 5.08 s at 512 against 5.10 s at 256, for twice the memory)."""
     if device.type == "cuda":
         return 1024
-    rows = max(256, min(1024, (512 << 20) // (4 * vocab)))
+    rows = max(256, min(1024, (256 << 20) // (4 * vocab)))
     return 1 << (rows.bit_length() - 1)
 
 

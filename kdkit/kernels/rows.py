@@ -25,7 +25,8 @@ from torch import Tensor
 from ..divergence import Divergence
 from ..signals import sparse_to_dense_logprobs
 
-BLOCK_BYTES = 4 << 20  # float32 bytes of one row block: what fits a core's L2 together with its temporaries
+BLOCK_BYTES = 1 << 20  # float32 bytes of one row block: a core's L2 share, temporaries fitting beside it
+MIN_BLOCK_ROWS = 16  # fewer rows per block cost more in per-call overhead than they gain in locality
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,11 @@ class RowOptions:
 
 
 def block_rows(vocab: int) -> int:
-    """Rows per cache-sized block: a power of two with rows x vocab x 4 bytes near BLOCK_BYTES (at least 1)."""
-    rows = max(1, BLOCK_BYTES // (4 * vocab))
+    """Rows per block: a power of two with rows x vocab x 4 bytes near BLOCK_BYTES, at least MIN_BLOCK_ROWS.
+
+    Measured on 2 cores (fp32, compiled): at a 8k vocabulary 32-row blocks need 40 MiB per step against 59 MiB for
+    128 rows, at the same speed; at 49k, 4-row blocks ran 18% slower than 16; at 262k, 16 rows beat 4 by 5-8%."""
+    rows = max(MIN_BLOCK_ROWS, BLOCK_BYTES // (4 * vocab))
     return 1 << (rows.bit_length() - 1)
 
 
