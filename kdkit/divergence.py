@@ -115,7 +115,13 @@ class Divergence:
         log_q = F.log_softmax(student_logits / self.T, dim=-1)
         q = log_q.exp()
         d, qg = self.scaled_grad(log_q, q, log_p)
-        grad = qg - q * qg.sum(-1, keepdim=True)
+        name = self._plain_name()
+        if name == "fkl":  # q ⊙ g = -p and p sums to 1 (log_p is a log-softmax): no second pass over the row
+            grad = qg.add_(q)
+        elif name == "rkl":  # q ⊙ g = q (log q - log p), whose row sum is D itself
+            grad = qg - q * d[..., None]
+        else:
+            grad = qg - q * qg.sum(-1, keepdim=True)
         factor = self.T if scale is None else scale[:, None] * self.T
         return d * (self.T * self.T), grad.mul_(factor)
 
