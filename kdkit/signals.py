@@ -64,9 +64,11 @@ class TeacherSignal:
     def kind(self) -> str:
         return type(self).__name__
 
+    per_position = "logits"  # the field whose leading shape [...] is one distribution per position
+
     def positions(self) -> torch.Size:
         """The leading shape (one distribution per position)."""
-        raise NotImplementedError
+        return getattr(self, self.per_position).shape[:-1]
 
     def teacher_logits(self, T: float, vocab_size: int, loss: str = "token_kd") -> Tensor:
         """Logits x with softmax(x / T) the teacher's distribution at T ([..., V], float32): what a dense-logit loss
@@ -80,9 +82,6 @@ class DenseLogits(TeacherSignal):
 
     logits: Tensor | None = None
     retemperable = True
-
-    def positions(self) -> torch.Size:
-        return self.logits.shape[:-1]
 
     def teacher_logits(self, T: float, vocab_size: int, loss: str = "token_kd") -> Tensor:
         _check_vocab(self.logits.shape[-1], vocab_size, loss)
@@ -104,8 +103,7 @@ class HiddenStates(TeacherSignal):
     bias: Tensor | None = None
     retemperable = True
 
-    def positions(self) -> torch.Size:
-        return self.hidden.shape[:-1]
+    per_position = "hidden"
 
     def teacher_logits(self, T: float, vocab_size: int, loss: str = "token_kd") -> Tensor:
         _check_vocab(self.weight.shape[0], vocab_size, loss)
@@ -129,8 +127,7 @@ class TopK(TeacherSignal):
         if self.tail not in ("uniform", "none", "support"):
             raise ConfigError(f"top-k tail must be one of uniform, none, support, got {self.tail!r}")
 
-    def positions(self) -> torch.Size:
-        return self.indices.shape[:-1]
+    per_position = "indices"
 
     def teacher_logits(self, T: float, vocab_size: int, loss: str = "token_kd") -> Tensor:
         self.check_temperature(T, loss)
@@ -163,8 +160,7 @@ class Sampled(TeacherSignal):
         if not (isinstance(self.samples, int) and self.samples >= 1):
             raise ConfigError(f"samples must be a positive integer, got {self.samples!r}")
 
-    def positions(self) -> torch.Size:
-        return self.indices.shape[:-1]
+    per_position = "indices"
 
     def weights(self) -> Tensor:
         dtype = torch.promote_types(self.logprobs.dtype, torch.float32)
@@ -182,9 +178,6 @@ class CrossTokenizerChunks(TeacherSignal):
     chunk_ids: Tensor | None = None
     space_mask: Tensor | None = None
     retemperable = True
-
-    def positions(self) -> torch.Size:
-        return self.logits.shape[:-1]
 
 
 def as_signal(teacher) -> TeacherSignal | None:

@@ -123,6 +123,13 @@ class LMDistiller(AcceleratedMethod):
         acc = self.accelerator
         self.lcfg = recipe.llm
         self.tokenizer, self.meta, self.store = tokenizer, dict(meta or {}), store
+        # token-level KD shares one vocabulary: the signals of this run carry (and the store's are held to) its
+        # tokenizer's fingerprint
+        self.fingerprint = None
+        if cross is None and tokenizer is not None and hasattr(tokenizer, "get_vocab"):
+            from .tokenizers import tokenizer_fingerprint
+
+            self.fingerprint = tokenizer_fingerprint(tokenizer)
         losses = {n: (l if isinstance(l, tuple) else (1.0, l)) for n, l in (losses or {}).items()}
         if losses and teacher is None and store is None:
             raise ConfigError(f"losses {sorted(losses)} need a teacher: set teacher.model or teacher.cache")
@@ -193,8 +200,9 @@ class LMDistiller(AcceleratedMethod):
             if not torch.equal(batch["input_ids"], input_ids.cpu()):
                 raise ConfigError("the teacher-signal store's token blocks differ from this run's training blocks: "
                                   "build the store from the same data, tokenizer and llm.block_size")
-            return batch_signal(batch, tokenizer=self.store.meta.get("tokenizer_fingerprint")).to(
-                self.accelerator.device)
+            signal = batch_signal(batch, tokenizer=self.store.meta.get("tokenizer_fingerprint"))
+            signal.check_tokenizer(self.fingerprint)
+            return signal.to(self.accelerator.device)
         if self.teacher is None:
             return None
         if self.cross is not None:
@@ -211,9 +219,9 @@ class LMDistiller(AcceleratedMethod):
                 w, b = lm_head_of(self.teacher)
                 # the head is a parameter, not an inference tensor: no per-step copy of its V x H weight
                 return HiddenStates(hidden=h[:, :-1].clone(), weight=w.detach(),
-                                    bias=None if b is None else b.detach())
+                                    bias=None if b is None else b.detach(), tokenizer=self.fingerprint)
             logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
-        return DenseLogits(logits=logits[:, :-1].clone())
+        return DenseLogits(logits=logits[:, :-1].clone(), tokenizer=self.fingerprint)
 
     def _cross_batch(self, index):
         """(student ids, mask, labels) of the step's texts; both sides' aligned batch kept for the teacher and losses."""
