@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,6 +160,30 @@ def test_trajectory_matching_images_change_and_loss_falls(cifar_small, tmp_path,
     assert losses[-1] < losses[0] - 1e-3, losses
     assert (tm.synthetic()["images"] - x0).abs().max() > 1e-3
     assert tm.synthetic()["lr"] != 0.01
+
+
+def _window_tm(**kw):
+    net = FlatConvNet(make_convnet(10, width=4))
+    x0, y0 = torch.zeros(10, 3, 32, 32), torch.arange(10)
+    args = dict(syn_steps=1, match_epochs=2, lr_img=1.0, lr_lr=0.0, lr_teacher=0.01, dsa_strategy="none")
+    args.update(kw)
+    return TrajectoryMatching([Path("unused")], net, x0, y0, **args)
+
+
+def test_start_epoch_is_drawn_as_the_reference_draws_it():
+    """distill.py: `start_epoch = np.random.randint(0, args.max_start_epoch)`, the top value excluded; DATM's
+    window [min_start, current_max) grows to max_start; the target epoch t + match_epochs always exists."""
+    tm = _window_tm(max_start_epoch=3, expert_epochs=10)
+    assert tm.start_window(0) == (0, 3)
+    traj = torch.zeros(11, FlatConvNet(make_convnet(10, width=4)).size)
+    tm._trajectory = lambda k: traj
+    drawn = {tm.step(it)["start_epoch"] for it in range(200)}
+    assert drawn == {0, 1, 2}, drawn
+    capped = _window_tm(max_start_epoch=20, expert_epochs=5)  # last start 3: t + 2 <= 5
+    assert capped.start_window(0) == (0, 4)
+    datm = _window_tm(max_start_epoch=8, min_start_epoch=2, current_max_start=4, expand_until=10, expert_epochs=20)
+    assert [datm.start_window(it) for it in (0, 5, 10, 50)] == [(2, 4), (2, 6), (2, 8), (2, 8)]
+    assert _window_tm(max_start_epoch=0, expert_epochs=2).start_window(0) == (0, 1)  # start 0 alone
 
 
 def test_datm_and_mtt_run_end_to_end_through_cli_entry(tmp_path):

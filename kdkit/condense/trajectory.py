@@ -132,7 +132,7 @@ class TrajectoryMatching:
         if expert_epochs - match_epochs < 0:
             raise ConfigError(f"experts trained {expert_epochs} epochs cannot be matched {match_epochs} epochs ahead; "
                               "train experts longer (expert_epochs=...) or lower match_epochs")
-        self.last_start = expert_epochs - match_epochs  # start epochs run over [min_start, upper] ∩ [0, last_start]
+        self.last_start = expert_epochs - match_epochs  # the last epoch a student can start from
         self.images = images.detach().clone().requires_grad_(True)
         self.labels = labels.detach().clone().requires_grad_(labels.is_floating_point())
         self.lr = torch.tensor(float(lr_teacher), device=self.images.device, requires_grad=True)
@@ -156,19 +156,21 @@ class TrajectoryMatching:
             self._cache[k] = load_expert(self.paths[k])
         return self._cache[k]
 
-    def upper_start(self, it: int) -> int:
-        """Highest start epoch at iteration `it` (DATM's growing window; fixed for MTT)."""
+    def start_window(self, it: int) -> tuple[int, int]:
+        """The start epochs drawn at iteration `it`: [low, high), upper bound excluded as in the reference's
+        `np.random.randint(min_start, max_start)`; DATM's upper bound grows, MTT's is fixed. Capped so the target
+        epoch t + match_epochs exists; a window that would be empty holds `min_start` alone."""
         if self.expand_until and self.current_max < self.max_start:
             frac = min(1.0, it / self.expand_until)
             up = self.current_max + frac * (self.max_start - self.current_max)
         else:
             up = self.max_start
-        return max(self.min_start, min(int(up), self.last_start))
+        return self.min_start, max(self.min_start + 1, min(int(up), self.last_start + 1))
 
     def step(self, it: int) -> dict:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + it * 7919) % (2 ** 31 - 1))
         k = int(torch.randint(0, len(self.paths), (1,), generator=g))
-        t = int(torch.randint(self.min_start, self.upper_start(it) + 1, (1,), generator=g))
+        t = int(torch.randint(*self.start_window(it), (1,), generator=g))
         traj = self._trajectory(k)
         start, target = traj[t].to(self.images.device), traj[t + self.match_epochs].to(self.images.device)
         plan = make_plan(self.images.shape[0], self.syn_steps, self.batch_syn, g)

@@ -47,7 +47,7 @@ class _TrajectoryMatchingMethod(ImageCondenseMethod):
                               progress=cfg.progress)
         net = FlatConvNet(make_convnet(train.num_classes, width=cfg.width, im_size=train.images.shape[-1],
                                        in_channels=train.images.shape[1]))
-        max_start = min(o.max_start_epoch, o.expert_epochs - o.match_epochs)
+        max_start = min(o.max_start_epoch, o.expert_epochs - o.match_epochs + 1)  # exclusive, as in distill.py
         kwargs = dict(syn_steps=o.syn_steps, match_epochs=o.match_epochs, max_start_epoch=max_start,
                       lr_img=o.lr_img, lr_lr=o.lr_lr, lr_teacher=o.lr_teacher, batch_syn=o.batch_syn,
                       dsa_strategy=cfg.dsa_strategy, constant_memory=o.tesla, seed=cfg.seed,
