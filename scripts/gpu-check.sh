@@ -3,12 +3,12 @@
 # Unattended: a failing or timed-out section is recorded in $OUT/sections.json and the next one runs.
 #
 #   bash scripts/gpu-check.sh                 # every section
-#   bash scripts/gpu-check.sh kernels         # one section
+#   bash scripts/gpu-check.sh kernels         # one section (a 600 s device call fits two sections)
 #
 # On the lent device (its image has torch + triton but not liger-kernel; carry Liger as a wheel):
 #   here:    echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
 #              --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5
-#   device:  run(command="bash scripts/gpu-check.sh", carry=[".whl"], timeout_s=600)
+#   device:  run(command="bash scripts/gpu-check.sh", carry=[".whl", ".refs/mtt-distillation"], timeout_s=600)
 # Afterwards, copy $OUT/kernels/*.json into leaderboards/results/kernels/ and run
 #   .venv/bin/python -c "from kdkit.bench.kernels import write_kernels_markdown as w; print(w())"
 set -uo pipefail
@@ -79,8 +79,22 @@ section_kernels() {
     vocab=49152,151936 repeats=5 warmup=2 out="$OUT/kernels"
 }
 
+# condense, condense_compiled: one MTT iteration (ConvNet-3 w128, IPC 10, batch_syn 100, no augmentation, fp32)
+# at N = 30 and 80, seconds and peak memory, kdkit against the reference distill.py loop (carry .refs/mtt-distillation,
+# see `kdkit bench condense-speed`); each implementation in its own process, rows written as they finish.
+# Afterwards copy $OUT/results/condense-speed/*.json into leaderboards/results/condense-speed/ and run
+#   .venv/bin/python -c "from kdkit.bench.condense_speed import write_table as w; print(w())"
+section_condense() {
+  KDKIT_RESULTS_DIR="$OUT/results" timeout "$LIMIT" $PY -m kdkit.cli bench condense-speed steps=30,80 repeats=2 \
+    impls=reference,kdkit-unrolled,kdkit-constant-memory memory_steps=null table=false
+}
+section_condense_compiled() {
+  KDKIT_RESULTS_DIR="$OUT/results" timeout "$LIMIT" $PY -m kdkit.cli bench condense-speed steps=30,80 repeats=2 \
+    impls=kdkit-unrolled-compiled,kdkit-constant-memory-compiled memory_steps=null table=false
+}
+
 SECTIONS=("$@")
-[[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(kernels_agreement kernels)
+[[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(kernels_agreement kernels condense condense_compiled)
 status="{"
 for s in "${SECTIONS[@]}"; do
   s=${s//-/_}
@@ -88,7 +102,7 @@ for s in "${SECTIONS[@]}"; do
   if declare -F "section_$s" >/dev/null; then
     "section_$s"; rc=$?
   else
-    echo "unknown section $s; sections: kernels_agreement kernels" >&2; rc=2
+    echo "unknown section $s; sections: kernels_agreement kernels condense condense_compiled" >&2; rc=2
   fi
   status+="\"$s\": {\"rc\": $rc, \"seconds\": $(( $(date +%s) - start ))}, "
 done

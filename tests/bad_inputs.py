@@ -67,7 +67,7 @@ CASES: list[list[str]] = list(itertools.chain(
      IMG + ["--eval", "foo"], ["condense", "imagenet"]],
     _with(IMG, "iterations=-1", "lr_img=nan", "lr_img=-1", "width=0", "eval_epochs=-1", "eval_nets=0",
           "train_subset=0", "seed=abc", "checkpoint_every=0", "dsa_strategy=foo", "name=../x", "unknown_key=1",
-          "zca=banana", "batch_real=0", "device=tpu", "eval_lr=nan", "test_subset=-3", "seed=-1"),
+          "zca=banana", "batch_real=0", "device=tpu", "eval_lr=nan", "test_subset=-3", "seed=-1", "full_epochs=0"),
     _with(MTT, "experts=0", "experts=-1", "syn_steps=0", "match_epochs=0", "max_start_epoch=-1", "batch_syn=0",
           "lr_lr=nan", "lr_teacher=0", "tesla=maybe", "expert_epochs=0", "experts_dir={tmp}/missing"),
     _with(CVDD, "preset=gpu", "members=foo", "voters=0", "recover_lr=nan", "r_bn=-1", "patch_difficulty=hard2",

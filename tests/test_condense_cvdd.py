@@ -275,6 +275,11 @@ def test_cli_end_to_end_writes_run_folder_and_resumes(tmp_path, monkeypatch):
     assert ev["eval"]["protocol"] == "resnet18" and ev["eval"]["crop_labels"] and ev["iterations"] == 8
     assert ev["eval"]["label_bytes"] == load_crop_labels(run / "crop_labels.safetensors").nbytes()
     assert {"random_real", "random_real_relabelled"} <= set(ev) and len(ev["committee"]) == 2
+    dd = ev["dd_ranking"]  # DD-Ranking: syn-hard through the set's own crops, IOR against the relabelled images
+    assert (dd["syn_hard"], dd["rdm_any"], dd["rdm_labels"]) == ("eval_hard_labels", "random_real_relabelled",
+                                                                 "committee crop labels")
+    assert ev["full_data"]["protocol"] == "resnet18" and ev["full_data"]["student"] == "convnet2_bn_w8"
+    assert dd["hlr"] == pytest.approx(ev["full_data"]["mean"] - ev["eval_hard_labels"]["mean"])
     assert len(list((tmp_path / "cache" / "condense-committee").glob("*/*.safetensors"))) == 2  # cached members
 
     # interrupt a second run after 5 steps (checkpoint at 3), then rerun: it resumes and ends where "full" did

@@ -12,6 +12,9 @@ the same committee crop labels and with hard labels (same stored crops, CutMix, 
 
 Every shortening of the papers' budgets (iterations, training subset, width, evaluation epochs and nets,
 expert count/length) is stored in the row and printed in the table, so no CPU row poses as a paper number.
+
+Every row also carries DD-Ranking's scores (`kdkit/condense/dd_ranking.py`): HLR, IOR and DDRS, computed by the
+run's own evaluation (`baseline=true`), with the full-data accuracy HLR needs and its budget (`full_epochs`).
 """
 from __future__ import annotations
 
@@ -39,6 +42,20 @@ CVDD_KEYS = ("recipe", "members", "member_epochs", "iterations", "recover_lr", "
              "test_subset", "eval_student", "eval_epochs", "eval_nets")
 SHORTENING_KEYS = ("iterations", "train_subset", "test_subset", "width", "eval_epochs", "eval_nets", "batch_real",
                    "experts", "expert_epochs", "syn_steps", "tesla", "zca")
+
+
+DD_RANKING_NOTE = (
+    "HLR, IOR, DDRS: DD-Ranking's label-robust scores (Li et al. 2025, arXiv:2505.13300; "
+    "github.com/NUS-HPC-AI-Lab/DD-Ranking), computed by kdkit's own evaluation (`kdkit/condense/dd_ranking.py`). "
+    "HLR (hard-label recovery, lower is better) = accuracy of a network trained on the whole training (sub)set "
+    "with hard labels (its budget is in the row) minus that of the synthetic images trained with hard labels "
+    "(their class slot; for a hard-label method its own evaluation). IOR (improvement over random, higher is "
+    "better) = the synthetic set under its own evaluation minus the same number of random real images per class "
+    "under the same evaluation and kind of labels (DATM: labelled by the logits of the expert its soft labels "
+    "start from, named in the cell). Both in percentage points, mean ± std over the evaluation networks paired "
+    "round by round. DDRS = (e^a - e^-1) / (e - e^-1) with a = 0.5 IOR - 0.5 HLR on fractions, in [0, 1], higher "
+    "is better (the paper's label-robust score, LRS, named DDRS in the repository's first release). A dash (—): a "
+    "row made before kdkit computed them.")
 
 
 @dataclass
@@ -117,6 +134,7 @@ def run_condense_images(settings: list[str] | None = None) -> Path:
                       "condense_seconds": m["condense_seconds"], "run_dir": m["run_dir"],
                       "settings": {k: cfg.setting(k) for k in
                                    (CVDD_KEYS if cfg.method == "cvdd" else SHORTENING_KEYS)}}
+            record.update(dd_ranking_fields(m))
             if cfg.method == "cvdd":
                 rr = m["random_real_relabelled"]
                 record.update({"random_real_relabelled_mean": 100 * rr["mean"],
@@ -125,6 +143,43 @@ def run_condense_images(settings: list[str] | None = None) -> Path:
                                "relabel_seconds": m["relabel_seconds"]})
             print(f"wrote {write_result(KIND, record)}")
     return write_table()  # `kdkit bench` prints the path
+
+
+def dd_ranking_fields(m: dict) -> dict:
+    """The row's DD-Ranking fields from a run's metrics: HLR and IOR in percentage points (as the accuracies),
+    DDRS in [0, 1], the accuracies they came from and the full-data network's budget; {} without them."""
+    dd, full = m.get("dd_ranking"), m.get("full_data")
+    if not dd or not full:
+        return {}
+    row = {f"{k}_{s}": (v if k == "ddrs" else 100 * v) for k in ("hlr", "ior", "ddrs")
+           for s, v in (("mean", dd[k]), ("std", dd[f"{k}_std"]))}
+    row["dd_ranking"] = {"weight": dd["weight"], "rounds": dd["rounds"], "syn_hard": dd["syn_hard"],
+                         "syn_any": dd["syn_any"], "rdm_any": dd["rdm_any"], "rdm_labels": dd["rdm_labels"],
+                         **{k: 100 * dd[k] for k in ("acc_full", "acc_syn_hard", "acc_syn_any", "acc_rdm_any")},
+                         **({"note": dd["note"]} if dd.get("note") else {})}
+    row["full_data"] = {"acc": 100 * full["mean"], **{k: full.get(k) for k in (
+        "protocol", "student", "epochs", "images", "steps", "batch_size", "lr", "width", "augmentation", "seconds",
+        "device", "cached")}}
+    return row
+
+
+def _dd_cells(r: dict, hard_labels_note: bool) -> list[str]:
+    """The HLR, IOR and DDRS cells of a row ("—" for rows made before the scores existed)."""
+    if "hlr_mean" not in r:
+        return ["—"] * 3
+    labels = r.get("dd_ranking", {}).get("rdm_labels", "hard")
+    ior_note = f" (random real: {labels} labels)" if hard_labels_note and labels != "hard" else ""
+    return [f"{r['hlr_mean']:.1f} ± {r['hlr_std']:.1f}", f"{r['ior_mean']:.1f} ± {r['ior_std']:.1f}{ior_note}",
+            f"{r['ddrs_mean']:.3f} ± {r['ddrs_std']:.3f}"]
+
+
+def _full_budget(r: dict) -> str:
+    f = r.get("full_data")
+    if not f:
+        return ""
+    net = f"{f['protocol']}" + (f" ({f['student']})" if f.get("student") else "")
+    return (f"; full data (HLR): {net} {f['acc']:.1f} after {f['epochs']} epochs on {f['images']:,} images, "
+            "no augmentation")
 
 
 def write_table(results_dir: Path | None = None, out: Path | None = None) -> Path:
@@ -145,8 +200,9 @@ def write_table(results_dir: Path | None = None, out: Path | None = None) -> Pat
         "method beats random real images, not that it reaches the paper. Relabel-protocol (ResNet-18, soft",
         "labels) numbers are in a separate table below: they are not comparable with these.",
         "",
-        "| method | IPC | ours | random real | paper | image bytes | label bytes | device | budget (shortened) | command |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | IPC | ours | random real | HLR ↓ | IOR ↑ | DDRS ↑ | paper | image bytes | label bytes | "
+        "device | budget (shortened) | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["method"], r["ipc"], r["time"])):
         s = r.get("settings", {})
@@ -154,11 +210,13 @@ def write_table(results_dir: Path | None = None, out: Path | None = None) -> Pat
         paper = PAPER.get(r["method"], {}).get(r["ipc"])
         lines.append(
             f"| {r['method']} | {r['ipc']} | {r['acc_mean']:.1f} ± {r['acc_std']:.1f} | "
-            f"{r['random_real_mean']:.1f} ± {r['random_real_std']:.1f} | {paper if paper is not None else '—'} | "
+            f"{r['random_real_mean']:.1f} ± {r['random_real_std']:.1f} | {' | '.join(_dd_cells(r, True))} | "
+            f"{paper if paper is not None else '—'} | "
             f"{r['image_bytes']:,} | {r['label_bytes']:,} | {r['hardware'].get('device')} "
-            f"({r['hardware'].get('threads')} threads) | {budget} | `{r['command']}` |")
+            f"({r['hardware'].get('threads')} threads) | {budget}{_full_budget(r)} | `{r['command']}` |")
     if not rows:
-        lines.append("| (no results yet) | | | | | | | | | |")
+        lines.append("| (no results yet) | | | | | | | | | | | | |")
+    lines += ["", DD_RANKING_NOTE]
     lines += ["", "## Relabel protocol (b): CV-DD with committee crop labels", "",
               "Test accuracy (%) of fresh students trained on the condensed images against stored FKD crop-level",
               "soft labels (one random-resized crop + flip + CutMix per image per epoch, labelled once by the",
@@ -168,9 +226,9 @@ def write_table(results_dir: Path | None = None, out: Path | None = None) -> Pat
               "paper's number is ResNet-18 at full budget; CPU rows use a tiny committee and a small student (named",
               "in the row), so they are not comparable with it.", "",
               "| method | IPC | student | ours | random real + committee crop labels | random real + hard labels | "
-              "paper (ResNet-18) | image bytes | label bytes | committee (val acc) | device | budget (shortened) | "
-              "command |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "HLR ↓ | IOR ↑ | DDRS ↑ | paper (ResNet-18) | image bytes | label bytes | committee (val acc) | "
+              "device | budget (shortened) | command |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(relabel_rows, key=lambda r: (r["method"], r["ipc"], r["time"])):
         s = r.get("settings", {})
         budget = ", ".join(f"{k}={v}" for k, v in s.items() if v is not None)
@@ -181,10 +239,16 @@ def write_table(results_dir: Path | None = None, out: Path | None = None) -> Pat
         lines.append(
             f"| {r['method']} | {r['ipc']} | {r.get('student') or 'resnet18'} | {r['acc_mean']:.1f} ± "
             f"{r['acc_std']:.1f} | {rr} | {r['random_real_mean']:.1f} ± {r['random_real_std']:.1f} | "
+            f"{' | '.join(_dd_cells(r, False))} | "
             f"{paper if paper is not None else '—'} | {r['image_bytes']:,} | {r['label_bytes']:,} | {committee} | "
-            f"{r['hardware'].get('device')} ({r['hardware'].get('threads')} threads) | {budget} | `{r['command']}` |")
+            f"{r['hardware'].get('device')} ({r['hardware'].get('threads')} threads) | {budget}{_full_budget(r)} | "
+            f"`{r['command']}` |")
     if not relabel_rows:
-        lines.append("| (no results yet) | | | | | | | | | | | | |")
+        lines.append("| (no results yet) | | | | | | | | | | | | | | | |")
+    lines += ["", "HLR, IOR and DDRS as in the table above; here syn-hard is the synthetic images trained against "
+              "their class ids through their own stored crops (as the random real + hard labels column), rdm-any "
+              "is the random real images with committee crop labels, and the full-data network is the row's "
+              "student trained with hard labels (SGD, cosine schedule) on the whole training split."]
     lines += ["", "Paper budgets:", ""] + [f"- {m}: {b}" for m, b in PAPER_BUDGET.items()]
     lines += ["", "Paper numbers (ConvNet-3, IPC 1 / 10 / 50): " +
               "; ".join(f"{m.upper()} {v[1]} / {v[10]} / {v[50]}" for m, v in PAPER.items()) + ".",

@@ -46,14 +46,19 @@ def git_commit() -> str | None:
         return None
 
 
-def write_result(kind: str, record: dict, directory: Path | None = None) -> Path:
-    """Write `record` (plus hardware, command, commit, time) as results/<kind>/<stamp>.json."""
+def write_result(kind: str, record: dict, directory: Path | None = None, path: Path | None = None) -> Path:
+    """Write `record` (plus hardware, command, commit, time) as results/<kind>/<stamp>.json (or over `path`: a
+    bench that writes its rows as they come rewrites one file)."""
     directory = Path(directory or RESULTS_DIR / kind)
     directory.mkdir(parents=True, exist_ok=True)
     full = {"kind": kind, "command": "kdkit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("kdkit")
             else " ".join(sys.argv), "git_commit": git_commit(), "hardware": hardware(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
-    path = directory / f"{time.strftime('%Y%m%d-%H%M%S')}-{full['hardware']['device'].replace(' ', '_')}.json"
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{full['hardware']['device'].replace(' ', '_')}"
+    if path is None:
+        path, k = directory / f"{stem}.json", 1
+        while path.exists():  # two results in one second keep both
+            path, k = directory / f"{stem}-{k}.json", k + 1
     path.write_text(json.dumps(full, indent=1))
     return path
 

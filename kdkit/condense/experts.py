@@ -24,35 +24,52 @@ def expert_path(folder: Path, k: int) -> Path:
     return Path(folder) / f"expert_{k}.safetensors"
 
 
-def train_expert(train: ImageSplit, epochs: int, *, lr: float = 0.01, batch_size: int = 256, width: int = 128,
-                 dsa_strategy: str = DEFAULT_STRATEGY, seed: int = 0) -> torch.Tensor:
-    """One expert: [epochs + 1, P] flat parameter snapshots (fp32)."""
-    torch.manual_seed(seed)
-    model = make_convnet(train.num_classes, width=width, im_size=train.images.shape[-1],
-                         in_channels=train.images.shape[1]).to(train.images.device)
-    flat = FlatConvNet(model)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    snaps = [flat.flatten()]
-    n = train.images.shape[0]
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            x = train.images[idx]
-            if dsa_strategy != "none":
-                x = dsa(x, dsa_strategy, seed=int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g)), siamese=False)
-            loss = F.cross_entropy(model(x), train.labels[idx])
-            opt.zero_grad(set_to_none=True)
+class ExpertTrainer:
+    """One expert's network, optimiser and data order; `epoch()` is one pass over the set (`buffer.py`'s
+    `epoch("train", ...)`: SGD, DSA on every batch, a fresh permutation per epoch). `compiled`: the network's
+    forward and backward through `torch.compile` (1.6x on a 2-core CPU at width 128; same math)."""
+
+    def __init__(self, train: ImageSplit, *, lr: float = 0.01, batch_size: int = 256, width: int = 128,
+                 dsa_strategy: str = DEFAULT_STRATEGY, seed: int = 0, compiled: bool = False):
+        torch.manual_seed(seed)
+        self.train, self.batch_size, self.dsa_strategy = train, batch_size, dsa_strategy
+        self.model = make_convnet(train.num_classes, width=width, im_size=train.images.shape[-1],
+                                  in_channels=train.images.shape[1]).to(train.images.device)
+        self.flat = FlatConvNet(self.model)
+        self.forward = torch.compile(self.model, dynamic=False) if compiled else self.model
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+        self.g = torch.Generator().manual_seed(seed)
+
+    def epoch(self) -> None:
+        images, labels, n = self.train.images, self.train.labels, self.train.images.shape[0]
+        perm = torch.randperm(n, generator=self.g)
+        for i in range(0, n, self.batch_size):
+            idx = perm[i:i + self.batch_size]
+            x = images[idx]
+            if self.dsa_strategy != "none":
+                x = dsa(x, self.dsa_strategy, seed=int(torch.randint(0, 2 ** 31 - 1, (1,), generator=self.g)),
+                        siamese=False)
+            loss = F.cross_entropy(self.forward(x), labels[idx])
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-        snaps.append(flat.flatten())
+            self.opt.step()
+
+
+def train_expert(train: ImageSplit, epochs: int, *, lr: float = 0.01, batch_size: int = 256, width: int = 128,
+                 dsa_strategy: str = DEFAULT_STRATEGY, seed: int = 0, compiled: bool = False) -> torch.Tensor:
+    """One expert: [epochs + 1, P] flat parameter snapshots (fp32)."""
+    trainer = ExpertTrainer(train, lr=lr, batch_size=batch_size, width=width, dsa_strategy=dsa_strategy, seed=seed,
+                            compiled=compiled)
+    snaps = [trainer.flat.flatten()]
+    for _ in range(epochs):
+        trainer.epoch()
+        snaps.append(trainer.flat.flatten())
     return torch.stack(snaps).cpu()
 
 
 def train_experts(train: ImageSplit, folder: Path, count: int, epochs: int, *, lr: float = 0.01, width: int = 128,
                   dsa_strategy: str = DEFAULT_STRATEGY, seed: int = 0, fp16: bool = True,
-                  progress: bool = True) -> list[Path]:
+                  progress: bool = True, compiled: bool = False) -> list[Path]:
     """Train the missing experts of `folder` (expert k uses seed + k); returns all `count` paths."""
     from tqdm import tqdm
 
@@ -63,7 +80,8 @@ def train_experts(train: ImageSplit, folder: Path, count: int, epochs: int, *, l
     for k in tqdm(range(count), desc="experts", disable=not progress):
         if paths[k].is_file():
             continue
-        traj = train_expert(train, epochs, lr=lr, width=width, dsa_strategy=dsa_strategy, seed=seed + k)
+        traj = train_expert(train, epochs, lr=lr, width=width, dsa_strategy=dsa_strategy, seed=seed + k,
+                            compiled=compiled)
         save_tensors(paths[k], {"trajectory": traj.half() if fp16 else traj},
                      metadata={"epochs": epochs, "lr": lr, "width": width})
     return paths

@@ -38,7 +38,10 @@ class ImageCondenseConfig:
     eval_epochs: NonNegInt = 1000  # 0: no evaluation
     eval_nets: PositiveInt = 5
     eval_lr: PositiveFloat | None = None  # null: the set's learned lr when it has one, else 0.01
-    baseline: bool = True  # also evaluate ipc random real images per class
+    baseline: bool = True  # also evaluate ipc random real images per class, and DD-Ranking's HLR / IOR / DDRS
+    # epochs of the full-data network DD-Ranking's HLR needs (trained once per data and setting, then cached);
+    # null: min(200, eval_epochs)
+    full_epochs: PositiveInt | None = None
     eval_student: str = "resnet18"  # the relabel protocol's network (a `networks.member_model` name)
     eval_temperature: PositiveFloat = 20.0  # crop-label protocol: KL temperature
     eval_lr_adamw: PositiveFloat = 1e-3  # crop-label protocol: AdamW learning rate
@@ -57,7 +60,7 @@ class ImageCondenseConfig:
     # settings a resumed run may change (evaluation and housekeeping); a method adds its own (`resume_may_change`)
     RESUME_MAY_CHANGE: typing.ClassVar[tuple[str, ...]] = (
         "description", "recipe", "resume", "output_dir", "name", "progress", "device", "threads", "checkpoint_every",
-        "keep_checkpoints", "eval", "eval_epochs", "eval_nets", "eval_lr", "baseline", "eval_student",
+        "keep_checkpoints", "eval", "eval_epochs", "eval_nets", "eval_lr", "baseline", "full_epochs", "eval_student",
         "eval_temperature", "eval_lr_adamw", "test_subset")
 
     def validate(self, at: str) -> None:

@@ -9,11 +9,19 @@
     With crop labels (`evaluate_crop_labels`: CV-DD's committee relabelling) the student replays FKD crops.
 
 `label_bytes` is reported beside `image_bytes`: soft labels can cost more storage than the pixels.
+
+`full_data_accuracy` is DD-Ranking's Acc(real-hard) (`dd_ranking.py`): the protocol's network trained once on
+the whole training (sub)set with hard labels, cached per data and setting.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import statistics
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -146,3 +154,86 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test_x: torch
             "nets": settings.nets, "lr": lr if settings.lr is None else settings.lr,
             "image_bytes": images.numel() * 4, "label_bytes": label_bytes,
             "soft_labels": labels.ndim == 2}
+
+
+# DD-Ranking's real-data config for CIFAR-10 ConvNet-3 (`ddranking/utils/train_and_eval.py` lines 54-64): SGD
+# lr 0.01, momentum 0.9, weight decay 5e-4, 200 epochs, lr x0.1 every 100; no augmentation on real data
+# (`ddranking/metrics/hard_label.py` line 273). (Its loop runs the evaluation's `num_epochs` instead, line 266,
+# with that step decay every 100 epochs, and keeps the best test accuracy seen; kdkit trains min(200, eval
+# epochs) with the protocol's one decay at half and reports the final accuracy, as for every other network.)
+FULL_DATA_EPOCHS = 200
+FULL_DATA_LR = 0.01
+FULL_DATA_VERSION = 1  # bump when the full-data training changes, so cached numbers are not reused
+
+
+def full_data_epochs(requested: int | None, eval_epochs: int) -> int:
+    """`full_epochs` as set, else DD-Ranking's 200 epochs, never more than the evaluation's own epochs (so a
+    shortened CPU run also shortens its full-data network)."""
+    return int(requested) if requested else max(1, min(FULL_DATA_EPOCHS, int(eval_epochs)))
+
+
+def evaluate_full_data(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                       settings: EvalSettings, epochs: int) -> dict:
+    """Acc(real-hard): one fresh network of the protocol (ConvNet-3, or protocol (b)'s student) trained on every
+    image of the training set with hard labels: SGD lr 0.01 (momentum and weight decay as the protocol), batch
+    `settings.batch_size`, the protocol's schedule (x0.1 at half the epochs, or cosine), no augmentation, as
+    DD-Ranking trains its real-data network (`hard_label.py` lines 246-263, 273); final test accuracy."""
+    if epochs < 1:
+        raise ConfigError(f"the full-data network needs epochs >= 1, got {epochs}")
+    s = replace(settings, epochs=int(epochs), nets=1, lr=FULL_DATA_LR, dsa_strategy="none")
+    t0 = time.perf_counter()
+    acc = train_on_synthetic(train_x, train_y, test_x, test_y, s, seed=settings.seed)
+    n = int(train_x.shape[0])
+    return {"protocol": s.protocol, "student": s.student if s.protocol == "resnet18" else None, "accs": [acc],
+            "mean": acc, "std": 0.0, "nets": 1, "epochs": s.epochs, "images": n,
+            "steps": s.epochs * math.ceil(n / s.batch_size), "batch_size": s.batch_size, "lr": s.lr,
+            "momentum": s.momentum, "weight_decay": s.weight_decay, "width": s.width, "augmentation": "none",
+            "seconds": time.perf_counter() - t0, "device": str(train_x.device)}
+
+
+def data_fingerprint(*tensors: torch.Tensor) -> str:
+    """A short hash of image/label tensors: shapes, every label, every 1009th value and the float64 sum."""
+    h = hashlib.blake2b(digest_size=12)
+    for t in tensors:
+        t = t.detach()
+        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+        flat = t.reshape(-1)
+        part = flat if not t.is_floating_point() else flat[::1009]
+        h.update(part.cpu().contiguous().numpy().tobytes())
+        if t.is_floating_point():
+            h.update(repr(float(flat.sum(dtype=torch.float64))).encode())
+    return h.hexdigest()
+
+
+def full_data_accuracy(dataset: str, train, test, settings: EvalSettings, epochs: int, *, cache_root=None,
+                       log=None) -> dict:
+    """`evaluate_full_data` on the `ImageSplit`s, cached as JSON under `$KDKIT_CACHE_DIR/condense-full-data/`
+    keyed by the data (`data_fingerprint`) and every setting that changes the number, so the runs of a bench that
+    share them (every method and IPC) train it once. Adds `cache` (the file) and `cached` (reused or not)."""
+    from ..checkpoint import atomic_path
+    from ..data.paths import cache_dir
+
+    key = {"version": FULL_DATA_VERSION, "dataset": dataset, "protocol": settings.protocol,
+           "student": settings.student if settings.protocol == "resnet18" else None, "width": settings.width,
+           "epochs": int(epochs), "lr": FULL_DATA_LR, "batch_size": settings.batch_size,
+           "momentum": settings.momentum, "weight_decay": settings.weight_decay, "seed": settings.seed,
+           "train": [int(train.images.shape[0]), data_fingerprint(train.images, train.labels)],
+           "test": [int(test.images.shape[0]), data_fingerprint(test.images, test.labels)]}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_root or cache_dir() / "condense-full-data") / f"{dataset}-{settings.protocol}-{digest}.json"
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("key") == key:
+                return {**stored["result"], "cache": str(path), "cached": True}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # damaged: train again and overwrite it
+        if log:
+            log(f"{path} does not hold this full-data network's result; training it again")
+    if log:
+        log(f"full-data network (DD-Ranking's Acc(real-hard)): {settings.protocol}, {train.images.shape[0]} training "
+            f"images, {epochs} epochs; cached at {path}")
+    result = evaluate_full_data(train.images, train.labels, test.images, test.labels, settings, epochs)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"key": key, "settings": asdict(settings), "result": result}, indent=1))
+    return {**result, "cache": str(path), "cached": False}

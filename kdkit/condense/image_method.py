@@ -8,7 +8,9 @@ all its randomness derived from (seed, it)), `synthetic() -> {"images", "labels"
 `load_state_dict()`. This class runs it in `kdkit.method.fit`: checkpoints every `checkpoint_every`
 iterations (the algorithm's state, the loss curves and the condensation time), resume, Ctrl-C, and at the end
 the artefacts (`image_artefacts.py`) and the evaluation, written to `metrics.json` and `metrics.jsonl`.
-A method with its own evaluation (CV-DD's relabelling) overrides `evaluate_set`.
+A method with its own evaluation (CV-DD's relabelling) overrides `evaluate_set`; with `baseline` it adds
+`dd_ranking_scores` too. A method with learned soft labels says how it would label random real images
+(`random_real_labels`), so that DD-Ranking's IOR compares like with like.
 """
 from __future__ import annotations
 
@@ -17,11 +19,14 @@ import itertools
 import time
 from typing import ClassVar
 
+import torch
+
 from ..method import Method
 from ..run import Run
+from .dd_ranking import scores as dd_ranking
 from .image_artefacts import curve_columns, curve_rows, save_curves, save_grid, save_synthetic
 from .image_data import ImageSplit, load_image_splits, random_real
-from .image_eval import EvalSettings, evaluate_synthetic
+from .image_eval import EvalSettings, evaluate_synthetic, full_data_accuracy, full_data_epochs
 
 
 def eval_settings(cfg) -> EvalSettings:
@@ -87,19 +92,60 @@ class ImageCondenseMethod(Method):
         self.curves = curve_rows(state["curves"])
         self.seconds = float(state["seconds"])
 
+    def random_real_labels(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+        """A soft-label method's labels for random real images, made the way it labels its own set, and where they
+        come from; None: it has no such labelling (IOR then falls back to hard labels, and says so)."""
+        return None
+
     def evaluate_set(self, run: Run, syn: dict) -> dict:
         """The set under the config's protocol and, with `baseline`, the `ipc` random real images per class it
-        started from (same protocol and seeds)."""
+        started from (same protocol and seeds) and DD-Ranking's scores (`dd_ranking.py`): for a soft-label set
+        also the images with hard labels (their class slots; same learned lr) and the random real images with the
+        method's own kind of labels (`random_real_labels`)."""
         cfg = self.cfg
         if cfg.eval_epochs < 1:
             return {}
-        es = eval_settings(cfg)
-        out = {"eval": evaluate_synthetic(syn["images"], syn["labels"], self.test.images, self.test.labels, es,
+        es, test = eval_settings(cfg), self.test
+        out = {"eval": evaluate_synthetic(syn["images"], syn["labels"], test.images, test.labels, es,
                                           lr=syn.get("lr"))}
-        if cfg.baseline:
-            xr, yr = random_real(self.train, cfg.ipc, cfg.seed)
-            out["random_real"] = evaluate_synthetic(xr, yr, self.test.images, self.test.labels, es)
-        return out
+        if not cfg.baseline:
+            return out
+        xr, yr = random_real(self.train, cfg.ipc, cfg.seed)
+        out["random_real"] = evaluate_synthetic(xr, yr, test.images, test.labels, es)
+        if syn["labels"].ndim == 1:  # hard labels: the main evaluation is both syn-hard and syn-any
+            return {**out, **self.dd_ranking_scores(run, out, syn_hard="eval", rdm_any="random_real",
+                                                    rdm_labels="hard")}
+        hard, source = class_slots(syn["labels"], cfg.ipc)
+        out["eval_hard_labels"] = {**evaluate_synthetic(syn["images"], hard, test.images, test.labels, es,
+                                                        lr=syn.get("lr")), "hard_labels": source,
+                                  "argmax_agreement": float((syn["labels"].argmax(1) == hard).float().mean())}
+        labelled = self.random_real_labels(xr, yr)
+        if labelled is None:
+            return {**out, **self.dd_ranking_scores(
+                run, out, syn_hard="eval_hard_labels", rdm_any="random_real", rdm_labels="hard",
+                note=f"{cfg.method} has no labelling for random real images: IOR compares its soft labels with "
+                     "random real images with hard labels")}
+        soft, label_source = labelled
+        out["random_real_soft_labels"] = {**evaluate_synthetic(xr, soft, test.images, test.labels, es),
+                                          "label_source": label_source}
+        return {**out, **self.dd_ranking_scores(run, out, syn_hard="eval_hard_labels",
+                                                rdm_any="random_real_soft_labels", rdm_labels=label_source)}
+
+    def dd_ranking_scores(self, run: Run, out: dict, *, syn_hard: str, rdm_any: str, rdm_labels: str,
+                          syn_any: str = "eval", note: str | None = None) -> dict:
+        """`full_data` (Acc(real-hard): the protocol's network on the whole training split, cached) and
+        `dd_ranking` (HLR, IOR, DDRS, paired round by round over the evaluation networks) from the evaluations
+        `out[syn_hard]`, `out[syn_any]` and `out[rdm_any]`."""
+        cfg = self.cfg
+        es = eval_settings(cfg)
+        full = full_data_accuracy(cfg.dataset, self.train, self.test, es,
+                                  full_data_epochs(cfg.full_epochs, cfg.eval_epochs), log=run.log)
+        got = dd_ranking(full["mean"], out[syn_hard]["accs"], out[syn_any]["accs"], out[rdm_any]["accs"])
+        got.update(syn_hard=syn_hard, syn_any=syn_any, rdm_any=rdm_any, rdm_labels=rdm_labels,
+                   full_data_epochs=full["epochs"], full_data_images=full["images"])
+        if note:
+            got["note"] = note
+        return {"full_data": full, "dd_ranking": got}
 
     def artefacts(self, run: Run) -> dict:
         cfg = self.cfg
@@ -112,9 +158,26 @@ class ImageCondenseMethod(Method):
         metrics.update(self.evaluate_set(run, syn))
         scores = {f"{k}/{s}": v[s] for k, v in metrics.items() if isinstance(v, dict) and "mean" in v
                   for s in ("mean", "std")}
+        dd = metrics.get("dd_ranking")
+        if dd:
+            scores.update({f"dd_ranking/{k}": dd[k] for k in ("hlr", "hlr_std", "ior", "ior_std", "ddrs", "ddrs_std")})
         if scores:
             run.record({"step": self.total_steps, **scores})
             run.log("test accuracy: " + ", ".join(f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}"
                                                   for k, v in metrics.items() if isinstance(v, dict) and "mean" in v))
+        if dd:
+            run.log(f"DD-Ranking: HLR {100 * dd['hlr']:.2f} ± {100 * dd['hlr_std']:.2f} points, IOR "
+                    f"{100 * dd['ior']:.2f} ± {100 * dd['ior_std']:.2f} points, DDRS {dd['ddrs']:.4f} ± "
+                    f"{dd['ddrs_std']:.4f} (random real images with {dd['rdm_labels']} labels)")
         run.write_json("metrics.json", metrics)
         return metrics
+
+
+def class_slots(labels: torch.Tensor, ipc: int) -> tuple[torch.Tensor, str]:
+    """The hard labels of a soft-labelled set stored class by class (`ipc` images per class, as every method here
+    stores it and as DD-Ranking assumes, `soft_label.py` line 505): each image's class slot; a set of another
+    size falls back to the argmax of its soft labels. Returns the labels and which rule made them."""
+    n, c = labels.shape
+    if n == c * ipc:
+        return torch.arange(c, device=labels.device).repeat_interleave(ipc), "class slot"
+    return labels.argmax(1), "argmax of the soft label"

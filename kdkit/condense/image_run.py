@@ -7,7 +7,8 @@
 The run folder `runs/condense-<dataset>-<method>-ipc<k>[-<name>]/` holds `config.yaml` (every setting), the
 artefacts of `image_artefacts.py` (`synthetic.safetensors`, `grid.png`, `curves.json/png`), `metrics.json` (the
 evaluation: protocol, mean ± std over fresh networks, image and label bytes, and with `baseline=true` the same
-protocol on `ipc` random real images per class), `metrics.jsonl`, `train.log` and `checkpoints/step-N/`
+protocol on `ipc` random real images per class and DD-Ranking's HLR / IOR / DDRS with the full-data accuracy
+they need, `dd_ranking.py`), `metrics.jsonl`, `train.log` and `checkpoints/step-N/`
 (every `checkpoint_every` iterations; a rerun with the same settings resumes). CV-DD adds
 `crop_labels.safetensors` and `crop_labels_random_real.safetensors`.
 """

@@ -33,7 +33,7 @@ from .augment import DEFAULT_STRATEGY, dsa
 from .convnet_functional import FlatConvNet
 from .experts import load_expert
 from .image_data import ImageSplit
-from .image_eval import soft_cross_entropy
+from .tm_step import StepFunctions
 
 def normalized_param_distance(theta_n: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """||θ_N − θ*_{t+M}||² / ||θ*_t − θ*_{t+M}||²: 1 for a student that did not move, 0 for a perfect match."""
@@ -60,28 +60,30 @@ def make_plan(n_images: int, steps: int, batch: int | None, g: torch.Generator) 
     return StepPlan(batches, seeds)
 
 
-def _step_loss(net: FlatConvNet, theta, images, labels, plan: StepPlan, i: int, dsa_strategy: str):
+def _step_data(images, labels, plan: StepPlan, i: int, dsa_strategy: str):
+    """Step i's (augmented) synthetic batch and its labels; differentiable in both."""
     idx = plan.batches[i]
     x = images[idx]
     if dsa_strategy != "none":
         x = dsa(x, dsa_strategy, seed=plan.seeds[i], siamese=False)
-    return soft_cross_entropy(net(theta, x), labels[idx])
+    return x, labels[idx]
 
 
 def unrolled_matching_loss(net: FlatConvNet, start, target, images, labels, lr, plan: StepPlan,
-                           dsa_strategy: str = DEFAULT_STRATEGY) -> torch.Tensor:
+                           dsa_strategy: str = DEFAULT_STRATEGY, fns: StepFunctions | None = None) -> torch.Tensor:
     """MTT's loss with the whole unroll in the autograd graph (memory grows with N)."""
+    fns = fns or StepFunctions(net)
     theta = start.clone().requires_grad_(True)
     for i in range(len(plan.batches)):
-        loss = _step_loss(net, theta, images, labels, plan, i, dsa_strategy)
-        g = torch.autograd.grad(loss, theta, create_graph=True)[0]
-        theta = theta - lr * g
+        x, y = _step_data(images, labels, plan, i, dsa_strategy)
+        theta = theta - lr * fns.differentiable_grad(theta, x, y)
     return normalized_param_distance(theta, target, start)
 
 
 def constant_memory_grads(net: FlatConvNet, start, target, images, labels, lr, plan: StepPlan,
-                          dsa_strategy: str = DEFAULT_STRATEGY):
+                          dsa_strategy: str = DEFAULT_STRATEGY, fns: StepFunctions | None = None):
     """(loss, dL/dimages, dL/dlabels or None, dL/dlr) by the adjoint recursion; one step's graph at a time."""
+    fns = fns or StepFunctions(net)
     steps = len(plan.batches)
     lr_v = float(lr.detach()) if torch.is_tensor(lr) else float(lr)
     x_leaf = images.detach().requires_grad_(True)
@@ -90,33 +92,30 @@ def constant_memory_grads(net: FlatConvNet, start, target, images, labels, lr, p
     thetas = [start.detach()]
     theta = start.detach()
     for i in range(steps):  # forward: parameters only, no graph kept
-        th = theta.clone().requires_grad_(True)
-        loss = _step_loss(net, th, x_leaf.detach(), y_leaf.detach(), plan, i, dsa_strategy)
-        g = torch.autograd.grad(loss, th)[0]
-        theta = (theta - lr_v * g).detach()
+        x, y = _step_data(x_leaf.detach(), y_leaf.detach(), plan, i, dsa_strategy)
+        theta = theta - lr_v * fns.grad(theta, x, y)
         thetas.append(theta)
-    with torch.enable_grad():
-        th_n = thetas[-1].clone().requires_grad_(True)
-        dist = normalized_param_distance(th_n, target, start)
-        lam = torch.autograd.grad(dist, th_n)[0]
+    with torch.no_grad():
+        dist = normalized_param_distance(thetas[-1], target, start)
+        lam = 2 * (thetas[-1] - target) / ((start - target) ** 2).sum().clamp_min(1e-12)  # dL/dθ_N
     dx = torch.zeros_like(images)
     dy = torch.zeros_like(labels) if y_soft else None
     dlr = torch.zeros((), dtype=start.dtype, device=start.device)
-    for i in reversed(range(steps)):  # backward: recompute step i, push the adjoint through it
-        th = thetas[i].clone().requires_grad_(True)
-        loss = _step_loss(net, th, x_leaf, y_leaf, plan, i, dsa_strategy)
-        g = torch.autograd.grad(loss, th, create_graph=True)[0]
-        dot = (g * lam).sum()
-        wrt = [th, x_leaf] + ([y_leaf] if y_soft else [])
-        grads = torch.autograd.grad(dot, wrt, allow_unused=True)
-        hv, gx = grads[0], grads[1]
-        dlr = dlr - dot.detach()
-        if gx is not None:
-            dx -= lr_v * gx
-        if y_soft and grads[2] is not None:
-            dy -= lr_v * grads[2]
+    for i in reversed(range(steps)):  # backward: recompute step i alone, push the adjoint through it
+        x, y = _step_data(x_leaf, y_leaf, plan, i, dsa_strategy)  # the (cheap) augmentation keeps its graph
+        hv, gx, gy, dot = fns.adjoint(thetas[i], x, y, lam)
+        outs, grads = [x], [gx]
+        if y_soft and gy is not None:
+            outs.append(y)
+            grads.append(gy)
+        back = torch.autograd.grad(outs, [x_leaf] + ([y_leaf] if y_soft else []), grads, allow_unused=True)
+        dlr = dlr - dot
+        if back[0] is not None:
+            dx -= lr_v * back[0]
+        if y_soft and back[1] is not None:
+            dy -= lr_v * back[1]
         lam = lam - lr_v * hv
-    return dist.detach(), dx, dy, dlr
+    return dist, dx, dy, dlr
 
 
 class TrajectoryMatching:
@@ -127,8 +126,9 @@ class TrajectoryMatching:
                  current_max_start: int | None = None, expand_until: int = 0, lr_img: float, lr_lr: float,
                  lr_teacher: float, lr_y: float | None = None, batch_syn: int | None = None,
                  dsa_strategy: str = DEFAULT_STRATEGY, constant_memory: bool = False, ema_decay: float | None = None,
-                 seed: int = 0, expert_epochs: int):
+                 seed: int = 0, expert_epochs: int, compiled: bool = False):
         self.paths, self.net = list(expert_paths), net
+        self.fns = StepFunctions(net, compiled)
         if expert_epochs - match_epochs < 0:
             raise ConfigError(f"experts trained {expert_epochs} epochs cannot be matched {match_epochs} epochs ahead; "
                               "train experts longer (expert_epochs=...) or lower match_epochs")
@@ -176,7 +176,7 @@ class TrajectoryMatching:
         plan = make_plan(self.images.shape[0], self.syn_steps, self.batch_syn, g)
         if self.constant_memory:
             loss, dx, dy, dlr = constant_memory_grads(self.net, start, target, self.images, self.labels, self.lr, plan,
-                                                      self.dsa_strategy)
+                                                      self.dsa_strategy, self.fns)
             self.images.grad, self.lr.grad = dx, dlr.reshape(())
             if self.opt_y is not None:
                 self.labels.grad = dy
@@ -184,7 +184,7 @@ class TrajectoryMatching:
             for p in (self.images, self.lr, self.labels):
                 p.grad = None
             loss = unrolled_matching_loss(self.net, start, target, self.images, self.labels, self.lr, plan,
-                                          self.dsa_strategy)
+                                          self.dsa_strategy, self.fns)
             loss.backward()
             loss = loss.detach()
         self.opt_img.step()

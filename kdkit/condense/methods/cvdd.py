@@ -66,7 +66,8 @@ class CommitteeVotingMethod(ImageCondenseMethod):
         """CV-DD's relabel step and protocol (b): committee crop labels for the synthetic set (one set of crops per
         student epoch), students trained on them; beside it the random real images (i) relabelled by the same
         committee the same way and (ii) with hard labels (same crops, CutMix, optimiser), all with the same
-        student and epochs."""
+        student and epochs; and DD-Ranking's scores (`dd_ranking.py`): the synthetic images with hard labels through
+        their own crops (HLR, against the student trained on the whole training split), IOR against (i)."""
         cfg, method = self.cfg, self.algorithm
         out: dict = {"committee": [{"name": m.name, "prior": m.prior} for m in method.members],
                      "voter_schedule": [list(v) for v in method.schedule]}
@@ -85,4 +86,9 @@ class CommitteeVotingMethod(ImageCondenseMethod):
             out["random_real_relabelled"] = evaluate_crop_labels(xr, store_r, test.images, test.labels, es)
             # hard labels through the very same crops, optimiser and epochs: only the labels differ
             out["random_real"] = evaluate_crop_labels(xr, store_r, test.images, test.labels, es, hard_labels=yr)
+            # DD-Ranking: the synthetic images with hard labels the same way (HLR); IOR against (i)
+            out["eval_hard_labels"] = evaluate_crop_labels(syn["images"], store, test.images, test.labels, es,
+                                                           hard_labels=syn["labels"])
+            out.update(self.dd_ranking_scores(run, out, syn_hard="eval_hard_labels",
+                                              rdm_any="random_real_relabelled", rdm_labels="committee crop labels"))
         return out
