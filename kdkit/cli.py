@@ -165,6 +165,7 @@ BENCHMARKS = {"throughput": ("throughput", "run_throughput"), "classifier": ("cl
               "condense-graphs": ("condense_graphs", "run_condense_graphs"),
               "condense-images": ("condense_images", "run_condense_images"), "cot": ("cot", "run_cot"),
               "condense-speed": ("condense_speed", "run_condense_speed"),
+              "condense-reference": ("condense_reference", "run_condense_reference"),
               "diffusion": ("diffusion", "run_diffusion_bench")}
 
 
@@ -289,7 +290,7 @@ def parser() -> argparse.ArgumentParser:
                                    "`condense-graphs`: Mirage graph condensation against a random subset of the same "
                                    "size and the full data, e.g. datasets=nci1,mutag gnns=gcn,gin seeds=5; writes "
                                    "leaderboards/condense-graphs.md.")
-    s.add_argument("what", help="throughput | classifier | classifier-table | kernels | llm | generation | condense-graphs | condense-images | condense-speed | cot")
+    s.add_argument("what", help="throughput | classifier | classifier-table | kernels | llm | generation | condense-graphs | condense-images | condense-speed | condense-reference | cot")
     s.add_argument("settings", nargs="*", metavar="key=value")
     s.set_defaults(func=_bench)
     return p

@@ -11,7 +11,7 @@ RUNS=${RUNS:-$PWD/.cache/cpu-condense}
 mkdir -p "$RUNS"
 COMMON="width=32 train_subset=5000 test_subset=2000 zca=false eval_epochs=300 eval_nets=3 full_epochs=100
   iterations=200 output_dir=$RUNS/runs checkpoint_every=50 progress=false"
-TM="experts=5 expert_epochs=10 syn_steps=20 match_epochs=2"
+TM="experts=5 expert_epochs=10 syn_steps=20 match_epochs=2 tesla=true"  # the exact adjoint: fastest compiled, flat memory
 row() {  # row NAME ARGS...: one bench run unless it finished before
   local name=$1; shift
   [[ -f "$RUNS/$name.done" ]] && { echo "skip $name (done)"; return; }

@@ -141,8 +141,8 @@ CASES += [IMG + ["preset=cpu"], IMG + ["recipe=condense-nci1-mirage"], GRAPH + [
           CVDD + ["min_scale=0"], CVDD + ["label_topk=0"], CVDD + ["members=convnet3"], GRAPH + ["gnns="],
           GRAPH + ["min_support=[0.5,2.5]"], GRAPH + ["max_len=0"], GRAPH + ["resume={tmp}/empty"],
           ["bench", "condense-images", "ipcs=0"], ["bench", "condense-images", "methods=dm", "experts=3"],
-          ["bench", "condense-images", "table=only", "iterations=3"], ["bench", "condense-images", "table=speed",
-                                                                         "steps=0"],
+          ["bench", "condense-images", "table=only", "iterations=3"], ["bench", "condense-speed", "steps=0"],
+          ["bench", "condense-speed", "impls=foo"], ["bench", "condense-reference", "ipcs=0"],
           ["bench", "condense-graphs", "gnns=foo"], ["bench", "condense-graphs", "epochs=0"]]
 
 # classifier and LM distillation: rules that need no data or model (`check_recipe`, what --dry-run runs too),

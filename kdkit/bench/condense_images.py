@@ -24,6 +24,8 @@ from typing import Literal
 
 from ..config import PositiveInt, bad_value, coerce
 from ..errors import ConfigError
+from .condense_reference import KIND as REFERENCE_KIND
+from .condense_reference import matching_reference
 from .results import RESULTS_DIR, bench_options, read_results, write_result
 
 KIND = "condense-cifar10"
@@ -38,6 +40,13 @@ PAPER_BUDGET = {"dm": "20,000 iterations, full train set, width 128, eval 1,000 
                 "cvdd": "committee ResNet-18/50, ShuffleNetV2, MobileNetV2, DenseNet-121 (200 epochs each), "
                         "2 voters, 4,000 iterations per batch, 300 epochs of crop labels, ResNet-18 student 300 "
                         "epochs"}
+REFERENCE_NOTE = (
+    "Reference code, same budget: GeorgeCazenavette/mtt-distillation's `buffer.py` + `distill.py`, unmodified, "
+    "run by `kdkit bench condense-reference` on the same CIFAR-10 subset with the row's budget (experts, student "
+    "steps, start epochs, iterations, learning rates) and evaluated by its own `evaluate_synset` with the same "
+    "nets x epochs; mean ± std over its evaluation networks. Seconds: kdkit's condensation (experts + iterations) "
+    "against the reference's `buffer.py` + `distill.py` wall time, which also includes its two evaluations "
+    "(iteration 0 and the last), so the reference's figure is an upper bound.")
 CVDD_KEYS = ("recipe", "members", "member_epochs", "iterations", "recover_lr", "patch_candidates", "train_subset",
              "test_subset", "eval_student", "eval_epochs", "eval_nets")
 SHORTENING_KEYS = ("iterations", "train_subset", "test_subset", "width", "eval_epochs", "eval_nets", "batch_real",
@@ -65,7 +74,7 @@ class CondenseImagesBench:
 
     methods: list[str] | str = "dm"  # a list or a comma list
     ipcs: list[PositiveInt] | PositiveInt | str = 10  # a list or a comma list
-    table: Literal["run", "only", "speed"] = "run"  # only: regenerate the table; speed: `run_tm_speed`
+    table: Literal["run", "only"] = "run"  # only: regenerate the table (speed: `kdkit bench condense-speed`)
 
     def validate(self, at: str) -> None:
         self.methods = [m.strip() for m in (self.methods.split(",") if isinstance(self.methods, str)
@@ -76,26 +85,6 @@ class CondenseImagesBench:
             self.ipcs = [coerce(int(str(i).strip()), PositiveInt, f"{at}ipcs") for i in items]
         except ValueError:
             raise bad_value(f"{at}ipcs", ipcs, "integers >= 1 (a list, or a comma list such as 1,10)") from None
-
-
-@dataclass
-class TMSpeedBench:
-    """`table=speed`: seconds per trajectory-matching iteration, unrolled vs constant-memory, per N."""
-
-    table: Literal["speed"] = "speed"
-    steps: list[PositiveInt] | PositiveInt | str = "30,80"  # syn_steps N to time (a comma list)
-    ipc: PositiveInt = 10
-    width: PositiveInt = 128
-    iters: PositiveInt = 5
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    def validate(self, at: str) -> None:
-        items = self.steps.split(",") if isinstance(self.steps, str) else self.steps \
-            if isinstance(self.steps, list) else [self.steps]
-        try:
-            self.steps = [coerce(int(str(i).strip()), PositiveInt, f"{at}steps") for i in items]
-        except ValueError:
-            raise bad_value(f"{at}steps", self.steps, "integers >= 1 (a comma list such as 30,80)") from None
 
 
 def _configs(opts: CondenseImagesBench, rest: list[str]) -> list:
@@ -118,8 +107,6 @@ def run_condense_images(settings: list[str] | None = None) -> Path:
     from ..condense.image_run import run_image_condense
 
     settings = list(settings or [])
-    if any(s.partition("=")[0].strip() == "table" and s.partition("=")[2].strip() == "speed" for s in settings):
-        return run_tm_speed(bench_options(TMSpeedBench, settings))
     opts, rest = bench_options(CondenseImagesBench, settings, passthrough=True)
     if opts.table == "only" and rest:
         raise ConfigError(f"table=only regenerates the table from the result files; it takes no settings ({rest[0]})")
@@ -131,7 +118,8 @@ def run_condense_images(settings: list[str] | None = None) -> Path:
                       "random_real_mean": 100 * m["random_real"]["mean"],
                       "random_real_std": 100 * m["random_real"]["std"],
                       "image_bytes": m["eval"]["image_bytes"], "label_bytes": m["eval"]["label_bytes"],
-                      "condense_seconds": m["condense_seconds"], "run_dir": m["run_dir"],
+                      "condense_seconds": m["condense_seconds"], "setup_seconds": m.get("setup_seconds"),
+                      "run_dir": m["run_dir"],
                       "settings": {k: cfg.setting(k) for k in
                                    (CVDD_KEYS if cfg.method == "cvdd" else SHORTENING_KEYS)}}
             record.update(dd_ranking_fields(m))
@@ -200,23 +188,29 @@ def write_table(results_dir: Path | None = None, out: Path | None = None) -> Pat
         "method beats random real images, not that it reaches the paper. Relabel-protocol (ResNet-18, soft",
         "labels) numbers are in a separate table below: they are not comparable with these.",
         "",
-        "| method | IPC | ours | random real | HLR ↓ | IOR ↑ | DDRS ↑ | paper | image bytes | label bytes | "
-        "device | budget (shortened) | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | IPC | ours | random real | reference code, same budget | seconds: ours / reference | HLR ↓ | "
+        "IOR ↑ | DDRS ↑ | paper | image bytes | label bytes | device | budget (shortened) | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    references = read_results(REFERENCE_KIND, results_dir.parent / REFERENCE_KIND if results_dir else None)
     for r in sorted(rows, key=lambda r: (r["method"], r["ipc"], r["time"])):
         s = r.get("settings", {})
         budget = ", ".join(f"{k}={v}" for k, v in s.items() if v is not None)
         paper = PAPER.get(r["method"], {}).get(r["ipc"])
+        ref = matching_reference(r, references)
+        ref_acc = f"{ref['acc_mean']:.1f} ± {ref['acc_std']:.1f}" if ref else "—"
+        ref_time = (f"{r['condense_seconds'] + (r.get('setup_seconds') or 0):,.0f} / "
+                    f"{ref.get('expert_seconds', 0) + ref['distill_seconds']:,.0f}"
+                    if ref and r.get("condense_seconds") else "—")
         lines.append(
             f"| {r['method']} | {r['ipc']} | {r['acc_mean']:.1f} ± {r['acc_std']:.1f} | "
-            f"{r['random_real_mean']:.1f} ± {r['random_real_std']:.1f} | {' | '.join(_dd_cells(r, True))} | "
-            f"{paper if paper is not None else '—'} | "
+            f"{r['random_real_mean']:.1f} ± {r['random_real_std']:.1f} | {ref_acc} | {ref_time} | "
+            f"{' | '.join(_dd_cells(r, True))} | {paper if paper is not None else '—'} | "
             f"{r['image_bytes']:,} | {r['label_bytes']:,} | {r['hardware'].get('device')} "
             f"({r['hardware'].get('threads')} threads) | {budget}{_full_budget(r)} | `{r['command']}` |")
     if not rows:
-        lines.append("| (no results yet) | | | | | | | | | | | | |")
-    lines += ["", DD_RANKING_NOTE]
+        lines.append("| (no results yet) | | | | | | | | | | | | | | |")
+    lines += ["", REFERENCE_NOTE, "", DD_RANKING_NOTE]
     lines += ["", "## Relabel protocol (b): CV-DD with committee crop labels", "",
               "Test accuracy (%) of fresh students trained on the condensed images against stored FKD crop-level",
               "soft labels (one random-resized crop + flip + CutMix per image per epoch, labelled once by the",
@@ -260,55 +254,4 @@ def write_table(results_dir: Path | None = None, out: Path | None = None) -> Pat
     return out
 
 
-def run_tm_speed(opts: TMSpeedBench) -> Path:
-    """Seconds per trajectory-matching iteration and peak memory, unrolled vs constant-memory, per N.
-
-    `kdkit bench condense-images table=speed steps=30,80 ipc=10 width=128 iters=5`: ConvNet-3 on 32x32 images,
-    a random expert segment (timing does not depend on the expert's quality), batch_syn = all images, DSA on.
-    Peak memory is `torch.cuda.max_memory_allocated` on a GPU; on a CPU it is not measured (None). The reference
-    implementation is not run here: run it beside this with the same settings.
-    """
-    import time
-
-    import torch
-
-    from ..condense.convnet_functional import FlatConvNet, make_convnet
-    from ..condense.trajectory import constant_memory_grads, make_plan, unrolled_matching_loss
-    from ..run import pick_device
-
-    steps, ipc, width, iters = opts.steps, opts.ipc, opts.width, opts.iters
-    dev = pick_device(opts.device)
-    torch.manual_seed(0)
-    net = FlatConvNet(make_convnet(10, width=width).to(dev))
-    start = net.flatten()
-    target = start + 0.01 * torch.randn_like(start)
-    images = torch.randn(10 * ipc, 3, 32, 32, device=dev)
-    labels = torch.arange(10, device=dev).repeat_interleave(ipc)
-    lr = torch.tensor(0.01, device=dev, requires_grad=True)
-    rows = []
-    for n in steps:
-        for mode in ("unrolled", "constant_memory"):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            times = []
-            for it in range(iters + 1):
-                plan = make_plan(images.shape[0], n, None, torch.Generator().manual_seed(it))
-                t0 = time.perf_counter()
-                if mode == "unrolled":
-                    x = images.clone().requires_grad_(True)
-                    unrolled_matching_loss(net, start, target, x, labels, lr, plan).backward()
-                else:
-                    constant_memory_grads(net, start, target, images, labels, lr, plan)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                if it:  # the first iteration warms up
-                    times.append(time.perf_counter() - t0)
-            peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
-            rows.append({"syn_steps": n, "mode": mode, "sec_per_iter": sum(times) / len(times),
-                         "peak_bytes": peak, "ipc": ipc, "width": width, "iters": iters})
-            print(rows[-1])
-    return write_result(KIND + "-speed", {"rows": rows, "device_used": str(dev)})  # `kdkit bench` prints it
-
-
-__all__ = ["run_condense_images", "run_tm_speed", "write_table", "RESULTS_DIR"]
+__all__ = ["run_condense_images", "write_table", "RESULTS_DIR"]

@@ -1,0 +1,95 @@
+"""`kdkit bench condense-reference`: the reference MTT code on kdkit's data and budget, for the fidelity column.
+
+`kdkit bench condense-reference ipcs=1,10 [width=32 train_subset=5000 ...]` runs GeorgeCazenavette/mtt-distillation
+(`buffer.py` for the experts, then `distill.py`) from its local copy (`.refs/mtt-distillation`, never committed)
+on the same class-balanced CIFAR-10 subset kdkit uses, with the budget of `scripts/cpu-condense.sh`: the same
+expert count and length, student steps, start epochs, iterations, learning rates and evaluation (nets x epochs,
+distill.py's own `evaluate_synset`: SGD momentum 0.9, weight decay 5e-4, the learned lr, DSA; the protocol
+kdkit's `convnet` evaluation implements). Each IPC runs in its own process; the experts are trained once and
+shared by the IPCs. One result file per row in `leaderboards/results/condense-cifar10-reference/`;
+`leaderboards/condense-cifar10.md` shows it beside kdkit's row of the same method, IPC and budget.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..config import NonNegFloat, PositiveFloat, PositiveInt
+from ..errors import ConfigError
+from .condense_speed import refs_dir
+from .results import REPO, bench_options, write_result
+
+KIND = "condense-cifar10-reference"
+# the settings a kdkit row must share with a reference row to stand beside it
+MATCH_KEYS = ("width", "train_subset", "test_subset", "experts", "expert_epochs", "syn_steps", "iterations",
+              "eval_epochs", "eval_nets")
+
+
+@dataclass
+class CondenseReferenceBench:
+    ipcs: list[PositiveInt] | PositiveInt | str = "1,10"
+    width: PositiveInt = 32
+    train_subset: PositiveInt = 5000
+    test_subset: PositiveInt = 2000
+    experts: PositiveInt = 5
+    expert_epochs: PositiveInt = 10
+    syn_steps: PositiveInt = 20
+    match_epochs: PositiveInt = 2
+    max_start_epoch: PositiveInt | None = None  # null: 5 at IPC >= 10, 2 at IPC 1 (scripts/cpu-condense.sh)
+    iterations: PositiveInt = 200
+    lr_img: PositiveFloat = 1000.0
+    lr_lr: NonNegFloat | None = None  # null: 1e-5 at IPC >= 10, 1e-7 at IPC 1 (the papers' settings)
+    lr_teacher: PositiveFloat = 0.01
+    eval_epochs: PositiveInt = 300
+    eval_nets: PositiveInt = 3
+    seed: int = 0
+    threads: PositiveInt | None = None
+    work_dir: str = str(REPO / ".cache" / "condense-reference")
+
+    def validate(self, at: str) -> None:
+        from .condense_speed import _int_list
+
+        self.ipcs = _int_list(self.ipcs, f"{at}ipcs")
+
+
+def run_condense_reference(settings: list[str] | None = None) -> Path:
+    opts = bench_options(CondenseReferenceBench, list(settings or []))
+    if not (refs_dir() / "distill.py").is_file():
+        raise ConfigError(f"no reference code in {refs_dir()}: clone GeorgeCazenavette/mtt-distillation there "
+                          "(it is git-ignored and never committed)")
+    path = None
+    for ipc in opts.ipcs:
+        spec = {k: v for k, v in asdict(opts).items() if k != "ipcs"}
+        spec.update(ipc=ipc, refs=str(refs_dir()),
+                    max_start_epoch=opts.max_start_epoch or (2 if ipc == 1 else 5),
+                    lr_lr=opts.lr_lr if opts.lr_lr is not None else (1e-7 if ipc == 1 else 1e-5))
+        proc = subprocess.run([sys.executable, "-m", "kdkit.bench.condense_reference_worker", json.dumps(spec)],
+                              capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            raise RuntimeError(f"the reference run failed (IPC {ipc}):\n{proc.stderr[-3000:]}")
+        got = json.loads(lines[-1])
+        settings_row = {k: spec[k] for k in ("width", "train_subset", "test_subset", "experts", "expert_epochs",
+                                             "syn_steps", "match_epochs", "max_start_epoch", "iterations", "lr_img",
+                                             "lr_lr", "eval_epochs", "eval_nets", "seed")}
+        path = write_result(KIND, {"method": "mtt", "ipc": ipc, "implementation": "GeorgeCazenavette/mtt-distillation",
+                                   **got, "settings": settings_row})
+        print(f"wrote {path}: {got['acc_mean']:.1f} ± {got['acc_std']:.1f}", flush=True)
+    from .condense_images import write_table
+
+    write_table()
+    return path
+
+
+def matching_reference(row: dict, reference_rows: list[dict]) -> dict | None:
+    """The newest reference row with `row`'s method, IPC and budget (MATCH_KEYS), or None."""
+    s = row.get("settings", {})
+    hits = [r for r in reference_rows if r["method"] == row["method"] and r["ipc"] == row["ipc"]
+            and all(r["settings"].get(k) == s.get(k) for k in MATCH_KEYS)]
+    return max(hits, key=lambda r: r["time"]) if hits else None
+
+
+__all__ = ["run_condense_reference", "matching_reference", "KIND"]
