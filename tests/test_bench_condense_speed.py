@@ -37,3 +37,18 @@ def test_reference_column_needs_the_same_budget():
     assert matching_reference(ours, [same, newer, other]) is newer
     assert matching_reference(ours, [other]) is None
     assert matching_reference({**ours, "ipc": 1}, [same]) is None
+
+
+def test_reference_bench_names_the_missing_code_and_the_allowed_widths(tmp_path, monkeypatch):
+    import pytest
+
+    from kdkit.bench import condense_reference
+    from kdkit.errors import ConfigError
+
+    monkeypatch.setattr(condense_reference, "refs_dir", lambda: tmp_path / "refs" / "mtt-distillation")
+    with pytest.raises(ConfigError, match="clone GeorgeCazenavette/mtt-distillation"):
+        condense_reference.run_condense_reference(["methods=mtt"])
+    with pytest.raises(ConfigError, match="width 32, 64, 128 or 256"):
+        condense_reference.run_condense_reference(["width=16"])
+    with pytest.raises(ConfigError, match="no reference runner for 'cvdd'"):
+        condense_reference.run_condense_reference(["methods=cvdd"])

@@ -1,8 +1,9 @@
-"""`kdkit bench condense-reference`: the reference MTT code on kdkit's data and budget, for the fidelity column.
+"""`kdkit bench condense-reference`: the reference code on kdkit's data and budget, for the fidelity column.
 
-`kdkit bench condense-reference ipcs=1,10 [width=32 train_subset=5000 ...]` runs GeorgeCazenavette/mtt-distillation
-(`buffer.py` for the experts, then `distill.py`) from its local copy (`.refs/mtt-distillation`, never committed)
-on the same class-balanced CIFAR-10 subset kdkit uses, with the budget of `scripts/cpu-condense.sh`: the same
+`kdkit bench condense-reference methods=mtt,dm ipcs=10,1 [width=32 train_subset=5000 ...]` runs
+GeorgeCazenavette/mtt-distillation (`buffer.py` for the experts, then `distill.py`) and VICO-UoE/
+DatasetCondensation (`main_DM.py`) from their local copies (`.refs/mtt-distillation`, `.refs/DatasetCondensation`,
+git-ignored, never committed) on the same class-balanced CIFAR-10 subset kdkit uses, with the budget of `scripts/cpu-condense.sh`: the same
 expert count and length, student steps, start epochs, iterations, learning rates and evaluation (nets x epochs,
 distill.py's own `evaluate_synset`: SGD momentum 0.9, weight decay 5e-4, the learned lr, DSA; the protocol
 kdkit's `convnet` evaluation implements). Each IPC runs in its own process; the experts are trained once and
@@ -22,15 +23,19 @@ from ..errors import ConfigError
 from .condense_speed import refs_dir
 from .results import REPO, bench_options, write_result
 
+REPOSITORIES = {"mtt": ("mtt-distillation", "GeorgeCazenavette/mtt-distillation", "distill.py"),
+                "dm": ("DatasetCondensation", "VICO-UoE/DatasetCondensation", "main_DM.py")}
+
 KIND = "condense-cifar10-reference"
 # the settings a kdkit row must share with a reference row to stand beside it
 MATCH_KEYS = ("width", "train_subset", "test_subset", "experts", "expert_epochs", "syn_steps", "iterations",
-              "eval_epochs", "eval_nets")
+              "eval_epochs", "eval_nets", "batch_real")
 
 
 @dataclass
 class CondenseReferenceBench:
-    ipcs: list[PositiveInt] | PositiveInt | str = "1,10"
+    methods: list[str] | str = "mtt,dm"
+    ipcs: list[PositiveInt] | PositiveInt | str = "10,1"
     width: PositiveInt = 32
     train_subset: PositiveInt = 5000
     test_subset: PositiveInt = 2000
@@ -43,6 +48,8 @@ class CondenseReferenceBench:
     lr_img: PositiveFloat = 1000.0
     lr_lr: NonNegFloat | None = None  # null: 1e-5 at IPC >= 10, 1e-7 at IPC 1 (the papers' settings)
     lr_teacher: PositiveFloat = 0.01
+    lr_img_dm: PositiveFloat = 1.0  # DM's image learning rate (main_DM.py's and kdkit's default)
+    batch_real: PositiveInt = 64  # DM's real images per class per iteration
     eval_epochs: PositiveInt = 300
     eval_nets: PositiveInt = 3
     seed: int = 0
@@ -53,31 +60,46 @@ class CondenseReferenceBench:
         from .condense_speed import _int_list
 
         self.ipcs = _int_list(self.ipcs, f"{at}ipcs")
+        if self.width not in (32, 64, 128, 256):
+            raise ConfigError(f"{at}width={self.width} is not allowed: the reference code builds ConvNet-3 of "
+                              "width 32, 64, 128 or 256 (ConvNetW<width>)")
+        methods = self.methods.split(",") if isinstance(self.methods, str) else list(self.methods)
+        self.methods = [m.strip() for m in methods if m.strip()]
+        for m in self.methods:
+            if m not in REPOSITORIES:
+                raise ConfigError(f"{at}methods: no reference runner for '{m}'; choices: {', '.join(REPOSITORIES)}")
 
 
 def run_condense_reference(settings: list[str] | None = None) -> Path:
     opts = bench_options(CondenseReferenceBench, list(settings or []))
-    if not (refs_dir() / "distill.py").is_file():
-        raise ConfigError(f"no reference code in {refs_dir()}: clone GeorgeCazenavette/mtt-distillation there "
-                          "(it is git-ignored and never committed)")
+    base = refs_dir().parent
+    for method in opts.methods:
+        folder, name, entry = REPOSITORIES[method]
+        if not (base / folder / entry).is_file():
+            raise ConfigError(f"no reference code in {base / folder}: clone {name} there (git-ignored, never "
+                              "committed)")
     path = None
-    for ipc in opts.ipcs:
-        spec = {k: v for k, v in asdict(opts).items() if k != "ipcs"}
-        spec.update(ipc=ipc, refs=str(refs_dir()),
-                    max_start_epoch=opts.max_start_epoch or (2 if ipc == 1 else 5),
-                    lr_lr=opts.lr_lr if opts.lr_lr is not None else (1e-7 if ipc == 1 else 1e-5))
-        proc = subprocess.run([sys.executable, "-m", "kdkit.bench.condense_reference_worker", json.dumps(spec)],
-                              capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode or not lines:
-            raise RuntimeError(f"the reference run failed (IPC {ipc}):\n{proc.stderr[-3000:]}")
-        got = json.loads(lines[-1])
-        settings_row = {k: spec[k] for k in ("width", "train_subset", "test_subset", "experts", "expert_epochs",
-                                             "syn_steps", "match_epochs", "max_start_epoch", "iterations", "lr_img",
-                                             "lr_lr", "eval_epochs", "eval_nets", "seed")}
-        path = write_result(KIND, {"method": "mtt", "ipc": ipc, "implementation": "GeorgeCazenavette/mtt-distillation",
-                                   **got, "settings": settings_row})
-        print(f"wrote {path}: {got['acc_mean']:.1f} ± {got['acc_std']:.1f}", flush=True)
+    for method in opts.methods:
+        folder, name, _ = REPOSITORIES[method]
+        for ipc in opts.ipcs:
+            spec = {k: v for k, v in asdict(opts).items() if k not in ("ipcs", "methods")}
+            spec.update(method=method, ipc=ipc, refs=str(base / folder),
+                        work_dir=str(Path(opts.work_dir) / method),
+                        max_start_epoch=opts.max_start_epoch or (2 if ipc == 1 else 5),
+                        lr_lr=opts.lr_lr if opts.lr_lr is not None else (1e-7 if ipc == 1 else 1e-5))
+            proc = subprocess.run([sys.executable, "-m", "kdkit.bench.condense_reference_worker", json.dumps(spec)],
+                                  capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode or not lines:
+                raise RuntimeError(f"the {name} run failed (IPC {ipc}):\n{proc.stderr[-3000:]}")
+            got = json.loads(lines[-1])
+            keys = (("width", "train_subset", "test_subset", "iterations", "eval_epochs", "eval_nets", "seed")
+                    + (("batch_real", "lr_img_dm") if method == "dm" else
+                       ("experts", "expert_epochs", "syn_steps", "match_epochs", "max_start_epoch", "lr_img",
+                        "lr_lr")))
+            path = write_result(KIND, {"method": method, "ipc": ipc, "implementation": name, **got,
+                                       "settings": {k: spec[k] for k in keys}})
+            print(f"wrote {path}: {method} IPC {ipc} {got['acc_mean']:.1f} ± {got['acc_std']:.1f}", flush=True)
     from .condense_images import write_table
 
     write_table()
@@ -87,8 +109,9 @@ def run_condense_reference(settings: list[str] | None = None) -> Path:
 def matching_reference(row: dict, reference_rows: list[dict]) -> dict | None:
     """The newest reference row with `row`'s method, IPC and budget (MATCH_KEYS), or None."""
     s = row.get("settings", {})
+    keys = [k for k in MATCH_KEYS if s.get(k) is not None]  # a method's own budget keys (DM has no experts)
     hits = [r for r in reference_rows if r["method"] == row["method"] and r["ipc"] == row["ipc"]
-            and all(r["settings"].get(k) == s.get(k) for k in MATCH_KEYS)]
+            and all(r["settings"].get(k) == s.get(k) for k in keys)]
     return max(hits, key=lambda r: r["time"]) if hits else None
 
 

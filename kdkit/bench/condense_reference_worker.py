@@ -1,4 +1,5 @@
-"""Run the reference MTT code (`buffer.py`, then `distill.py`) in this process on kdkit's offline CIFAR-10.
+"""Run a reference implementation in this process on kdkit's offline CIFAR-10: MTT (GeorgeCazenavette/
+mtt-distillation's `buffer.py`, then `distill.py`) or DM (VICO-UoE/DatasetCondensation's `main_DM.py`).
 
 `python -m kdkit.bench.condense_reference_worker '<json spec>'` (from `kdkit bench condense-reference`). The
 reference is imported from its local, never-committed copy and run unmodified, with four things around it:
@@ -6,7 +7,11 @@ reference is imported from its local, never-committed copy and run unmodified, w
   implementations see the very same images;
 - `wandb` is a stub that keeps `config` (distill.py rebuilds its arguments from `wandb.config._items`);
 - `kornia` (imported by utils.py for ZCA only) is an empty module;
-- `Tensor.cuda` returns the tensor on a CPU machine (distill.py moves the images it saves with `.cuda()`).
+- `Tensor.cuda` returns the tensor on a CPU machine (distill.py moves the images it saves with `.cuda()`);
+- `t[:] = t[0]` (the Siamese augmentation of DatasetCondensation's utils.py, written for torch 1.x) clones the
+  right-hand side first, as torch 1.x's copy did; torch 2 refuses the overlapping write;
+- main_DM.py evaluates every 2,000 iterations from 0, so a shorter run would only evaluate its initial images: its
+  schedule is given the run's length (evaluations at iteration 0 and at the last), the one change to its loop.
 Prints one JSON line: the accuracies distill.py printed after its last iteration, and the seconds each part took.
 """
 from __future__ import annotations
@@ -46,13 +51,25 @@ def _stub_modules() -> None:
     sys.modules["wandb"] = wandb
     if not torch.cuda.is_available():
         torch.Tensor.cuda = lambda self, *a, **k: self
+    setitem = torch.Tensor.__setitem__
+
+    def setitem_copying_overlaps(self, index, value):
+        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == self.untyped_storage().data_ptr():
+            value = value.clone()
+        return setitem(self, index, value)
+
+    torch.Tensor.__setitem__ = setitem_copying_overlaps
+
+
+def _splits(spec: dict):
+    from ..condense.image_data import load_image_splits
+
+    return load_image_splits("cifar10", train_subset=spec["train_subset"], test_subset=spec["test_subset"], zca=False,
+                             seed=spec["seed"])
 
 
 def _patch_data(utils, spec: dict) -> None:
-    from ..condense.image_data import load_image_splits
-
-    train, test = load_image_splits("cifar10", train_subset=spec["train_subset"], test_subset=spec["test_subset"],
-                                    zca=False, seed=spec["seed"])
+    train, test = _splits(spec)
     dst_train = torch.utils.data.TensorDataset(train.images, train.labels)
     dst_test = torch.utils.data.TensorDataset(test.images, test.labels)
 
@@ -79,6 +96,57 @@ def _parse(module, argv: list[str]):
         sys.argv = saved
 
 
+def _evaluations(text: str) -> dict:
+    evals = re.findall(r"Evaluate (\d+) random \S+, mean = ([0-9.]+) std = ([0-9.]+)", text)
+    if not evals:
+        raise SystemExit("the reference printed no evaluation")
+    n, mean, std = evals[-1]
+    accs = [float(a) for a in re.findall(r"test acc = ([0-9.]+)", text)][-int(n):]
+    return {"acc_mean": 100 * float(mean), "acc_std": 100 * float(std), "accs": accs,
+            "initial_mean": 100 * float(evals[0][1])}
+
+
+def run_dm(spec: dict) -> dict:
+    """main_DM.py (its own argparse, one experiment) with kdkit's data and the run's budget."""
+    import numpy as np
+
+    import utils
+
+    train, test = _splits(spec)
+    dst_train = torch.utils.data.TensorDataset(train.images, train.labels)
+    dst_test = torch.utils.data.TensorDataset(test.images, test.labels)
+
+    def get_dataset(dataset, data_path):
+        testloader = torch.utils.data.DataLoader(dst_test, batch_size=256, shuffle=False, num_workers=0)
+        return 3, (32, 32), 10, list(train.classes), list(train.mean), list(train.std), dst_train, dst_test, testloader
+
+    utils.get_dataset = get_dataset
+    import main_DM
+
+    main_DM.get_dataset = get_dataset
+    iterations = spec["iterations"]
+    schedule = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    schedule.arange = lambda *a, **k: np.array([0, iterations]) if a[:3] == (0, iterations + 1, 2000) \
+        else np.arange(*a, **k)
+    main_DM.np = schedule
+    model = f"ConvNetW{spec['width']}" if spec["width"] != 128 else "ConvNet"
+    argv = ["--dataset", "CIFAR10", "--model", model, "--ipc", str(spec["ipc"]), "--num_exp", "1",
+            "--num_eval", str(spec["eval_nets"]), "--epoch_eval_train", str(spec["eval_epochs"]),
+            "--Iteration", str(iterations), "--lr_img", str(spec["lr_img_dm"]), "--batch_real",
+            str(spec["batch_real"]), "--init", "real", "--data_path", "data", "--save_path", "result"]
+    saved, sys.argv = sys.argv, ["main_DM.py"] + argv
+    log = StringIO()
+    t0 = time.perf_counter()
+    try:
+        with redirect_stdout(log):
+            main_DM.main()
+    finally:
+        sys.argv = saved
+    out = {"model": model, "distill_seconds": time.perf_counter() - t0}
+    Path(f"dm-ipc{spec['ipc']}.log").write_text(log.getvalue())
+    return {**out, **_evaluations(log.getvalue())}
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     refs = spec["refs"]
@@ -86,6 +154,13 @@ def main() -> None:
     _stub_modules()
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    work = Path(spec["work_dir"])
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)
+    torch.manual_seed(spec["seed"])
+    if spec["method"] == "dm":
+        print(json.dumps(run_dm(spec)))
+        return
     import utils
 
     _patch_data(utils, spec)
@@ -93,14 +168,10 @@ def main() -> None:
     import distill
 
     buffer.get_dataset = distill.get_dataset = utils.get_dataset
-    work = Path(spec["work_dir"])
-    work.mkdir(parents=True, exist_ok=True)
-    os.chdir(work)  # distill.py writes ./logged_files
     model = f"ConvNetW{spec['width']}" if spec["width"] != 128 else "ConvNet"
     out: dict = {"model": model}
     buffers = work / "buffers"
     expert_dir = buffers / "CIFAR10_NO_ZCA" / model
-    torch.manual_seed(spec["seed"])
     if not (expert_dir / "replay_buffer_0.pt").is_file():
         args = _parse(buffer, ["--dataset", "CIFAR10", "--model", model, "--num_experts", str(spec["experts"]),
                                "--train_epochs", str(spec["expert_epochs"]), "--buffer_path", str(buffers),
@@ -121,14 +192,8 @@ def main() -> None:
     with redirect_stdout(log):
         distill.main(args)
     out["distill_seconds"] = time.perf_counter() - t0  # includes its evaluations at iteration 0 and at the end
-    (work / f"distill-ipc{spec['ipc']}.log").write_text(log.getvalue())
-    evals = re.findall(r"Evaluate (\d+) random \S+, mean = ([0-9.]+) std = ([0-9.]+)", log.getvalue())
-    if not evals:
-        raise SystemExit("distill.py printed no evaluation")
-    n, mean, std = evals[-1]
-    accs = [float(a) for a in re.findall(r"test acc = ([0-9.]+)", log.getvalue())][-int(n):]
-    out.update(acc_mean=100 * float(mean), acc_std=100 * float(std), accs=accs, initial_mean=100 * float(evals[0][1]))
-    print(json.dumps(out))
+    Path(f"distill-ipc{spec['ipc']}.log").write_text(log.getvalue())
+    print(json.dumps({**out, **_evaluations(log.getvalue())}))
 
 
 if __name__ == "__main__":
