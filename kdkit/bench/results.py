@@ -51,8 +51,8 @@ def write_result(kind: str, record: dict, directory: Path | None = None, path: P
     bench that writes its rows as they come rewrites one file)."""
     directory = Path(directory or RESULTS_DIR / kind)
     directory.mkdir(parents=True, exist_ok=True)
-    full = {"kind": kind, "command": "kdkit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("kdkit")
-            else " ".join(sys.argv), "git_commit": git_commit(), "hardware": hardware(),
+    full = {"kind": kind, "command": "kdkit " + " ".join(sys.argv[1:])
+            if sys.argv[0].endswith(("kdkit", "kdkit/cli.py")) else " ".join(sys.argv), "git_commit": git_commit(), "hardware": hardware(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{full['hardware']['device'].replace(' ', '_')}"
     if path is None:
