@@ -7,7 +7,10 @@ reference is imported from its local, never-committed copy and run unmodified, w
   implementations see the very same images;
 - `wandb` is a stub that keeps `config` (distill.py rebuilds its arguments from `wandb.config._items`);
 - `kornia` (imported by utils.py for ZCA only) is an empty module;
-- `Tensor.cuda` returns the tensor on a CPU machine (distill.py moves the images it saves with `.cuda()`);
+- `Tensor.cuda` returns the tensor on a CPU machine (distill.py moves the images it saves with `.cuda()`), and
+  `Tensor.cpu` of a CPU tensor returns a copy, as it does from the GPU the code was written for: buffer.py
+  snapshots each epoch's parameters with `p.detach().cpu()`, which on a CPU is the live parameter itself, so
+  every snapshot would be the final weights (start = target, a 0/0 matching loss);
 - `t[:] = t[0]` (the Siamese augmentation of DatasetCondensation's utils.py, written for torch 1.x) clones the
   right-hand side first, as torch 1.x's copy did; torch 2 refuses the overlapping write;
 - main_DM.py evaluates every 2,000 iterations from 0, so a shorter run would only evaluate its initial images: its
@@ -51,6 +54,8 @@ def _stub_modules() -> None:
     sys.modules["wandb"] = wandb
     if not torch.cuda.is_available():
         torch.Tensor.cuda = lambda self, *a, **k: self
+        to_cpu = torch.Tensor.cpu
+        torch.Tensor.cpu = lambda self, *a, **k: self.clone() if self.device.type == "cpu" else to_cpu(self, *a, **k)
     setitem = torch.Tensor.__setitem__
 
     def setitem_copying_overlaps(self, index, value):
@@ -102,8 +107,9 @@ def _evaluations(text: str) -> dict:
         raise SystemExit("the reference printed no evaluation")
     n, mean, std = evals[-1]
     accs = [float(a) for a in re.findall(r"test acc = ([0-9.]+)", text)][-int(n):]
+    eval_seconds = sum(int(t) for t in re.findall(r"train time = (\d+) s", text))  # its evaluations, all of them
     return {"acc_mean": 100 * float(mean), "acc_std": 100 * float(std), "accs": accs,
-            "initial_mean": 100 * float(evals[0][1])}
+            "initial_mean": 100 * float(evals[0][1]), "eval_seconds": eval_seconds}
 
 
 def run_dm(spec: dict) -> dict:
