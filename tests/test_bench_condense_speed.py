@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from kdkit.bench import condense_speed
-from kdkit.bench.condense_reference import matching_reference
+from kdkit.bench.condense_images import matching_reference
 
 
 def test_speed_bench_times_each_implementation_in_its_own_process(tmp_path, monkeypatch):

@@ -24,8 +24,6 @@ from typing import Literal
 
 from ..config import PositiveInt, bad_value, coerce
 from ..errors import ConfigError
-from .condense_reference import KIND as REFERENCE_KIND
-from .condense_reference import matching_reference
 from .results import RESULTS_DIR, bench_options, read_results, write_result
 
 KIND = "condense-cifar10"
@@ -40,6 +38,10 @@ PAPER_BUDGET = {"dm": "20,000 iterations, full train set, width 128, eval 1,000 
                 "cvdd": "committee ResNet-18/50, ShuffleNetV2, MobileNetV2, DenseNet-121 (200 epochs each), "
                         "2 voters, 4,000 iterations per batch, 300 epochs of crop labels, ResNet-18 student 300 "
                         "epochs"}
+REFERENCE_KIND = "condense-cifar10-reference"  # `kdkit bench condense-reference` rows
+# the settings a kdkit row must share with a reference row to stand beside it
+MATCH_KEYS = ("width", "train_subset", "test_subset", "experts", "expert_epochs", "syn_steps", "iterations",
+              "eval_epochs", "eval_nets", "batch_real")
 REFERENCE_NOTE = (
     "Reference code, same budget: GeorgeCazenavette/mtt-distillation's `buffer.py` + `distill.py`, unmodified, "
     "run by `kdkit bench condense-reference` on the same CIFAR-10 subset with the row's budget (experts, student "
@@ -168,6 +170,15 @@ def _full_budget(r: dict) -> str:
     net = f"{f['protocol']}" + (f" ({f['student']})" if f.get("student") else "")
     return (f"; full data (HLR): {net} {f['acc']:.1f} after {f['epochs']} epochs on {f['images']:,} images, "
             "no augmentation")
+
+
+def matching_reference(row: dict, reference_rows: list[dict]) -> dict | None:
+    """The newest reference row with `row`'s method, IPC and budget (MATCH_KEYS), or None."""
+    s = row.get("settings", {})
+    keys = [k for k in MATCH_KEYS if s.get(k) is not None]  # a method's own budget keys (DM has no experts)
+    hits = [r for r in reference_rows if r["method"] == row["method"] and r["ipc"] == row["ipc"]
+            and all(r["settings"].get(k) == s.get(k) for k in keys)]
+    return max(hits, key=lambda r: r["time"]) if hits else None
 
 
 def write_table(results_dir: Path | None = None, out: Path | None = None) -> Path:

@@ -20,16 +20,14 @@ from pathlib import Path
 
 from ..config import NonNegFloat, PositiveFloat, PositiveInt
 from ..errors import ConfigError
+from .condense_images import REFERENCE_KIND as KIND
+from .condense_images import write_table
 from .condense_speed import refs_dir
 from .results import REPO, bench_options, write_result
 
 REPOSITORIES = {"mtt": ("mtt-distillation", "GeorgeCazenavette/mtt-distillation", "distill.py"),
                 "dm": ("DatasetCondensation", "VICO-UoE/DatasetCondensation", "main_DM.py")}
 
-KIND = "condense-cifar10-reference"
-# the settings a kdkit row must share with a reference row to stand beside it
-MATCH_KEYS = ("width", "train_subset", "test_subset", "experts", "expert_epochs", "syn_steps", "iterations",
-              "eval_epochs", "eval_nets", "batch_real")
 
 
 @dataclass
@@ -100,19 +98,8 @@ def run_condense_reference(settings: list[str] | None = None) -> Path:
             path = write_result(KIND, {"method": method, "ipc": ipc, "implementation": name, **got,
                                        "settings": {k: spec[k] for k in keys}})
             print(f"wrote {path}: {method} IPC {ipc} {got['acc_mean']:.1f} ± {got['acc_std']:.1f}", flush=True)
-    from .condense_images import write_table
-
     write_table()
     return path
 
 
-def matching_reference(row: dict, reference_rows: list[dict]) -> dict | None:
-    """The newest reference row with `row`'s method, IPC and budget (MATCH_KEYS), or None."""
-    s = row.get("settings", {})
-    keys = [k for k in MATCH_KEYS if s.get(k) is not None]  # a method's own budget keys (DM has no experts)
-    hits = [r for r in reference_rows if r["method"] == row["method"] and r["ipc"] == row["ipc"]
-            and all(r["settings"].get(k) == s.get(k) for k in keys)]
-    return max(hits, key=lambda r: r["time"]) if hits else None
-
-
-__all__ = ["run_condense_reference", "matching_reference", "KIND"]
+__all__ = ["run_condense_reference", "KIND"]
