@@ -50,5 +50,5 @@ def test_reference_bench_names_the_missing_code_and_the_allowed_widths(tmp_path,
         condense_reference.run_condense_reference(["methods=mtt"])
     with pytest.raises(ConfigError, match="width 32, 64, 128 or 256"):
         condense_reference.run_condense_reference(["width=16"])
-    with pytest.raises(ConfigError, match="no reference runner for 'cvdd'"):
+    with pytest.raises(ConfigError, match="unknown 'cvdd'"):
         condense_reference.run_condense_reference(["methods=cvdd"])

@@ -12,9 +12,6 @@ shared by the IPCs. One result file per row in `leaderboards/results/condense-ci
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from ..errors import ConfigError
 from .condense_images import REFERENCE_KIND as KIND
 from .condense_images import write_table
 from .condense_speed import refs_dir
-from .results import REPO, bench_options, write_result
+from .results import REPO, bench_options, int_list, name_list, run_worker, write_result
 
 REPOSITORIES = {"mtt": ("mtt-distillation", "GeorgeCazenavette/mtt-distillation", "distill.py"),
                 "dm": ("DatasetCondensation", "VICO-UoE/DatasetCondensation", "main_DM.py")}
@@ -55,17 +52,11 @@ class CondenseReferenceBench:
     work_dir: str = str(REPO / ".cache" / "condense-reference")
 
     def validate(self, at: str) -> None:
-        from .condense_speed import _int_list
-
-        self.ipcs = _int_list(self.ipcs, f"{at}ipcs")
+        self.ipcs = int_list(self.ipcs, f"{at}ipcs")
         if self.width not in (32, 64, 128, 256):
             raise ConfigError(f"{at}width={self.width} is not allowed: the reference code builds ConvNet-3 of "
                               "width 32, 64, 128 or 256 (ConvNetW<width>)")
-        methods = self.methods.split(",") if isinstance(self.methods, str) else list(self.methods)
-        self.methods = [m.strip() for m in methods if m.strip()]
-        for m in self.methods:
-            if m not in REPOSITORIES:
-                raise ConfigError(f"{at}methods: no reference runner for '{m}'; choices: {', '.join(REPOSITORIES)}")
+        self.methods = name_list(self.methods, f"{at}methods (methods with a reference runner)", list(REPOSITORIES))
 
 
 def run_condense_reference(settings: list[str] | None = None) -> Path:
@@ -85,12 +76,9 @@ def run_condense_reference(settings: list[str] | None = None) -> Path:
                         work_dir=str(Path(opts.work_dir) / method),
                         max_start_epoch=opts.max_start_epoch or (2 if ipc == 1 else 5),
                         lr_lr=opts.lr_lr if opts.lr_lr is not None else (1e-7 if ipc == 1 else 1e-5))
-            proc = subprocess.run([sys.executable, "-m", "kdkit.bench.condense_reference_worker", json.dumps(spec)],
-                                  capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode or not lines:
-                raise RuntimeError(f"the {name} run failed (IPC {ipc}):\n{proc.stderr[-3000:]}")
-            got = json.loads(lines[-1])
+            got, err = run_worker("kdkit.bench.condense_reference_worker", spec)
+            if got is None:
+                raise RuntimeError(f"the {name} run failed (IPC {ipc}): {err}")
             keys = (("width", "train_subset", "test_subset", "iterations", "eval_epochs", "eval_nets", "seed")
                     + (("batch_real", "lr_img_dm") if method == "dm" else
                        ("experts", "expert_epochs", "syn_steps", "match_epochs", "max_start_epoch", "lr_img",

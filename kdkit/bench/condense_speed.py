@@ -15,16 +15,12 @@ The reference is GeorgeCazenavette/mtt-distillation (`distill.py`'s inner loop o
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import PositiveInt, bad_value, coerce
-from ..errors import ConfigError
-from .results import REPO, bench_options, read_results, write_result
+from ..config import PositiveInt
+from .results import REPO, bench_options, int_list, name_list, read_results, run_worker, write_result
 
 KIND = "condense-speed"
 TABLE = REPO / "leaderboards" / "condense-speed.md"
@@ -39,14 +35,6 @@ def refs_dir() -> Path:
     return Path(os.environ.get("KDKIT_REFS_DIR") or REPO / ".refs") / "mtt-distillation"
 
 
-def _int_list(value, key: str) -> list[int]:
-    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
-    try:
-        return [coerce(int(str(i).strip()), PositiveInt, key) for i in items]
-    except ValueError:
-        raise bad_value(key, value, "integers >= 1 (a comma list such as 10,30)") from None
-
-
 @dataclass
 class CondenseSpeedBench:
     steps: list[PositiveInt] | PositiveInt | str = "10,30"  # syn_steps N to time
@@ -59,12 +47,8 @@ class CondenseSpeedBench:
     table: bool = True  # False: write the result file only
 
     def validate(self, at: str) -> None:
-        self.steps = _int_list(self.steps, f"{at}steps")
-        impls = self.impls.split(",") if isinstance(self.impls, str) else list(self.impls)
-        self.impls = [i.strip() for i in impls if i.strip()]
-        for i in self.impls:
-            if i not in IMPLS:
-                raise ConfigError(f"{at}impls: unknown implementation '{i}'; choices: {', '.join(IMPLS)}")
+        self.steps = int_list(self.steps, f"{at}steps")
+        self.impls = name_list(self.impls, f"{at}impls", IMPLS)
 
 
 def run_condense_speed(settings: list[str] | None = None) -> Path:
@@ -84,13 +68,8 @@ def run_condense_speed(settings: list[str] | None = None) -> Path:
             continue
         spec = {"impl": impl, "syn_steps": n, "ipc": opts.ipc, "width": opts.width, "repeats": opts.repeats,
                 "threads": opts.threads, "refs": str(refs_dir())}
-        proc = subprocess.run([sys.executable, "-m", "kdkit.bench.condense_speed_worker", json.dumps(spec)],
-                              capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode or not lines:
-            row = {**spec, "status": f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}"}
-        else:
-            row = {**spec, **json.loads(lines[-1]), "status": "ok"}
+        got, err = run_worker("kdkit.bench.condense_speed_worker", spec)
+        row = {**spec, **got, "status": "ok"} if got else {**spec, "status": f"failed: {err}"}
         row.pop("refs", None)
         rows.append(row)
         print(row, flush=True)

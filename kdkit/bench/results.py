@@ -85,6 +85,37 @@ def bench_options(schema, settings: list[str], passthrough: bool = False):
     return (opts, rest) if passthrough else opts
 
 
+def int_list(value, key: str) -> list[int]:
+    """A bench option given as an int, a list or a comma list, each >= 1 (one named error otherwise)."""
+    from ..config import PositiveInt, bad_value, coerce
+
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    try:
+        return [coerce(int(str(i).strip()), PositiveInt, key) for i in items]
+    except ValueError:
+        raise bad_value(key, value, "integers >= 1 (a comma list such as 10,30)") from None
+
+
+def name_list(value, key: str, allowed) -> list[str]:
+    """A bench option given as a list or a comma list of names, each one of `allowed`."""
+    from ..errors import ConfigError
+
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else list(value)) if n.strip()]
+    for n in names:
+        if n not in allowed:
+            raise ConfigError(f"{key}: unknown '{n}'; choices: {', '.join(allowed)}")
+    return names
+
+
+def run_worker(module: str, spec: dict) -> tuple[dict | None, str]:
+    """`python -m module '<json spec>'` in a process of its own: (the last JSON line it printed, or None if it
+    failed or printed none; the last line of its stderr)."""
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    err = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+    return (json.loads(lines[-1]) if lines and not proc.returncode else None), err
+
+
 def run_kdkit(args: list[str]) -> tuple[list[str], float]:
     """One `kdkit ...` run in a fresh process (its own accelerate state); returns the command and its wall time."""
     cmd = [sys.executable, "-m", "kdkit.cli", *args]
