@@ -29,7 +29,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..divergence import Divergence, check_divergence
+from ..divergence import Divergence
 from ..errors import ConfigError, ShapeMismatchError
 from ..signals import HiddenStates, TeacherSignal, TopK
 from .chunked import ChunkedLinearKD, ChunkPlan
@@ -56,9 +56,9 @@ def fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
     the CE term is the unweighted token mean of cross-entropy at T=1 over the same tokens. Gradients reach the
     student's hidden states, weight and bias; the teacher gets none.
     """
-    if div is not None:
-        divergence, T, beta, skew = div.name, div.T, div.beta, div.skew
-    check_divergence(divergence, beta, skew, T)
+    if div is None:
+        div = Divergence(divergence, T, beta, skew)  # checks each value, naming the key
+    divergence, T = div.name, div.T
     if teacher is not None:
         teacher_hidden, teacher_weight, teacher_bias, teacher_topk_indices, teacher_topk_logprobs, topk_fill = (
             _unpack_signal(teacher, T, teacher_hidden, teacher_weight, teacher_topk_indices))
@@ -72,8 +72,7 @@ def fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
         raise ConfigError(f"chunk_size={chunk_size!r} is not allowed: expected a positive integer (or None: auto)")
     if topk_fill not in ("uniform", "none"):
         raise ConfigError(f"topk_fill must be 'uniform' or 'none', got {topk_fill!r}")
-    opts = RowOptions(divergence, float(T), float(beta), float(skew), int(ignore_index), float(kd_weight),
-                      float(ce_weight), topk_fill)
+    opts = RowOptions(div, int(ignore_index), float(kd_weight), float(ce_weight), topk_fill)
     device = student_hidden.device
     which = resolve_backend(backend, device, student_hidden.shape[0] * student_weight.shape[0])
     if which == "triton":

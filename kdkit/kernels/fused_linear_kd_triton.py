@@ -218,10 +218,10 @@ def triton_rows(opts: RowOptions, block_v: int | None = None):
         # The dummy pointers for absent labels/weights are never read (constexpr flags).
         _kd_rows_kernel[(c,)](
             zs, zt, zs.stride(0), zt.stride(0), labels if labels is not None else loss_rows,
-            weights if weights is not None else loss_rows, inv_n, loss_rows, v, 1.0 / opts.T, opts.T,
-            opts.kd_weight, opts.ce_weight, opts.beta, log_w1, log_w2, opts.skew, opts.ignore_index,
+            weights if weights is not None else loss_rows, inv_n, loss_rows, v, 1.0 / opts.div.T, opts.div.T,
+            opts.kd_weight, opts.ce_weight, opts.div.beta, log_w1, log_w2, opts.div.skew, opts.ignore_index,
             MODE=mode, HAS_LABELS=labels is not None, HAS_WEIGHTS=weights is not None, HAS_KD=has_kd,
-            HAS_CE=has_ce, CE_OWN_LSE=has_ce and (opts.T != 1.0 or not has_kd), BLOCK_V=block,
+            HAS_CE=has_ce, CE_OWN_LSE=has_ce and (opts.div.T != 1.0 or not has_kd), BLOCK_V=block,
             num_warps=_num_warps(block))
         return loss_rows.sum(), zs
 
@@ -230,18 +230,18 @@ def triton_rows(opts: RowOptions, block_v: int | None = None):
 
 def _mode(opts: RowOptions) -> tuple[int, float]:
     """Kernel mode and the mixture weight w1 of its first log term (jsd: beta; skl/srkl: skew)."""
-    d = opts.divergence
+    d, beta = opts.div.name, opts.div.beta
     if d not in MODES:
         raise ConfigError(f"divergence {d!r} has no Triton kernel mode (choices: {', '.join(MODES)}); use the "
                           "unfused path (llm.fused=false) or backend='torch'")
     if d == "jsd":
-        if opts.beta == 0.0:
+        if beta == 0.0:
             return MODES["fkl"], 0.0
-        if opts.beta == 1.0:
+        if beta == 1.0:
             return MODES["rkl"], 0.0
-        return MODES["jsd"], opts.beta
+        return MODES["jsd"], beta
     if d in ("skl", "srkl"):
-        return MODES[d], opts.skew
+        return MODES[d], opts.div.skew
     return MODES[d], 0.0
 
 

@@ -31,20 +31,14 @@ MIN_BLOCK_ROWS = 16  # fewer rows per block cost more in per-call overhead than 
 
 @dataclass(frozen=True)
 class RowOptions:
-    """Per-row loss settings shared by the backends: divergence, temperature, weights of the two terms."""
+    """Per-row loss settings shared by the backends: the divergence (with T, beta, skew: one definition, in
+    `kdkit.divergence`), the ignored label, the weights of the two terms and how a top-k teacher is filled."""
 
-    divergence: str = "fkl"
-    T: float = 1.0
-    beta: float = 0.5
-    skew: float = 0.1
+    div: Divergence = Divergence()
     ignore_index: int = -100
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     topk_fill: str = "uniform"
-
-    @property
-    def div(self) -> Divergence:
-        return Divergence(self.divergence, self.T, self.beta, self.skew)
 
 
 def block_rows(vocab: int) -> int:
