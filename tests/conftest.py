@@ -42,3 +42,14 @@ def teacher_run(tmp_path_factory):
     return out / "teacher"
 
 
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny tensors and models: they gain nothing from threads, and spinning
+    OpenMP workers on a busy 2-core box make each op up to ~1000x slower. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

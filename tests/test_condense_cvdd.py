@@ -22,13 +22,7 @@ from kdkit.condense.crop_labels import (apply_crops, load_crop_labels, make_crop
                                         train_student_on_crops)
 from kdkit.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +30,6 @@ def cifar_small():
     from kdkit.condense.image_data import load_image_splits
     from kdkit.errors import MissingDatasetError
 
-    torch.set_num_threads(1)
     try:
         return load_image_splits("cifar10", train_subset=2000, test_subset=1000, zca=False, seed=0)
     except MissingDatasetError as e:

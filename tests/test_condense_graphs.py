@@ -346,7 +346,7 @@ def test_bench_writes_results_and_leaderboard(tmp_path):
     assert f"{100 * rows[0]['metrics']['mirage']['test_auc']['mean']:.2f}" in row
 
 
-def test_mirage_beats_same_size_random_subset_on_nci1(tmp_path):
+def test_mirage_beats_same_size_random_subset_on_nci1(tmp_path, one_thread):
     """GCN trained on Mirage's NCI1 tree sets against GCN trained on random NCI1 graphs stored in the same bytes,
     both scored on the same held-out full graphs (2 stratified splits, test ROC-AUC at best validation).
 
@@ -354,7 +354,6 @@ def test_mirage_beats_same_size_random_subset_on_nci1(tmp_path):
     graphs, and the two tie (GIN, 4 splits: 0.851 vs 0.856); on NCI1 3.3 KB buy ~30 of 3,288 graphs."""
     from kdkit.condense.graph_run import build_config, run_graph_condense
 
-    torch.set_num_threads(1)
     cfg = build_config("nci1", gnns="gcn", seeds=2, epochs=10, samples_per_epoch=1024, baselines="random",
                        output_dir=str(tmp_path), save_condensed=False, verbose=False)
     m = run_graph_condense(cfg)

@@ -24,13 +24,7 @@ from kdkit.condense.trajectory import (TrajectoryMatching, constant_memory_grads
                                        normalized_param_distance, unrolled_matching_loss)
 from kdkit.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _cifar_splits(train_n: int, test_n: int):
@@ -45,7 +39,6 @@ def _cifar_splits(train_n: int, test_n: int):
 
 @pytest.fixture(scope="module")
 def cifar_small():
-    torch.set_num_threads(1)
     return _cifar_splits(2000, 500)
 
 
@@ -220,16 +213,12 @@ def test_tangent_adjoint_is_the_double_backward_in_float64(norm, soft):
 _PEAK_SCRIPT = r"""
 import json, sys, torch
 from pathlib import Path
-from kdkit.bench.kernels import _status_bytes, _trim
+from kdkit.bench.memory import resident_growth
 from kdkit.condense.convnet_functional import FlatConvNet, make_convnet
 from kdkit.condense.trajectory import constant_memory_grads, make_plan, unrolled_matching_loss
 
 def growth(fn):
-    _trim()
-    Path("/proc/self/clear_refs").write_text("5")
-    base = _status_bytes("VmRSS")
-    fn()
-    return _status_bytes("VmHWM") - base
+    return resident_growth(fn)[0]
 
 torch.manual_seed(0)
 net = FlatConvNet(make_convnet(10, width=16))

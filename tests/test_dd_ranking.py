@@ -11,15 +11,9 @@ import torch
 from kdkit.condense.dd_ranking import ddrs, hlr, ior, scores
 from kdkit.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 E = math.e
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_hlr_and_ior_are_differences_of_fractions():

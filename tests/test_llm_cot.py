@@ -12,15 +12,9 @@ from kdkit.llm.answers import answers_match, extract_answer, normalize_number
 from kdkit.llm.generation import Completion
 from kdkit.llm.models import load_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 SMOL = "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("text, answer", [

@@ -97,15 +97,6 @@ def _chunk_bytes(tokens, idx, byte_level):
     return b"".join(_surface(tokens[k], byte_level) for k in idx)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from threads, and spinning OpenMP workers on a shared 2-core box cost 30x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------- alignment
 
 

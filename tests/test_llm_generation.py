@@ -18,19 +18,13 @@ from kdkit.llm.generation import (Completion, EmptyGenerationError, GenerationBa
 from kdkit.llm.generation_hf import TransformersBackend
 from kdkit.llm.models import load_tokenizer, resolve_lm
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 REPO = Path(__file__).resolve().parents[1]
 SMOL = "smollm2-135m-instruct"
 PROMPTS = ["Hi", "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
            "What is 7 times 8?", "Weng earns $12 an hour for babysitting. Yesterday she did 50 minutes of it.",
            "A robe takes 2 bolts of blue fiber"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

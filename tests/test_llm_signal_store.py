@@ -15,6 +15,8 @@ from kdkit.llm.signal_store import (SignalSpec, open_signal_store, sample_sparse
 from kdkit.llm.tokenizers import tokenizer_fingerprint
 from kdkit.losses.token import token_kd_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 V, L, N_ROWS, BATCH, SHARD = 97, 32, 24, 5, 8
 SPECS = {"dense": SignalSpec("dense"), "topk": SignalSpec("topk", k=8),
          "sampled": SignalSpec("sampled", samples=64, seed=3)}
@@ -62,15 +64,6 @@ class Teacher(nn.Module):
         if self.calls == self.fail_on_call:
             raise RuntimeError("simulated crash")
         return self.inner(**kwargs)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread (two OpenMP threads contend badly on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -27,18 +27,7 @@ from kdkit.losses import (
 from kdkit.models.outputs import Outputs
 from mathref import close as _close, kl as _kl, softmax as _softmax
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: a busy intra-op thread pool makes each op ~1000x slower on a loaded machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 # ---------------------------------------------------------------- KD (Hinton et al. 2015)

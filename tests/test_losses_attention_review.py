@@ -19,14 +19,7 @@ from kdkit.registry import LOSSES
 
 from mathref import close as _close, kl as _kl, softmax as _softmax
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _closes(got, expected, rel=1e-5, abs_=1e-7):

@@ -26,7 +26,7 @@ from kdkit.models.outputs import Outputs
 
 from mathref import close as _close, kl as _kl, softmax as _softmax
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _ref_inputs(K, B, C, scale=3.0):

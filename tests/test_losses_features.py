@@ -18,17 +18,11 @@ from kdkit.registry import LOSSES
 
 from mathref import close
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 
 def _close(a, b, rel=1e-5, abs_=1e-7):
     close(a, b, rel, abs_)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # Reference numbers below come from RepDistiller (github.com/HobbitLong/RepDistiller, commit

@@ -33,10 +33,7 @@ from kdkit.models.outputs import Outputs
 
 from mathref import close as _close, kl as _kl, softmax as _softmax
 
-torch.set_num_threads(1)
-
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _pearson(a, b, eps=1e-8):

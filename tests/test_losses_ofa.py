@@ -12,13 +12,7 @@ from kdkit.models import Student, build_model
 from kdkit.models.outputs import Outputs
 from mathref import close as _close, softmax as _softmax
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 # ---------------------------------------------------------------- the loss

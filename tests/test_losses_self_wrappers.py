@@ -25,13 +25,7 @@ from kdkit.models.outputs import Outputs
 
 from mathref import close as _close, kl as _kl, softmax as _softmax
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _ref_inputs(B, C, s_scale=2.0, t_scale=3.0, k=0):

@@ -19,13 +19,7 @@ from kdkit.models.outputs import Outputs
 
 from mathref import close
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _all_close(got, want, rel=1e-5, abs_=1e-8):

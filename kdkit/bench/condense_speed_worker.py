@@ -11,12 +11,11 @@ import json
 import sys
 import time
 import types
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .kernels import _status_bytes, _trim
+from .memory import peak_since, start_peak
 
 
 def _measure(step, repeats: int, cuda: bool) -> dict:
@@ -31,17 +30,15 @@ def _measure(step, repeats: int, cuda: bool) -> dict:
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
         elif last:
-            _trim()
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current resident set
-            base = _status_bytes("VmRSS")
+            base = start_peak()
         t0 = time.perf_counter()
         step()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         if last:
-            peak = (torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")) - base
-    return {"seconds": min(times), "all_seconds": times, "peak_bytes": int(peak)}
+            peak = torch.cuda.max_memory_allocated() - base if cuda else peak_since(base)
+    return {"seconds": min(times), "all_seconds": times, "peak_bytes": int(peak) if peak == peak else None}
 
 
 def _reference_modules(refs: str):

@@ -16,7 +16,6 @@ divergence and implementation) and leaderboards/kernels.md rendered from every J
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import re
@@ -32,6 +31,7 @@ import yaml
 
 from ..config import NonNegInt, PositiveFloat, PositiveInt, bad_value, coerce
 from ..losses.token import DIVERGENCES, JSDBeta
+from .memory import resident_growth
 from .results import RESULTS_DIR, bench_options, git_commit, hardware
 
 IMPLS = ("plain", "liger", "kdkit-triton", "kdkit-compiled", "kdkit-torch")
@@ -277,29 +277,8 @@ def _peak(step, cuda: bool) -> tuple[float, torch.Tensor]:
         loss = step()
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - base), loss.detach()
-    _trim()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-    except OSError:
-        return float("nan"), step().detach()
-    base = _status_bytes("VmRSS")
-    loss = step()
-    return float(_status_bytes("VmHWM") - base), loss.detach()
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
+    peak, loss = resident_growth(step)
+    return peak, loss.detach()
 
 
 def _matmul_tflops(dtype: torch.dtype, device: torch.device) -> float:
