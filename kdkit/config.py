@@ -233,12 +233,14 @@ class CoTConfig:
     shard_size: PositiveInt = 32  # questions per generation shard: the unit an interrupted stage resumes from
     generations: ExistingPath | None = None  # reuse stage 1 of another run (its RUN/generate folder): same questions
     instruction: str = "Solve the problem step by step. End with a line 'The answer is N.'"
-    sft: Literal["rationale", "answer_only", "step_by_step"] = "rationale"
+    # reference: the dataset's own rationales, no teacher (`kdkit train`: how a task's teacher is fine-tuned)
+    sft: Literal["rationale", "answer_only", "step_by_step", "reference"] = "rationale"
     rationale_weight: NonNegFloat = 1.0  # step_by_step: loss = label task + rationale_weight * rationale task
     short_ratio: Probability = 0.0  # mix distillation: this fraction of examples use the short (dataset) rationale
     sft_epochs: PositiveFloat = 1.0
     kd_weight: NonNegFloat = 0.0  # > 0: token-level logit KD from the teacher on completion tokens (same tokenizer)
     kd_divergence: str = "fkl"  # a token_kd divergence (checked against the loss's own choices)
+    kd_topk: NonNegInt = 0  # > 0: KD from the teacher's top-k per sequence, computed once and reused by every epoch
     max_length: Annotated[int, Range(ge=2)] = 512  # prompt + completion tokens in SFT
     redi: bool = True  # stage 4 after SFT (needs incorrect rationales)
     redi_alpha: Probability = 0.8  # weight of the negative term (REDI's alpha)
@@ -246,6 +248,8 @@ class CoTConfig:
     redi_lr: PositiveFloat | None = None  # default: optim.lr / 2
     redi_reference_positives: bool = False  # no correct teacher trace for a question: pair with the dataset's own
     eval_max_new_tokens: PositiveInt = 256
+    answer_check: str = "numeric"  # numeric | exact | module:function (f(completion, gold) -> bool)
+    eval_splits: list[str] = field(default_factory=lambda: ["test"])  # e.g. [test, hard] (chain_sum's longer chains)
     eval_teacher: bool = True
     eval_student_before: bool = True  # the untrained student's accuracy (same for every run of one student)
     examples_in_report: NonNegInt = 5

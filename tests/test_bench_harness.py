@@ -36,11 +36,33 @@ def test_cot_table_means_over_seeds_and_reads_each_eval_from_the_run_that_made_i
     for i, r in enumerate(rows):
         (tmp_path / f"{i}.json").write_text(json.dumps(r))
     table = write_cot_markdown(tmp_path, tmp_path / "t.md").read_text().splitlines()[-1].split(" | ")
-    # recipe, overrides, student (as the recipe resolves it), seeds, teacher, before, answer-only, rationale, +REDI, kept
-    assert table[2:10] == ["truncated-teacher (15 layers)", "2", "25.0%", "0.0%", "15.0 ± 7.1%", "25.0 ± 7.1%", "30.0 ± 0.0%", "3/8"]
+    # recipe, overrides, split, student (as the recipe resolves it), seeds, teacher, before, answer-only, rationale,
+    # +REDI, +KD (no such run), gap (rationale - answer-only, the larger seed std), kept
+    assert table[2:13] == ["test (held-out questions)", "truncated-teacher (15 layers)", "2", "25.0%", "0.0%",
+                           "15.0 ± 7.1%", "25.0 ± 7.1%", "30.0 ± 0.0%", "—", "+10.0 (7.1)", "3/8"]
     (tmp_path / "3.json").unlink()  # seed 1's rationale run not done yet: the seeds column says so
     table = write_cot_markdown(tmp_path, tmp_path / "t.md").read_text().splitlines()[-1].split(" | ")
-    assert table[3:9] == ["2 answer-only, 1 rationale", "25.0%", "0.0%", "15.0 ± 7.1%", "20.0%", "30.0%"]
+    assert table[4:10] == ["2 answer_only, 1 rationale_redi", "25.0%", "0.0%", "15.0 ± 7.1%", "20.0%", "30.0%"]
+
+
+def test_cot_table_has_a_row_per_split_and_the_teachers_checkpoint(tmp_path):
+    teacher = {"recipe": "cot-chainsum-teacher", "sha256": "ab" * 32, "command": "kdkit train recipe=t",
+               "accuracy": {"teacher": 0.9, "teacher@hard": 0.7}, "stage_seconds": {"sft": 100.0, "eval": 20.0}}
+    for i, (variant, acc) in enumerate([("answer_only", {"student_sft_answer_only": 0.1,
+                                                         "student_sft_answer_only@hard": 0.05}),
+                                        ("rationale_kd", {"student_sft_rationale": 0.5,
+                                                          "student_sft_rationale@hard": 0.2})]):
+        row = {**_row(variant, 0, {**acc, "teacher": 0.9, "teacher@hard": 0.7}), "data": "chain_sum",
+               "teacher_run": teacher, "stage_seconds": {"sft": 10.0 * (i + 1)}}
+        (tmp_path / f"{i}.json").write_text(json.dumps(row))
+    text = write_cot_markdown(tmp_path, tmp_path / "t.md", data="chain_sum").read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| cot-math-small | ``")]
+    assert [r[2].split(" ")[0] for r in rows] == ["test", "hard", "answer_only", "rationale_kd"]
+    assert rows[0][5:12] == ["90.0%", "—", "10.0%", "—", "—", "50.0%", "—"]  # KD's column reads its own runs
+    assert rows[1][5:12] == ["70.0%", "—", "5.0%", "—", "—", "20.0%", "—"]
+    assert "`abababababababab`" in text and "test 90.0%, hard 70.0%" in text and "| 120 |" in text
+    assert rows[3][3] == "sft 20 |"
+    assert write_cot_markdown(tmp_path, tmp_path / "g.md").read_text().count("| cot-math-small") == 0  # gsm8k
 
 
 def test_unknown_benchmark_names_the_choices(capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..registry import DATASETS
 from .cifar import CLASSES as CIFAR10_CLASSES
 from .cifar import ImageTensors, load_cifar10
+from .chain_sum import load_chain_sum
 from .gsm8k import extract_final_answer, load_gsm8k
 from .loader import Batch, TensorLoader
 from .paths import cache_dir, data_dir, is_offline
@@ -39,6 +40,7 @@ __all__ = [
     "data_dir",
     "extract_final_answer",
     "is_offline",
+    "load_chain_sum",
     "load_cifar10",
     "load_dataset_by_name",
     "load_gsm8k",

@@ -8,14 +8,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .answers import answers_match, extract_answer
+from .answer_checks import AnswerCheck, answer_check, stated_text
+from .answers import extract_answer
 from .generation import Completion, EmptyGenerationError, SamplingSpec
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_accuracy(backend, prompts: list[str], golds: list[str], max_new_tokens: int, out_dir=None) -> dict:
-    """Greedy answers to `prompts` -> accuracy and per-question rows (saved to OUT when given)."""
+def evaluate_accuracy(backend, prompts: list[str], golds: list[str], max_new_tokens: int, out_dir=None,
+                      check: AnswerCheck | None = None) -> dict:
+    """Greedy answers to `prompts` -> accuracy (by `check`, default numeric) and per-question rows (saved to OUT
+    when given)."""
+    check = check or answer_check("numeric")
     import datasets
 
     try:
@@ -24,8 +28,9 @@ def evaluate_accuracy(backend, prompts: list[str], golds: list[str], max_new_tok
         log.warning("every answer is empty (%s); scored as wrong", e)
         outs = [[Completion("", 0, "stop")] for _ in prompts]
     texts = [o[0].text for o in outs]
-    predicted = [extract_answer(t) for t in texts]
-    correct = [answers_match(p, g) for p, g in zip(predicted, golds)]
+    numbers = [extract_answer(t) for t in texts]
+    predicted = [n if n is not None else stated_text(t) or None for n, t in zip(numbers, texts)]
+    correct = [bool(check(t, g)) for t, g in zip(texts, golds)]
     rows = datasets.Dataset.from_dict({"prompt": prompts, "gold": golds, "output": texts,
                                        "predicted": [p or "" for p in predicted], "correct": correct,
                                        "num_tokens": [o[0].num_tokens for o in outs]})
@@ -35,7 +40,7 @@ def evaluate_accuracy(backend, prompts: list[str], golds: list[str], max_new_tok
         save_dataset(rows, out_dir)
     n = max(1, len(golds))
     return {"accuracy": sum(correct) / n, "correct": sum(correct), "questions": len(golds),
-            "unparseable": sum(p is None for p in predicted) / n,
+            "unparseable": sum(x is None for x in numbers) / n,
             "mean_new_tokens": sum(o[0].num_tokens for o in outs) / n, "rows": rows}
 
 

@@ -53,9 +53,14 @@ def generations_folder(path: str | Path) -> Path | None:
     return src / "rationales" if _done(src / "rationales") else None
 
 
+COT_DATASETS = ("gsm8k", "chain_sum")  # question / answer (a rationale ending in '#### N') / final_answer
+
+
 def stages_of(c: CoTConfig) -> tuple[str, ...]:
     """The steps a recipe runs, in order: rationales only when something trains on them, REDI after rationale
-    SFT only."""
+    SFT only; `reference` SFT (teacher training) needs no teacher."""
+    if c.sft == "reference":
+        return ("student", "sft")
     needs_rationales = c.sft != "answer_only" or c.redi
     return ((("generate", "filter") if needs_rationales else ()) + ("student", "sft")
             + (("redi",) if c.redi and c.sft == "rationale" else ()))
@@ -77,7 +82,7 @@ class CoTDistill(Method):
     save_every = 1
 
     def __init__(self, recipe: Recipe, cot: CoTConfig):
-        if not recipe.teacher.model:
+        if not recipe.teacher.model and cot.sft != "reference":
             raise ConfigError("rationale distillation needs teacher.model (the model that writes rationales)")
         self.r, self.c = recipe, cot
         self.stages = stages_of(cot)
@@ -121,13 +126,19 @@ class CoTDistill(Method):
 
     # ------------------------------------------------------------ pieces
 
+    def bf16(self) -> bool:
+        """bfloat16 autocast in SFT: on a GPU always (as before), on a CPU when trainer.mixed_precision=bf16."""
+        return not self.cpu or self.r.trainer.mixed_precision == "bf16"
+
     def should_stop(self) -> bool:
         return bool(self.run is not None and self.run.interrupted)
 
     def questions(self, split: str):
-        from ..data.gsm8k import load_gsm8k
+        from ..data import load_dataset_by_name
+        from .prompt_records import is_prompt_source, load_prompt_records
 
-        ds = load_gsm8k(split)
+        name = self.r.data.name
+        ds = load_prompt_records(name, split) if is_prompt_source(name) else load_dataset_by_name(name, split)
         limit = self.c.train_questions if split == "train" else self.c.test_questions
         return ds.select(range(min(limit, len(ds)))) if limit else ds
 
@@ -222,13 +233,15 @@ class CoTDistill(Method):
         return {"rationales": str(where), "rows": len(rows)}, {"rationales": len(rows)}
 
     def stage_filter(self):
+        from .answer_checks import answer_check
         from .cot_filter import filter_rationales
 
         out = self.run_dir / "filter"
         if _done(out / "correct") and _done(out / "incorrect") and (out / "stats.json").is_file():
             stats = json.loads((out / "stats.json").read_text())
         else:
-            correct, incorrect, stats = filter_rationales(load_dataset(self.results["generate"]["rationales"]))
+            correct, incorrect, stats = filter_rationales(load_dataset(self.results["generate"]["rationales"]),
+                                                          answer_check(self.c.answer_check))
             out.mkdir(parents=True, exist_ok=True)
             save_dataset(correct, out / "correct")
             save_dataset(incorrect, out / "incorrect")
@@ -267,8 +280,9 @@ class CoTDistill(Method):
             stats = run_sft(student, tok, examples, out / "checkpoints", epochs=self.c.sft_epochs,
                             lr=self.r.optim.lr, batch_size=self.r.data.batch_size, max_length=self.c.max_length,
                             seed=self.r.trainer.seed, teacher=teacher, kd_weight=self.c.kd_weight,
-                            kd_divergence=self.c.kd_divergence, progress=self.r.trainer.progress, cpu=self.cpu,
-                            should_stop=self.should_stop)
+                            kd_divergence=self.c.kd_divergence, kd_topk=self.c.kd_topk,
+                            progress=self.r.trainer.progress, cpu=self.cpu,
+                            should_stop=self.should_stop, bf16=self.bf16())
             if stats is None:
                 raise _Stopped
             self.save_model(student, tok, out / "model")
@@ -323,26 +337,27 @@ class CoTDistill(Method):
 
     # ------------------------------------------------------------ evaluation and report
 
-    def evaluate_model(self, name: str, model: str | Path, prompt_for) -> dict:
-        """Greedy GSM8K test accuracy of one model; RUN/eval/<name>.json is reused while the evaluation settings
-        it records are this run's."""
+    def evaluate_model(self, name: str, model: str | Path, prompt_for, split: str = "test") -> dict:
+        """Greedy accuracy of one model on `split`; RUN/eval/<name>[@split].json is reused while the evaluation
+        settings it records are this run's."""
+        from .answer_checks import answer_check
         from .cot_eval import evaluate_accuracy
         from .models import load_tokenizer
 
-        out = self.run_dir / "eval" / name
+        out = self.run_dir / "eval" / (name if split == "test" else f"{name}@{split}")
         summary = out.with_suffix(".json")
         backend = "transformers" if name != "teacher" else self.c.backend
         settings = {"test_questions": self.c.test_questions, "max_new_tokens": self.c.eval_max_new_tokens,
-                    "backend": backend}
+                    "backend": backend, "data": self.r.data.name, "split": split, "answer_check": self.c.answer_check}
         if summary.is_file():
             saved = json.loads(summary.read_text())
             if saved.pop("settings", settings) == settings:  # a folder from before settings were recorded: its own
                 return saved
-        test = self.questions("test")
+        test = self.questions(split)
         tok = load_tokenizer(model)
         prompts = [prompt_for(tok, q) for q in test["question"]]
         m = evaluate_accuracy(self.backend(str(model), backend), prompts, list(test["final_answer"]),
-                              self.c.eval_max_new_tokens, out)
+                              self.c.eval_max_new_tokens, out, answer_check(self.c.answer_check))
         m.pop("rows")
         summary.write_text(json.dumps({**m, "settings": settings}, indent=1))
         return m
@@ -355,7 +370,7 @@ class CoTDistill(Method):
         redi_model = self.results.get("redi", {}).get("model")
         student_prompt = lambda t, q: self.student_prompt(t, q)  # noqa: E731
         evals = [("teacher", "teacher", self.r.teacher.model, lambda t, q: question_prompt(t, q, self.c.instruction),
-                  self.c.eval_teacher),
+                  self.c.eval_teacher and bool(self.r.teacher.model)),
                  ("student_before", "student_before", self.results["student"]["model"], student_prompt,
                   self.c.eval_student_before),
                  (f"student_sft_{self.c.sft}", "student_sft", sft_model, student_prompt, True),
@@ -366,10 +381,14 @@ class CoTDistill(Method):
                 continue
             if run.interrupted:  # Ctrl-C during the previous evaluation: the finished ones are kept
                 raise Interrupted(self.total_steps, ckpt.latest_checkpoint(self.run_dir), self.run_dir)
-            with self.timed(f"eval_{name}"):
-                accuracy[key] = self.evaluate_model(name, model, prompt_for)
+            for split in self.c.eval_splits:
+                with self.timed(f"eval_{name}" if split == "test" else f"eval_{name}@{split}"):
+                    accuracy[key if split == "test" else f"{key}@{split}"] = self.evaluate_model(
+                        name, model, prompt_for, split)
         report = {"teacher": self.r.teacher.model, "student": self.r.student.model, "sft": self.c.sft,
-                  "test_questions": len(self.questions("test")), "accuracy": accuracy,
+                  "data": self.r.data.name, "test_questions": len(self.questions("test")),
+                  "eval_questions": {split: len(self.questions(split)) for split in self.c.eval_splits},
+                  "accuracy": accuracy,
                   "sft_stats": self.results["sft"]["stats"], "redi_stats": self.results.get("redi", {}).get("stats"),
                   "stage_seconds": json.loads((self.run_dir / "timings.json").read_text())}
         if "filter" in self.results:
@@ -412,14 +431,20 @@ def check_recipe(recipe: Recipe, mode: str) -> None:
     """Every rule of a CoT recipe that needs no data or model (what `--dry-run` checks too)."""
     from ..config import bad_value
     from ..losses.token import DIVERGENCES
+    from .answer_checks import answer_check
     from .generation_vllm import vllm_available
     from .models import check_lm_name
+    from .prompt_records import is_prompt_source, load_prompt_records
     from .students import check_student
 
     c = recipe.cot
-    if mode != "distill":
-        raise ConfigError("task: cot recipes run with `kdkit distill`")
-    if not recipe.teacher.model:
+    if mode == "train" and c.sft != "reference":
+        raise ConfigError(f"`kdkit train` with a task: cot recipe fine-tunes student.model on the dataset's own "
+                          f"rationales: set cot.sft=reference (got {c.sft}), or run `kdkit distill`")
+    if mode == "distill" and c.sft == "reference":
+        raise ConfigError("cot.sft=reference trains on the dataset's rationales with no teacher: run it with "
+                          "`kdkit train` (e.g. kdkit train recipe=cot-chainsum-teacher)")
+    if not recipe.teacher.model and c.sft != "reference":
         raise ConfigError("rationale distillation needs teacher.model (the model that writes rationales)")
     if recipe.teacher.cache:
         raise ConfigError("rationale distillation generates text with a live teacher; teacher.cache (a stored "
@@ -429,11 +454,36 @@ def check_recipe(recipe: Recipe, mode: str) -> None:
                           "options")
     if c.kd_divergence not in DIVERGENCES:
         raise bad_value("cot.kd_divergence", c.kd_divergence, f"one of {', '.join(DIVERGENCES)}")
-    check_lm_name(recipe.teacher.model, "teacher.model")
-    check_student(recipe.student, True, recipe.llm)
-    if recipe.data.name != "gsm8k":
-        raise ConfigError(f"data.name={recipe.data.name!r} is not supported by rationale distillation: it reads "
-                          "GSM8K-style data (question, answer '#### N'); use data.name=gsm8k")
+    try:
+        if recipe.teacher.model:
+            check_lm_name(recipe.teacher.model, "teacher.model")
+        check_student(recipe.student, bool(recipe.teacher.model), recipe.llm)
+    except ConfigError as e:
+        if "not in the local Hugging Face cache" not in str(e):
+            raise
+        raise ConfigError(f"{e}. Offline, name models that ship with kdkit's packages, e.g. "
+                          "teacher.model=smollm2-135m-instruct student.model=smollm2-135m-instruct, or run the CPU "
+                          "benchmark: kdkit bench cot recipe=cot-chainsum teacher_recipe=cot-chainsum-teacher") from None
+    if recipe.trainer.mixed_precision == "fp16":
+        raise bad_value("trainer.mixed_precision", "fp16", "no or bf16 for rationale distillation (bf16: autocast "
+                        "in SFT, on a CPU too)")
+    answer_check(c.answer_check)  # an unknown check or a user function that does not import: one line, now
+    if not c.eval_splits:
+        raise bad_value("cot.eval_splits", c.eval_splits, "a non-empty list (usually [test])")
+    if is_prompt_source(recipe.data.name):
+        if recipe.data.name.startswith("jsonl:"):  # every record read now: a bad one is named before any work
+            for split in dict.fromkeys(["train", *c.eval_splits]):
+                load_prompt_records(recipe.data.name, split)
+    elif recipe.data.name not in COT_DATASETS:
+        raise ConfigError(f"data.name={recipe.data.name!r} is not supported by rationale distillation: choose one "
+                          f"of {', '.join(COT_DATASETS)}, jsonl:PATH (chat, ShareGPT or Alpaca records) or "
+                          "hf:<dataset>")
+    else:
+        splits = {"gsm8k": ("test",), "chain_sum": ("test", "hard")}[recipe.data.name]
+        for split in c.eval_splits:
+            if split not in splits:
+                raise bad_value("cot.eval_splits", c.eval_splits, f"a list of {', '.join(splits)} (for "
+                                f"data.name={recipe.data.name})")
     if c.generations is not None and generations_folder(c.generations) is None:
         raise ConfigError(f"cot.generations={c.generations!r} is not a finished generation stage: expected a run "
                           "folder (or its generate/ folder) holding generate/rationales")

@@ -110,7 +110,7 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def _hub_snapshot(repo: str) -> str | Path:
+def _hub_snapshot(repo: str, key: str = "model") -> str | Path:
     """A Hub id: its local snapshot when transformers' cache has one, else the id (online) or a clear error."""
     from huggingface_hub import snapshot_download
 
@@ -119,7 +119,7 @@ def _hub_snapshot(repo: str) -> str | Path:
     except Exception as e:  # not cached (or not a valid id)
         if not is_offline() and os.environ.get("TRANSFORMERS_OFFLINE", "").strip().lower() not in ("1", "true"):
             return repo  # from_pretrained downloads it
-        raise ConfigError(f"model 'hf:{repo}' is not in the local Hugging Face cache and kdkit is offline "
+        raise ConfigError(f"{key}=hf:{repo} is not in the local Hugging Face cache and kdkit is offline "
                           f"(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set): unset them to download it, or pass a "
                           f"folder that holds config.json + weights ({type(e).__name__})") from None
 
@@ -154,7 +154,7 @@ def _located(text: str, key: str = "model") -> str | Path:
             raise bad_value(key, text, "'hf:' with a Hub id or a folder after it, e.g. hf:HuggingFaceTB/SmolLM2-135M")
         if Path(target).expanduser().is_dir():
             return _located(str(Path(target).expanduser()), key)
-        return _hub_snapshot(target)
+        return _hub_snapshot(target, key)
     path = Path(text).expanduser()
     if path.is_dir():
         if not _is_model_dir(path):

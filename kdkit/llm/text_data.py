@@ -3,6 +3,7 @@
 Sources (`data.name`):
 - ``gsm8k``: `$KDKIT_DATA_DIR/gsm8k/{train,test}.jsonl` (or the Hub online); text = question + "\\n" + answer.
 - ``hf:<dataset>[:<config>]``: `datasets.load_dataset`; offline only from the local Hugging Face cache.
+- ``jsonl:PATH``: chat, ShareGPT or Alpaca records (`prompt_records`); text = question + "\n" + reference reply.
 - a local file (.jsonl/.json/.parquet/.txt/.csv) = the train split; a path with ``{split}`` in it
   (``data/{split}.jsonl``), or a folder holding ``train.jsonl``/``test.jsonl``/..., gives each split its own file.
   A malformed file or row is refused in one line naming the file and the line (`kdkit.data.text_files`).
@@ -90,6 +91,12 @@ def load_texts(name: str, split: str, text_field: str | None = None, limit: int 
     local = None
     if name == "gsm8k":
         ds = _gsm8k(split)
+    elif name.startswith("jsonl:"):
+        from .prompt_records import load_prompt_records
+
+        records = load_prompt_records(name, split)
+        texts = [q + ("\n" + a if a else "") for q, a in zip(records["question"], records["answer"])]
+        return texts[:limit] if limit is not None else texts
     elif name.startswith("hf:"):
         ds = _hub(name[3:], split)
     elif _looks_like_path(name):
