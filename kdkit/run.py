@@ -23,6 +23,7 @@ A second Ctrl-C stops at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -98,9 +99,12 @@ def flat(d, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(old: dict, new: dict, may_change: tuple[str, ...]) -> list[str]:
-    """`key: old -> new` for each setting that differs and may not change on resume."""
+def config_changes(old: dict, new: dict, may_change: tuple[str, ...], defaults: dict | None = None) -> list[str]:
+    """`key: old -> new` for each setting that differs and may not change on resume. A key the old run's config
+    lacks (an option added to kdkit since) reads as its default in `defaults`: the run behaved that way."""
     a, b = flat(old), flat(new)
+    d = flat(defaults or {})
+    a = {**{k: d[k] for k in b if k not in a and k in d}, **a}
     free = tuple(may_change)
     out = []
     for key in sorted(set(a) | set(b)):
@@ -109,6 +113,14 @@ def config_changes(old: dict, new: dict, may_change: tuple[str, ...]) -> list[st
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             out.append(f"{key}: {show(a.get(key, '<unset>'))} -> {show(b.get(key, '<unset>'))}")
     return out
+
+
+def _defaults(config) -> dict | None:
+    """The config class's defaults (what an option missing from an older run's config meant), when it has them."""
+    try:
+        return to_plain(type(config)()) if dataclasses.is_dataclass(config) else None
+    except TypeError:  # a config class with required fields
+        return None
 
 
 class Run:
@@ -177,7 +189,8 @@ class Run:
             raise CheckpointError(f"checkpoint {folder}/state.json is corrupt ({e})") from e
         if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or "step" not in saved:
             raise CheckpointError(f"checkpoint {folder} was not written by a kdkit run (no step and config)")
-        changes = config_changes(saved["config"], to_plain(self.config), self.may_change)
+        defaults = _defaults(self.config)
+        changes = config_changes(saved["config"], to_plain(self.config), self.may_change, defaults)
         if changes:
             raise ConfigError(f"resume: {len(changes)} setting(s) differ from the run being resumed ({folder}): "
                               + "; ".join(changes) + ". Start a new run (another name=) or put them back"

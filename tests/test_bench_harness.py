@@ -38,7 +38,7 @@ def test_cot_table_means_over_seeds_and_reads_each_eval_from_the_run_that_made_i
     table = write_cot_markdown(tmp_path, tmp_path / "t.md").read_text().splitlines()[-1].split(" | ")
     # recipe, overrides, split, student (as the recipe resolves it), seeds, teacher, before, answer-only, rationale,
     # +REDI, +KD (no such run), gap (rationale - answer-only, the larger seed std), kept
-    assert table[2:13] == ["test (held-out questions)", "truncated-teacher (15 layers)", "2", "25.0%", "0.0%",
+    assert table[2:13] == ["test (held-out questions)", "smollm2-135m-instruct", "2", "25.0%", "0.0%",
                            "15.0 ± 7.1%", "25.0 ± 7.1%", "30.0 ± 0.0%", "—", "+10.0 (7.1)", "3/8"]
     (tmp_path / "3.json").unlink()  # seed 1's rationale run not done yet: the seeds column says so
     table = write_cot_markdown(tmp_path, tmp_path / "t.md").read_text().splitlines()[-1].split(" | ")

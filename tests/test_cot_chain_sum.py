@@ -85,3 +85,16 @@ def test_cot_math_names_hub_models_and_offline_says_what_to_run_instead(capsys, 
     assert len(err) == 1 and err[0].startswith("kdkit: error: teacher.model=hf:Qwen/Qwen2.5-Math-1.5B-Instruct is not")
     assert "teacher.model=smollm2-135m-instruct" in err[0] and "recipe=cot-chainsum" in err[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_resume_reads_an_option_added_since_as_its_default():
+    """A run folder written before an option existed resumes when the option keeps its default; a changed value
+    is still refused."""
+    from kdkit.run import config_changes
+
+    old = {"cot": {"sft": "rationale"}}
+    defaults = {"cot": {"sft": "rationale", "kd_topk": 0, "answer_check": "numeric"}}
+    assert config_changes(old, {"cot": {"sft": "rationale", "kd_topk": 0, "answer_check": "numeric"}}, (),
+                          defaults) == []
+    assert config_changes(old, {"cot": {"sft": "rationale", "kd_topk": 32}}, (), defaults) == ["cot.kd_topk: 0 -> 32"]
+    assert config_changes(old, {"cot": {"sft": "rationale", "kd_topk": 0}}, ()) == ["cot.kd_topk: '<unset>' -> 0"]

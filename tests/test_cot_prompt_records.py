@@ -139,7 +139,7 @@ def test_the_pipeline_runs_on_records_with_the_exact_check(tmp_path, tiny_teache
     mixed in, evaluation) with the exact check; the report names the check the evaluation used."""
     _write(tmp_path / "train.jsonl", [CHAT, SHAREGPT, ALPACA, {**CHAT, "answer": "5"}])
     _write(tmp_path / "test.jsonl", [ALPACA, SHAREGPT])
-    args = ["distill", "recipe=cot-math-small", f"teacher.model={tiny_teacher}", "student.options={layers: 1}",
+    args = ["distill", "recipe=cot-math-small", f"teacher.model={tiny_teacher}", "student.model=truncated-teacher", "student.options={layers: 1}",
             f"data.name=jsonl:{tmp_path}/{{split}}.jsonl", "cot.answer_check=exact", "cot.samples=1",
             "cot.max_new_tokens=6", "cot.eval_max_new_tokens=6", "cot.short_ratio=1.0", "cot.redi=false",
             "cot.sft_epochs=1", "data.batch_size=2", "trainer.progress=false", f"output_dir={tmp_path / 'runs'}",

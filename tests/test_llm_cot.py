@@ -287,7 +287,7 @@ def test_cot_pipeline_end_to_end_and_resume(tmp_path, tiny_dir, capsys, monkeypa
     student, in the one run-folder layout; rerunning the same run name redoes nothing, refuses a changed training
     setting and redoes only an evaluation whose settings changed; Ctrl-C during SFT saves, exits 130, and the
     rerun finishes with the same model as an uninterrupted run."""
-    args = ["distill", "recipe=cot-math-small", f"teacher.model={tiny_dir}", "student.options={layers: 1}",
+    args = ["distill", "recipe=cot-math-small", f"teacher.model={tiny_dir}", "student.model=truncated-teacher", "student.options={layers: 1}",
             "cot.train_questions=6", "cot.test_questions=4", "cot.samples=2", "cot.max_new_tokens=12",
             "cot.eval_max_new_tokens=12", "cot.shard_size=4", "cot.short_ratio=1.0", "cot.redi=false",
             "cot.sft_epochs=1", "data.batch_size=3", "trainer.progress=false", f"output_dir={tmp_path}",

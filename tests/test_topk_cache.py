@@ -72,3 +72,35 @@ def test_at_k_equal_to_the_vocabulary_the_kd_loss_is_the_live_teachers(teacher):
         ga, = torch.autograd.grad(a, s1)
         gb, = torch.autograd.grad(b, s2)
         assert torch.allclose(ga, gb, atol=1e-6)
+
+
+def test_the_loss_on_kept_positions_equals_the_loss_on_all_logits(teacher):
+    """SFT computes logits only where some row's next token is a completion token (`logits_to_keep`): the same
+    loss and gradient as from the full [B, L, V] logits, with live and cached teachers."""
+    from kdkit.llm.cot_sft import predicting_positions
+
+    ids, mask = _batch([[3, 4, 5, 6, 7, 8, 9], [9, 10, 11, 12]], left=False)
+    labels = ids.clone()
+    labels[0, :4], labels[1, :2] = -100, -100  # prompts
+    labels[mask == 0] = -100
+    keep = predicting_positions(labels)
+    assert keep.tolist() == [1, 2, 3, 4, 5]
+    weights = torch.tensor([1.0, 0.5])
+    student = teacher  # any causal LM: the gradient is checked on its parameters
+    with torch.no_grad():
+        t_full = teacher(input_ids=ids, attention_mask=mask).logits
+        t_kept = teacher(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    cache = TeacherTopKCache(teacher, k=8).signal(ids, mask)
+    from kdkit.signals import TopK
+
+    for t_all, t_sel in ((t_full, t_kept), (TopK(indices=cache.indices[:, :-1], logprobs=cache.logprobs[:, :-1],
+                                                 temperature=1.0, tail="uniform"),
+                                            TopK(indices=cache.indices[:, keep], logprobs=cache.logprobs[:, keep],
+                                                 temperature=1.0, tail="uniform"))):
+        full, _ = completion_losses(student(input_ids=ids, attention_mask=mask).logits, labels, weights, t_all, 0.5)
+        g_full = torch.autograd.grad(full, list(student.parameters()))
+        kept, _ = completion_losses(student(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits,
+                                    labels[:, keep + 1], weights, t_sel, 0.5, aligned=True)
+        g_kept = torch.autograd.grad(kept, list(student.parameters()))
+        assert float(kept) == pytest.approx(float(full), rel=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_full, g_kept))

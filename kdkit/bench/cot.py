@@ -6,7 +6,8 @@ Variants (`variants=`), each a `kdkit distill` run per seed:
   the accuracy after SFT (the rationale-SFT column) and after REDI;
 - ``rationale_kd``: rationale SFT plus token-level KD from the teacher on the same completion tokens.
 
-With `teacher_recipe=`, the teacher is first fine-tuned by that `kdkit train` recipe (skipped when its run folder
+With `teacher_recipe=` (default cot-chainsum-teacher; `none` keeps the recipe's own teacher.model), the teacher is
+first fine-tuned by that `kdkit train` recipe (skipped when its run folder
 is finished); its RUN/sft/model is every run's teacher.model, and its checkpoint hash, accuracy and training time
 go into every row. The teacher's rationales are generated once (the first run that needs them) and reused by
 every other run (`cot.generations`). Result files go to leaderboards/results/cot/, the tables to
@@ -41,15 +42,20 @@ SPLIT_NAMES = {"test": "held-out questions", "hard": "longer chains than trainin
 class CoTBench:
     """`kdkit bench cot` options; any other `key=value` is an override of the recipe, checked before any run."""
 
-    recipe: str = "cot-math-small"
-    seeds: PositiveInt = 1
-    variants: str = "answer_only,rationale_redi"  # comma list of VARIANTS
-    teacher_recipe: str | None = None  # a `kdkit train` recipe run first: its RUN/sft/model is the teacher
+    recipe: str = "cot-chainsum"
+    seeds: PositiveInt = 3
+    variants: str = "answer_only,rationale_redi,rationale_kd"  # comma list of VARIANTS
+    # a `kdkit train` recipe run first, its RUN/sft/model the teacher ("none": the recipe's own teacher.model)
+    teacher_recipe: str = "cot-chainsum-teacher"
     runs: str = "runs/bench-cot"  # the run folders' output_dir
     out: str | None = None  # result files here instead of leaderboards/results/cot (and no table)
 
     def names(self) -> list[str]:
         return name_list(self.variants, "variants", VARIANTS)
+
+
+def _teacher_recipe(opts: CoTBench) -> str | None:
+    return None if opts.teacher_recipe.lower() in ("none", "") else opts.teacher_recipe
 
 
 def _teacher_folder(opts: CoTBench) -> Path:
@@ -61,7 +67,7 @@ def _check_runs(opts: CoTBench, overrides: list[str]) -> None:
     from ..config import load_recipe
     from ..llm.cot_pipeline import check_recipe
 
-    if opts.teacher_recipe:
+    if _teacher_recipe(opts):
         teacher = load_recipe(opts.teacher_recipe, [f"output_dir={opts.runs}", f"name={opts.teacher_recipe}"])
         if teacher.task != "cot":
             raise ConfigError(f"teacher_recipe={opts.teacher_recipe} is a task: {teacher.task} recipe; it must be a "
@@ -101,7 +107,7 @@ def run_cot(settings: list[str]) -> list[dict]:
     out = Path(opts.out or RESULTS_DIR / KIND)
     out.mkdir(parents=True, exist_ok=True)
     command = "kdkit bench cot " + " ".join(settings)
-    teacher = _train_teacher(opts) if opts.teacher_recipe else None
+    teacher = _train_teacher(opts) if _teacher_recipe(opts) else None
     user_overrides = list(overrides)  # a row's group: the teacher's folder is in teacher_run, not here
     if teacher:
         print(f"teacher {teacher['checkpoint']} (sha256 {teacher['sha256'][:16]}): "

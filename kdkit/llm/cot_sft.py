@@ -105,17 +105,26 @@ def build_sft_examples(correct, questions, mode: str, instruction: str, *, ratio
     return datasets.Dataset.from_list(rows)
 
 
-def completion_losses(logits, labels, weights, teacher=None, kd_weight: float = 0.0, divergence: str = "fkl"):
+def predicting_positions(labels) -> torch.Tensor:
+    """The positions t whose next token t + 1 is a completion token in some row of the batch: the only logits the
+    loss reads. Computing just these (``logits_to_keep``) skips the LM head, the largest matmul of a small model,
+    on the prompt tokens; with a 49k vocabulary its [B, L, V] logits are most of a step's time and memory."""
+    return (labels[:, 1:] != -100).any(0).nonzero()[:, 0]
+
+
+def completion_losses(logits, labels, weights, teacher=None, kd_weight: float = 0.0, divergence: str = "fkl", *,
+                      aligned: bool = False):
     """(total, parts): weighted completion CE over next-token positions (+ kd_weight * token KD on the same ones).
 
     CE = sum_i w_i * sum_t ce_it / sum_i n_i: a token-level mean in which example i's tokens count w_i times.
     `teacher`: the teacher's logits [B, L, V] over the same ids, or a `TeacherSignal` at the shifted positions.
+    ``aligned``: logits (and teacher) [B, K, V] already predict `labels` [B, K] (kept positions, shifted).
     """
     from ..divergence import Divergence
     from ..losses.token import signal_kd_loss
     from ..signals import DenseLogits, TeacherSignal
 
-    s, y = logits[:, :-1].float(), labels[:, 1:]
+    s, y = (logits.float(), labels) if aligned else (logits[:, :-1].float(), labels[:, 1:])
     mask = y != -100
     ce = F.cross_entropy(s.flatten(0, 1), y.clamp(min=0).flatten(), reduction="none").view_as(y) * mask
     per_example = ce.sum(1)
@@ -123,7 +132,8 @@ def completion_losses(logits, labels, weights, teacher=None, kd_weight: float = 
     loss = (weights.to(per_example) * per_example).sum() / total_tokens
     parts = {"ce": (per_example.sum() / total_tokens).detach()}
     if teacher is not None and kd_weight > 0:
-        signal = teacher if isinstance(teacher, TeacherSignal) else DenseLogits(logits=teacher[:, :-1].float())
+        signal = teacher if isinstance(teacher, TeacherSignal) else \
+            DenseLogits(logits=(teacher if aligned else teacher[:, :-1]).float())
         kd = signal_kd_loss(s, signal, y, div=Divergence(divergence))
         loss = loss + kd_weight * kd
         parts["kd"] = kd.detach()
@@ -171,17 +181,19 @@ def run_sft(student, tokenizer, examples, out_dir, *, epochs: float, lr: float, 
             weights = inputs.pop("weight")
             labels = inputs.pop("labels")
             fwd = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
-            out = model(**fwd, use_cache=False)
+            keep = predicting_positions(labels)
+            out = model(**fwd, use_cache=False, logits_to_keep=keep)
             t_logits = None
             if teacher is not None and kd_weight > 0:
                 if cache is not None:
                     positions = cache.signal(fwd["input_ids"], fwd.get("attention_mask"))
-                    t_logits = TopK(indices=positions.indices[:, :-1], logprobs=positions.logprobs[:, :-1],
-                                    temperature=1.0, tail="uniform")  # position t predicts token t + 1
+                    t_logits = TopK(indices=positions.indices[:, keep], logprobs=positions.logprobs[:, keep],
+                                    temperature=1.0, tail="uniform")
                 else:
                     with torch.no_grad():
-                        t_logits = teacher(**fwd).logits
-            loss, parts = completion_losses(out.logits, labels, weights, t_logits, kd_weight, kd_divergence)
+                        t_logits = teacher(**fwd, logits_to_keep=keep).logits
+            loss, parts = completion_losses(out.logits, labels[:, keep + 1], weights, t_logits, kd_weight,
+                                            kd_divergence, aligned=True)
             self._kdkit_parts = {k: float(v) for k, v in parts.items()}
             return (loss, out) if return_outputs else loss
 
