@@ -2,7 +2,8 @@
 
 Variants (`variants=`), each a `kdkit distill` run per seed:
 - ``answer_only``: SFT on the gold answers alone (no rationale, no teacher): the baseline;
-- ``rationale_redi``: SFT on the teacher's correct rationales, then REDI on its incorrect ones; the run reports
+- ``rationale_redi``: SFT on the teacher's correct rationales, then REDI on its incorrect ones (paired with a
+  correct trace of the same question, or with the dataset's rationale where the teacher has none); the run reports
   the accuracy after SFT (the rationale-SFT column) and after REDI;
 - ``rationale_kd``: rationale SFT plus token-level KD from the teacher on the same completion tokens.
 
@@ -28,7 +29,8 @@ from .results import RESULTS_DIR, bench_options, name_list, run_kdkit, run_recor
 
 KIND = "cot"
 VARIANTS = {"answer_only": ["cot.sft=answer_only", "cot.redi=false"],
-            "rationale_redi": ["cot.sft=rationale", "cot.redi=true"],
+            # a question whose every sampled trace is wrong pairs its incorrect trace with the dataset's rationale
+            "rationale_redi": ["cot.sft=rationale", "cot.redi=true", "cot.redi_reference_positives=true"],
             "rationale_kd": ["cot.sft=rationale", "cot.redi=false", "cot.kd_weight=1.0"]}
 # (column, variant whose runs report it, accuracy key)
 COLUMNS = (("student before", None, "student_before"), ("answer-only SFT", "answer_only", "student_sft_answer_only"),
@@ -166,7 +168,9 @@ def _student(recipe: str, overrides: list[str]) -> str:
     if opts.get("layers"):
         return f"{s.model} ({opts['layers']} layers)"
     if s.model == "scratch" and opts:
-        return "scratch (" + ", ".join(f"{k.replace('num_', '').replace('_', ' ')} {v}" for k, v in opts.items()) + ")"
+        shape = [f"{opts['num_hidden_layers']} layers" if "num_hidden_layers" in opts else "",
+                 f"width {opts['hidden_size']}" if "hidden_size" in opts else ""]
+        return "scratch (" + ", ".join(x for x in shape if x) + ", the teacher's tokenizer)"
     return s.model
 
 
@@ -226,7 +230,7 @@ def write_cot_markdown(directory: Path | None = None, path: Path | None = None, 
             n = (rows[0].get("eval_questions") or {}).get(split)
             where = SPLIT_NAMES.get(split, split) + (f", {n}" if n else "")
             hw = rows[0]["hardware"]
-            lines.append(f"| {recipe} | `{ov}` | {split} ({where}) | {rows[0].get('student') or _student(recipe, rows[0]['overrides'])} | "
+            lines.append(f"| {recipe} | `{ov}` | {split} ({where}) | {_student(recipe, rows[0]['overrides'])} | "
                          f"{seeds} | {_fmt(teacher)} | " + " | ".join(cells) + f" | {gap} | {kept} | "
                          f"{hw['device']} ({hw['threads']} threads) | `{rows[0]['command']}` |")
         for r in rows:
