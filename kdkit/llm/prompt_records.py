@@ -101,7 +101,7 @@ def load_prompt_records(name: str, split: str):
         if not rows:
             raise DataFileError(f"{path}: no records")
         return datasets.Dataset.from_list(rows)
-    from .text_data import _hub
+    from ..data.hub import load_hub_split
 
-    ds = _hub(name[len("hf:"):], split)
+    ds = load_hub_split(name[len("hf:"):], split)
     return datasets.Dataset.from_list([parse_record(r, f"{name} ({split}) record {i}") for i, r in enumerate(ds)])

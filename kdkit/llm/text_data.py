@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.paths import cache_dir, is_offline
+from ..data.hub import load_hub_split
+from ..data.paths import cache_dir
 from ..errors import ConfigError, MissingDatasetError
 
 SPLITS = ("train", "test", "validation")
@@ -32,26 +33,6 @@ def _gsm8k(split: str):
     if split not in GSM_SPLITS:
         raise ConfigError(f"GSM8K has no {split!r} split; it has {', '.join(GSM_SPLITS)}")
     return load_gsm8k(split)
-
-
-def _hub(spec: str, split: str):
-    import datasets
-
-    repo, _, config = spec.partition(":")
-    if not repo:
-        raise ConfigError("'hf:' needs a dataset id after it, e.g. hf:openai/gsm8k:main")
-    try:
-        dd = datasets.load_dataset(repo, config or None)
-    except Exception as e:  # offline and uncached, unknown id, missing config: datasets raises many kinds
-        if is_offline():
-            raise MissingDatasetError(
-                f"dataset 'hf:{spec}' is not in the local Hugging Face cache and kdkit is offline "
-                f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set): go online once to cache it, or export it to a "
-                f"local .jsonl/.parquet file and pass its path ({type(e).__name__}: {e})") from None
-        raise MissingDatasetError(f"cannot load dataset 'hf:{spec}': {type(e).__name__}: {e}") from None
-    if split not in dd:
-        raise ConfigError(f"dataset 'hf:{spec}' has no {split!r} split; it has {', '.join(dd)}")
-    return dd[split]
 
 
 def local_file(name: str, split: str) -> Path:
@@ -98,7 +79,7 @@ def load_texts(name: str, split: str, text_field: str | None = None, limit: int 
         texts = [q + ("\n" + a if a else "") for q, a in zip(records["question"], records["answer"])]
         return texts[:limit] if limit is not None else texts
     elif name.startswith("hf:"):
-        ds = _hub(name[3:], split)
+        ds = load_hub_split(name[3:], split)
     elif _looks_like_path(name):
         local = local_file(name, split)
         ds = _local(local, split)
