@@ -114,32 +114,13 @@ def test_lm_distillation_reads_the_same_records_as_text(tmp_path):
                                                     "What is 7 - 4?\n#### 3"]
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    """A 2-layer random Llama over SmolLM2's vocabulary, tokenizer and chat template."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kdkit.llm.models import load_tokenizer
-
-    tok = load_tokenizer("smollm2-135m-instruct")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    out = tmp_path_factory.mktemp("tiny_teacher")
-    LlamaForCausalLM(cfg).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
-
-
 @pytest.mark.usefixtures("one_thread")
-def test_the_pipeline_runs_on_records_with_the_exact_check(tmp_path, tiny_teacher):
+def test_the_pipeline_runs_on_records_with_the_exact_check(tmp_path, tiny_dir):
     """Chat + ShareGPT + Alpaca records through every stage (generation, filter, SFT with the dataset's rationales
     mixed in, evaluation) with the exact check; the report names the check the evaluation used."""
     _write(tmp_path / "train.jsonl", [CHAT, SHAREGPT, ALPACA, {**CHAT, "answer": "5"}])
     _write(tmp_path / "test.jsonl", [ALPACA, SHAREGPT])
-    args = ["distill", "recipe=cot-math-small", f"teacher.model={tiny_teacher}", "student.model=truncated-teacher", "student.options={layers: 1}",
+    args = ["distill", "recipe=cot-math-small", f"teacher.model={tiny_dir}", "student.model=truncated-teacher", "student.options={layers: 1}",
             f"data.name=jsonl:{tmp_path}/{{split}}.jsonl", "cot.answer_check=exact", "cot.samples=1",
             "cot.max_new_tokens=6", "cot.eval_max_new_tokens=6", "cot.short_ratio=1.0", "cot.redi=false",
             "cot.sft_epochs=1", "data.batch_size=2", "trainer.progress=false", f"output_dir={tmp_path / 'runs'}",

@@ -131,22 +131,6 @@ def test_redi_loss_and_pairs():
          "positive_source": "reference"}]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 2-layer random Llama over SmolLM2's vocabulary, tokenizer and chat template."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = load_tokenizer(SMOL)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    out = tmp_path_factory.mktemp("tiny_cot")
-    LlamaForCausalLM(cfg).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
-
-
 def test_redi_raises_correct_and_lowers_incorrect_traces(tiny_dir):
     from kdkit.llm.generation import chat_prompt
     from kdkit.llm.models import load_causal_lm

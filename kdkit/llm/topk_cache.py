@@ -24,7 +24,8 @@ class TeacherTopKCache:
         self.forwards = 0  # sequences the teacher has run on
 
     def signal(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> TopK:
-        """TopK at temperature 1 over [B, L] (padding positions hold a uniform placeholder: mask them)."""
+        """TopK at temperature 1 over [B, L]. Padding positions have no teacher row: they get ids 0..k-1 at
+        log(1/k) each (a valid distribution the loss never reads, since their labels are masked)."""
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         keys = [tuple(ids[m].tolist()) for ids, m in zip(input_ids, mask)]
         missing = [i for i, key in enumerate(keys) if key not in self.rows]
