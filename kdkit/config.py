@@ -245,7 +245,7 @@ class CoTConfig:
     redi: bool = True  # stage 4 after SFT (needs incorrect rationales)
     redi_alpha: Probability = 0.8  # weight of the negative term (REDI's alpha)
     redi_epochs: PositiveFloat = 1.0
-    redi_lr: PositiveFloat | None = None  # default: optim.lr / 2
+    redi_lr: PositiveFloat | None = None  # default: optim.lr / 50 (the REDI authors' 5e-5 SFT -> 1e-6 REDI)
     redi_reference_positives: bool = False  # no correct teacher trace for a question: pair with the dataset's own
     eval_max_new_tokens: PositiveInt = 256
     answer_check: str = "numeric"  # numeric | exact | module:function (f(completion, gold) -> bool)

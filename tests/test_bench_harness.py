@@ -28,6 +28,11 @@ def _row(variant, seed, accuracy):
             "hardware": {"device": "cpu", "threads": 2}}
 
 
+def _split_row(path):
+    """The test split's row of a CoT table."""
+    return next(line for line in path.read_text().splitlines() if "| test (" in line).split(" | ")
+
+
 def test_cot_table_means_over_seeds_and_reads_each_eval_from_the_run_that_made_it(tmp_path):
     rows = [_row("answer_only", 0, {"student_before": 0.0, "student_sft_answer_only": 0.10}),
             _row("rationale_redi", 0, {"teacher": 0.25, "student_sft_rationale": 0.20, "student_sft_redi": 0.30}),
@@ -35,13 +40,13 @@ def test_cot_table_means_over_seeds_and_reads_each_eval_from_the_run_that_made_i
             _row("rationale_redi", 1, {"student_sft_rationale": 0.30, "student_sft_redi": 0.30})]
     for i, r in enumerate(rows):
         (tmp_path / f"{i}.json").write_text(json.dumps(r))
-    table = write_cot_markdown(tmp_path, tmp_path / "t.md").read_text().splitlines()[-1].split(" | ")
+    table = _split_row(write_cot_markdown(tmp_path, tmp_path / "t.md"))
     # recipe, overrides, split, student (as the recipe resolves it), seeds, teacher, before, answer-only, rationale,
     # +REDI, +KD (no such run), gap (rationale - answer-only, the larger seed std), kept
     assert table[2:13] == ["test (held-out questions)", "smollm2-135m-instruct", "2", "25.0%", "0.0%",
                            "15.0 ± 7.1%", "25.0 ± 7.1%", "30.0 ± 0.0%", "—", "+10.0 (7.1)", "3/8"]
     (tmp_path / "3.json").unlink()  # seed 1's rationale run not done yet: the seeds column says so
-    table = write_cot_markdown(tmp_path, tmp_path / "t.md").read_text().splitlines()[-1].split(" | ")
+    table = _split_row(write_cot_markdown(tmp_path, tmp_path / "t.md"))
     assert table[4:10] == ["2 answer_only, 1 rationale_redi", "25.0%", "0.0%", "15.0 ± 7.1%", "20.0%", "30.0%"]
 
 
@@ -53,15 +58,16 @@ def test_cot_table_has_a_row_per_split_and_the_teachers_checkpoint(tmp_path):
                                         ("rationale_kd", {"student_sft_rationale": 0.5,
                                                           "student_sft_rationale@hard": 0.2})]):
         row = {**_row(variant, 0, {**acc, "teacher": 0.9, "teacher@hard": 0.7}), "data": "chain_sum",
-               "teacher_run": teacher, "stage_seconds": {"sft": 10.0 * (i + 1)}}
+               "teacher_run": teacher, "stage_seconds": {"sft": 10.0 * (i + 1)}, "wall_seconds": 60.0 * (i + 1)}
         (tmp_path / f"{i}.json").write_text(json.dumps(row))
     text = write_cot_markdown(tmp_path, tmp_path / "t.md", data="chain_sum").read_text()
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| cot-math-small | ``")]
-    assert [r[2].split(" ")[0] for r in rows] == ["test", "hard", "answer_only", "rationale_kd"]
+    assert [r[2].split(" ")[0] for r in rows] == ["test", "hard", "1", "answer_only", "rationale_kd"]
+    assert rows[2][3:6] == ["2", "3", "5 |"]  # whole bench, minutes: teacher 100 + 20 s, student runs 60 + 120 s
     assert rows[0][5:12] == ["90.0%", "—", "10.0%", "—", "—", "50.0%", "—"]  # KD's column reads its own runs
     assert rows[1][5:12] == ["70.0%", "—", "5.0%", "—", "—", "20.0%", "—"]
     assert "`abababababababab`" in text and "test 90.0%, hard 70.0%" in text and "| 120 |" in text
-    assert rows[3][3] == "sft 20 |"
+    assert rows[4][3] == "sft 20 |"
     assert write_cot_markdown(tmp_path, tmp_path / "g.md").read_text().count("| cot-math-small") == 0  # gsm8k
 
 

@@ -272,3 +272,19 @@ def test_bench_generation_transformers_worker(tmp_path):
     assert saved["backend"] == "transformers" and saved["setting"]["dataset"] == "gsm8k/test"
     assert saved["versions"]["torch"] == torch.__version__
     assert resolve_lm(SMOL).is_dir()
+
+
+def test_bench_generation_times_a_cot_recipes_own_prompts(tmp_path, tiny_dir):
+    """recipe=: the CoT recipe's training questions with its instruction, in the teacher's chat template, exactly
+    the prompts its generate stage sends; model= replaces the recipe's teacher."""
+    from kdkit.bench.generation import recipe_prompts, run_generation
+    from kdkit.data import load_dataset_by_name
+
+    model, prompts, dataset = recipe_prompts("cot-chainsum", str(tiny_dir), 3, "train")
+    first = load_dataset_by_name("chain_sum", "train")["question"][0].strip()
+    assert model == str(tiny_dir) and dataset == "chain_sum/train" and len(prompts) == 3
+    assert f"{first}\nSolve the problem step by step." in prompts[0] and prompts[0].startswith("<|im_start|>")
+    (row,) = run_generation(["recipe=cot-chainsum", f"model={tiny_dir}", "prompts=2", "n=1", "max_new_tokens=3",
+                             "backends=transformers", "split=train", f"out={tmp_path}"])
+    assert row["setting"]["dataset"] == "chain_sum/train" and row["setting"]["model"] == str(tiny_dir)
+    assert row["completions"] == 2 and 0 < row["generated_tokens"] <= 6

@@ -171,3 +171,35 @@ def test_store_batches_become_signals(tmp_path):
     assert isinstance(sig, TopK) and sig.tail == "none" and sig.tokenizer == "fp"
     sampled = {**top, "kind": "sampled", "counts": torch.ones_like(idx), "samples": 3}
     assert isinstance(batch_signal(sampled), Sampled)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_uniform_tail_topk_forward_kl_in_closed_form_equals_the_densified_teacher(T):
+    """The closed form never builds the [..., V] teacher; value and gradient must be those of densifying it."""
+    from kdkit.divergence import Divergence
+    from kdkit.losses.token import token_kd_loss, topk_uniform_fkl_per_token
+    from kdkit.signals import TopK, sparse_to_dense_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    vocab, k = 50, 6
+    teacher = torch.randn(3, 4, vocab, generator=g, dtype=torch.float64) * 3
+    teacher[0, 0, :k] += 40.0  # a row whose top-k holds all the mass: the tail term must vanish, not NaN
+    logprobs, ids = (teacher / T).log_softmax(-1).topk(k, dim=-1)
+    signal = TopK(indices=ids, logprobs=logprobs, temperature=T, tail="uniform")
+    labels = torch.randint(0, vocab, (3, 4), generator=g)
+    labels[1, 2] = -100
+    student = torch.randn(3, 4, vocab, generator=g, dtype=torch.float64, requires_grad=True)
+
+    closed = signal_kd_loss(student, signal, labels, div=Divergence("fkl", T=T))
+    (g_closed,) = torch.autograd.grad(closed, student)
+    dense_t = sparse_to_dense_logprobs(ids, logprobs, vocab, "uniform") * T
+    dense = token_kd_loss(student, dense_t, labels, divergence="fkl", T=T)
+    (g_dense,) = torch.autograd.grad(dense, student)
+    torch.testing.assert_close(closed, dense, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_closed, g_dense, rtol=1e-9, atol=1e-12)
+    assert torch.isfinite(topk_uniform_fkl_per_token(student, signal, T)).all()
+    # by hand at one position: sum over all V of p_j (log p_j - log s_j)
+    p = dense_t[2, 3].div(T).softmax(-1)
+    s = student[2, 3].div(T).log_softmax(-1)
+    by_hand = (p * (p.log() - s)).sum() * T * T
+    torch.testing.assert_close(topk_uniform_fkl_per_token(student, signal, T)[2, 3], by_hand, rtol=1e-10, atol=0)

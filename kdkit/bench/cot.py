@@ -115,7 +115,10 @@ def run_cot(settings: list[str]) -> list[dict]:
         print(f"teacher {teacher['checkpoint']} (sha256 {teacher['sha256'][:16]}): "
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in teacher["accuracy"].items()))
         overrides = [*overrides, f"teacher.model={teacher['checkpoint']}"]
-    rows, generations, first = [], None, True
+    # a scratch student is randomly initialised: it writes until max_new_tokens on every question (10 minutes of
+    # evaluation on this CPU) to score 0; the table says "random init" instead
+    scratch = load_recipe(opts.recipe, overrides).student.model == "scratch"
+    rows, generations, first = [], None, not scratch
     for seed in range(opts.seeds):
         for variant in opts.names():
             name = f"{opts.recipe}__{variant}__s{seed}"
@@ -227,10 +230,13 @@ def write_cot_markdown(directory: Path | None = None, path: Path | None = None, 
                 spread = max(statistics.stdev(ans), statistics.stdev(rat))
                 gap = f"{100 * (statistics.mean(rat) - statistics.mean(ans)):+.1f} ({100 * spread:.1f})"
             cells = [_fmt(acc(v, k)) for _, v, k in COLUMNS]
+            student = _student(recipe, rows[0]['overrides'])
+            if cells[0] == "—" and student.startswith("scratch"):
+                cells[0] = "random init"
             n = (rows[0].get("eval_questions") or {}).get(split)
             where = SPLIT_NAMES.get(split, split) + (f", {n}" if n else "")
             hw = rows[0]["hardware"]
-            lines.append(f"| {recipe} | `{ov}` | {split} ({where}) | {_student(recipe, rows[0]['overrides'])} | "
+            lines.append(f"| {recipe} | `{ov}` | {split} ({where}) | {student} | "
                          f"{seeds} | {_fmt(teacher)} | " + " | ".join(cells) + f" | {gap} | {kept} | "
                          f"{hw['device']} ({hw['threads']} threads) | `{rows[0]['command']}` |")
         for r in rows:
@@ -247,6 +253,15 @@ def write_cot_markdown(directory: Path | None = None, path: Path | None = None, 
             train_s = sum((t.get("stage_seconds") or {}).values())
             lines.append(f"| {recipe} | {t['recipe']} | `{t['sha256'][:16]}` | {accs} | {train_s:.0f} | "
                          f"`{t['command']}` |")
+    if groups:
+        lines += ["", "## Whole bench", "", "| recipe | overrides | seeds | teacher training + evaluation min | "
+                  "student runs min | total min |", "|---|---|---|---|---|---|"]
+        for (recipe, ov), rows in groups.items():
+            t = teachers.get((recipe, ov))
+            teacher_s = sum((t.get("stage_seconds") or {}).values()) if t else 0.0
+            runs_s = sum(r.get("wall_seconds", 0.0) for r in rows)
+            lines.append(f"| {recipe} | `{ov}` | {len({r['seed'] for r in rows})} | {teacher_s / 60:.0f} | "
+                         f"{runs_s / 60:.0f} | {(teacher_s + runs_s) / 60:.0f} |")
     if seconds:
         lines += ["", "## Wall seconds per stage (mean over seeds)", "", "| recipe | overrides | variant | stages |",
                   "|---|---|---|---|"]

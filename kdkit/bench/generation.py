@@ -42,7 +42,7 @@ BACKEND_NAMES = ("transformers", "vllm")
 class GenerationBench:
     """`kdkit bench generation` options (the model, the prompts, the sampling, each backend's worker)."""
 
-    model: str = "smollm2-135m-instruct"
+    model: str | None = None  # default: the recipe's teacher with recipe=, else smollm2-135m-instruct
     prompts: PositiveInt = 64  # the first N GSM8K questions of `split`
     max_new_tokens: PositiveInt = 128
     n: PositiveInt = 4  # completions per prompt
@@ -55,6 +55,9 @@ class GenerationBench:
     threads: PositiveInt = 1
     vllm_python: str = str(REPO / ".venv-vllm" / "bin" / "python")
     split: Literal["train", "test"] = "test"
+    # a CoT recipe (e.g. cot-chainsum): its teacher (unless model= is given) and the prompts its generate stage
+    # sends, its questions of `split` with its instruction, instead of GSM8K questions alone
+    recipe: str | None = None
     out: str | None = None  # result files here instead of leaderboards/results/generation (and no table)
 
     def validate(self, at: str) -> None:
@@ -76,18 +79,41 @@ def gsm8k_prompts(model: str, count: int, split: str = "test") -> list[str]:
     return [chat_prompt(tok, q) for q in questions]
 
 
+def recipe_prompts(recipe: str, model: str | None, count: int, split: str) -> tuple[str, list[str], str]:
+    """(teacher model, prompts, dataset name) of a CoT recipe's generate stage: its first `count` questions of
+    `split` in the teacher's chat template with the recipe's instruction, exactly as `cot_generate` builds them."""
+    from ..config import load_recipe
+    from ..data import load_dataset_by_name
+    from ..llm.cot_generate import question_prompt
+    from ..llm.models import load_tokenizer
+    from ..llm.prompt_records import is_prompt_source, load_prompt_records
+
+    r = load_recipe(recipe, [f"teacher.model={model}"] if model else [])
+    if r.task != "cot":
+        raise KdkitError(f"recipe={recipe} is a task: {r.task} recipe; the generation bench takes task: cot recipes")
+    name = r.data.name
+    ds = load_prompt_records(name, split) if is_prompt_source(name) else load_dataset_by_name(name, split)
+    tok = load_tokenizer(r.teacher.model)
+    questions = ds["question"][:count]
+    return r.teacher.model, [question_prompt(tok, q, r.cot.instruction) for q in questions], f"{name}/{split}"
+
+
 def run_generation(settings: list[str]) -> list[dict]:
     """Time each backend on the same prompts; one result file per backend; regenerate the leaderboard."""
     opts = bench_options(GenerationBench, settings)
     if "vllm" in opts.backends and not Path(opts.vllm_python).is_file():
         raise KdkitError(f"the vLLM side runs in its own environment, and {opts.vllm_python} does not exist: build it "
                          "with `make vllm-env` (or pass vllm_python=PATH, or backends=transformers)")
-    prompts = gsm8k_prompts(opts.model, opts.prompts, opts.split)
+    if opts.recipe:
+        model, prompts, dataset = recipe_prompts(opts.recipe, opts.model, opts.prompts, opts.split)
+    else:
+        model, dataset = opts.model or "smollm2-135m-instruct", f"gsm8k/{opts.split}"
+        prompts = gsm8k_prompts(model, opts.prompts, opts.split)
     spec = {"n": opts.n, "temperature": opts.temperature, "top_p": opts.top_p, "max_new_tokens": opts.max_new_tokens,
             "seed": opts.seed}
-    job = {"model": opts.model, "dtype": opts.dtype, "batch_size": opts.batch_size, "spec": spec,
+    job = {"model": model, "dtype": opts.dtype, "batch_size": opts.batch_size, "spec": spec,
            "prompts": prompts, "threads": opts.threads}
-    setting = {"model": opts.model, "prompts": len(prompts), "dataset": f"gsm8k/{opts.split}", **spec,
+    setting = {"model": model, "prompts": len(prompts), "dataset": dataset, **spec,
                "dtype": opts.dtype, "threads": opts.threads}
     rows = []
     for backend in opts.backends:
@@ -168,7 +194,7 @@ def write_generation_markdown(directory: Path | None = None, path: Path | None =
              "over every prompt, after a warm-up; model loading is timed apart. Tokens per CPU-second divides by "
              "the worker's CPU time instead (all its threads), which other work on a shared machine disturbs less "
              "than wall time. Both backends run the same "
-             "chat-formatted GSM8K questions with the same sampling settings, each in a fresh process with the "
+             "chat-formatted questions (GSM8K, or a CoT recipe's own prompts with `recipe=`) with the same sampling settings, each in a fresh process with the "
              "same number of threads (transformers in kdkit's `.venv`, vLLM in `.venv-vllm`). Samples differ "
              "between backends (different random streams), so generated token counts differ a little too.", ""]
     for key, by_backend in groups.items():

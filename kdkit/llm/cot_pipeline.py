@@ -298,7 +298,7 @@ class CoTDistill(Method):
         from .cot_generate import question_prompt
         from .cot_sft import reference_rationale, with_answer_sentence
         from .models import load_causal_lm
-        from .redi import build_pairs, run_redi
+        from .redi import REDI_LR_RATIO, build_pairs, run_redi
 
         out = self.run_dir / "redi"
         if not (_done(out / "model") and (out / "redi.json").is_file()):
@@ -320,7 +320,7 @@ class CoTDistill(Method):
             model.requires_grad_(True)
             stats = run_redi(model, tok, pairs, lambda q: question_prompt(tok, q, self.c.instruction),
                              alpha=self.c.redi_alpha, epochs=self.c.redi_epochs,
-                             lr=self.c.redi_lr or self.r.optim.lr / 2, batch_size=self.r.data.batch_size,
+                             lr=self.c.redi_lr or self.r.optim.lr / REDI_LR_RATIO, batch_size=self.r.data.batch_size,
                              max_length=self.c.max_length, seed=self.r.trainer.seed, device=self.device,
                              progress=self.r.trainer.progress, checkpoint_dir=out / "checkpoint",
                              save_steps=200, should_stop=self.should_stop)
