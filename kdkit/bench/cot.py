@@ -23,7 +23,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import PositiveInt
+from ..config import PositiveInt, load_recipe
 from ..errors import ConfigError
 from .results import RESULTS_DIR, bench_options, name_list, run_kdkit, run_record
 
@@ -66,7 +66,6 @@ def _teacher_folder(opts: CoTBench) -> Path:
 
 def _check_runs(opts: CoTBench, overrides: list[str]) -> None:
     """Every run this bench will start, validated as `kdkit distill` (and `kdkit train`) would, before the first."""
-    from ..config import load_recipe
     from ..llm.cot_pipeline import check_recipe
 
     if _teacher_recipe(opts):
@@ -164,7 +163,6 @@ def _fmt(xs: list[float]) -> str:
 def _student(recipe: str, overrides: list[str]) -> str:
     """The student the rows trained, as the recipe resolves it (a truncated copy names its depth, a scratch model
     its size)."""
-    from ..config import load_recipe
 
     s = load_recipe(recipe, overrides).student
     opts = s.options or {}
