@@ -17,6 +17,7 @@ EPILOG = """examples:
   kdkit distill recipe=smollm2-kd-small           (LM KD on CPU: SmolLM2-135M -> half-depth student, GSM8K)
   kdkit check teacher=smollm2-135m-instruct student=truncated-teacher
   kdkit teacher-signal recipe=smollm2-kd-small out=stores/smollm2-top64 kind=topk k=64
+  kdkit serve-teacher smollm2-135m-instruct port=8000   then   kdkit distill ... teacher.server=http://127.0.0.1:8000
   kdkit bench kernels
   kdkit diffusion dmd2                          (one-step DMD2 on a 2-D mixture with an exact teacher, CPU, minutes)
   kdkit diffusion train-teacher data=cifar10 steps=200000   then   kdkit diffusion dmd2 data=cifar10 teacher=RUN
@@ -79,6 +80,12 @@ def _teacher_signal(ns) -> int:
     recipe = load_recipe(recipe_name, overrides)
     print(f"wrote {write_store_from_recipe(recipe, options)}")  # every option checked before the teacher loads
     return 0
+
+
+def _serve_teacher(ns) -> int:
+    from .llm.serve_teacher import run_serve_teacher
+
+    return run_serve_teacher(ns.model, ns.settings)
 
 
 def _check(ns) -> int:
@@ -166,7 +173,8 @@ BENCHMARKS = {"throughput": ("throughput", "run_throughput"), "classifier": ("cl
               "condense-images": ("condense_images", "run_condense_images"), "cot": ("cot", "run_cot"),
               "condense-speed": ("condense_speed", "run_condense_speed"),
               "condense-reference": ("condense_reference", "run_condense_reference"),
-              "diffusion": ("diffusion", "run_diffusion_bench")}
+              "diffusion": ("diffusion", "run_diffusion_bench"),
+              "signal-compression": ("signal_compression", "run_signal_compression")}
 
 
 def _bench(ns) -> int:
@@ -231,6 +239,14 @@ def parser() -> argparse.ArgumentParser:
                    help="recipe=NAME out=DIR [kind=topk|dense|sampled k=64 samples=64 temperature=1 batch_size=8] "
                         "and recipe overrides")
     s.set_defaults(func=_teacher_signal)
+    s = sub.add_parser("serve-teacher", help="serve an LM teacher with vLLM for teacher.server=URL",
+                       description="Start vLLM's OpenAI-compatible server for MODEL with the flags kdkit's served "
+                                   "teacher needs (max-logprobs, no prefix caching, raw log-probs, no generation "
+                                   "defaults); train with `kdkit distill ... teacher.server=http://HOST:PORT`.")
+    s.add_argument("model", metavar="MODEL", help="a kdkit model name, hf:<id> or a model folder")
+    s.add_argument("settings", nargs="*", metavar="key=value",
+                   help="host=127.0.0.1 port=8000 max_logprobs=64 max_model_len=N dtype=auto python=PATH")
+    s.set_defaults(func=_serve_teacher)
     s = sub.add_parser("condense", help="dataset distillation: condense a dataset, train on it, compare with baselines",
                        description="Condense a dataset with a method, train models on the condensed set, a random "
                                    "subset of the same storage size (or random real images) and the full set, and "

@@ -127,6 +127,15 @@ class ModelConfig:
 class TeacherConfig(ModelConfig):
     model: str | None = None
     cache: ExistingPath | None = None  # stored logits (safetensors) instead of a live teacher
+    # An OpenAI-compatible vLLM server of the teacher (`kdkit serve-teacher MODEL`): its top-k prompt log-probs
+    # replace the live teacher's logits (LM KD, teacher-signal stores) and it writes CoT rationales
+    # (cot.backend=server); teacher.model still names the teacher, for its tokenizer.
+    server: str | None = None
+    server_model: str | None = None  # the id the server serves the teacher under (default: its only model)
+    server_k: PositiveInt = 20  # top-k log-probs per position; at most the server's --max-logprobs
+    server_timeout: PositiveFloat = 120.0  # seconds per request
+    server_concurrency: PositiveInt = 4  # requests in flight
+    server_retries: NonNegInt = 3  # retries of a failed request (connection error, timeout, 429, 5xx)
 
 
 @dataclass
@@ -222,7 +231,7 @@ class CoTConfig:
     """Chain-of-thought / rationale distillation (`kdkit distill recipe=cot-math`, task: cot): generate, filter,
     SFT, learn from negatives (REDI), evaluate. Models: teacher.model, student.model (+ options, llm.lora)."""
 
-    backend: Literal["transformers", "vllm"] = "transformers"  # teacher generation backend
+    backend: Literal["transformers", "vllm", "server"] = "transformers"  # teacher generation (server: teacher.server)
     fallback_to_transformers: bool = False  # vllm asked for but not importable: use transformers (with a warning)
     samples: PositiveInt = 4  # rationales sampled per training question (N)
     temperature: NonNegFloat = 0.7

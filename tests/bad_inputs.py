@@ -90,6 +90,16 @@ CASES: list[list[str]] = list(itertools.chain(
     # stored teacher signals, pre-flight check
     _with(SIGNAL, "kind=foo", "k=0", "k=abc", "temperature=0", "batch_size=0", "samples=0"),
     [["teacher-signal", "recipe=smollm2-kd-small"]],
+    # a served teacher (nothing listens on port 9: refused before any work), `kdkit serve-teacher`'s options
+    _with(LM, "teacher.server=ftp://x", "teacher.server_k=0", "teacher.server_timeout=nan",
+          "teacher.server_concurrency=0", "teacher.server_retries=-1"),
+    [[*LM, "teacher.server=http://127.0.0.1:9", "student.model=truncated-teacher"],
+     [*LM, "teacher.server=http://127.0.0.1:9", "student.model=smollm2-135m-instruct", "student.options={}",
+      "teacher.server_retries=0"],
+     [*LM, "teacher.server=http://127.0.0.1:9", "losses.kd.T=2"],
+     [*COT, "cot.backend=server"], [*SIGNAL, "teacher.server=http://127.0.0.1:9", "k=64", "teacher.server_k=20"],
+     ["serve-teacher", "smollm2-135m-instruct", "port=0"], ["serve-teacher", "smollm2-135m-instruct", "dtype=int8"],
+     ["serve-teacher", "smollm2-135m-instruct", "python=/nonexistent/python"], ["serve-teacher", "nope:model"]],
     _with(CHECK, "dtype=int4", "seq_len=0", "batch_size=-1", "unknown=1"),
     # benchmarks
     [["bench", "foo"], ["bench", "throughput", "batch=0"], ["bench", "throughput", "steps=abc"],
@@ -165,6 +175,9 @@ CASES += [KD + ["teacher.cache={tmp}/corrupt.safetensors"], TRAIN + ["student.ch
           ["train", "recipe=smollm2-kd-small", "losses={}", "llm.fused=true"],
           ["train", "recipe=lm-scratch", "student.options.config=null"],
           SIGNAL + ["samples=40000"], SIGNAL + ["out="], SIGNAL + ["kind=topk", "k=-1"], SIGNAL + ["temperature=nan"],
+          SIGNAL + ["codec=zip"], SIGNAL + ["codec=compact", "bits=9"], SIGNAL + ["kind=dense", "codec=compact"],
+          ["bench", "signal-compression", "bits=0"], ["bench", "signal-compression", "bits=4,9"],
+          ["bench", "signal-compression", "blocks=0"],
           SIGNAL + ["teacher.model=null"], SIGNAL + ["data.name={tmp}/missing.jsonl"], SIGNAL + ["llm.block_size=0"],
           ["teacher-signal", "recipe=demo-kd", "out={tmp}/store"],
           ["bench", "throughput", "warmup=0"], ["bench", "throughput", "teacher=resnet9000"],

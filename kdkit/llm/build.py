@@ -71,6 +71,8 @@ def check_lm_mode(recipe: Recipe, mode: Mode) -> None:
             raise ConfigError(f"a stored teacher signal (teacher.cache) trains token_kd losses only; {other} need the "
                               "live teacher's logits (set teacher.model)")
         _check_store_losses(recipe.teacher.cache, built)
+    if recipe.teacher.server:
+        check_served_teacher(recipe, kinds, built)
     cross = sorted(n for n, k in kinds.items() if k == "CrossTokenizerLoss")
     if cross:
         other = sorted(set(built) - set(cross))
@@ -92,6 +94,28 @@ def check_lm_mode(recipe: Recipe, mode: Mode) -> None:
         if not live and _store_meta(recipe.teacher.cache).get("kind") != "topk":
             raise ConfigError("llm.fused=true needs a live teacher (teacher.model) or a top-k teacher-signal store "
                               "(teacher.cache); dense and sampled stores use the unfused path (llm.fused=false)")
+
+
+def check_served_teacher(recipe: Recipe, kinds: dict, built: dict) -> None:
+    """A served teacher returns top-k log-probs at temperature 1: token_kd losses at T = 1, kdkit's own loop."""
+    if recipe.teacher.cache:
+        raise ConfigError("teacher.server and teacher.cache are two sources of the teacher signal; set one")
+    other = sorted(n for n, k in kinds.items() if k != "TokenKDLoss")
+    if other:
+        raise ConfigError(f"a served teacher (teacher.server) returns top-k log-probs, which train token_kd losses "
+                          f"only; {other} need the teacher's logits or hidden states (drop teacher.server)")
+    for name, (_, loss) in built.items():
+        if float(loss.T) != 1.0:
+            raise ConfigError(f"losses.{name}.T={loss.T}: a served teacher's log-probs are at temperature 1 and a "
+                              f"top-k signal cannot be re-tempered; set losses.{name}.T=1")
+    if recipe.llm.on_policy.backend == "trl":
+        raise ConfigError("llm.on_policy.backend=trl runs TRL's trainer with the teacher's weights; a served teacher "
+                          "(teacher.server) trains with kdkit's loop (llm.on_policy.backend=kdkit)")
+    s = recipe.student
+    if s.model in STUDENT_FROM_TEACHER and "tokenizer" not in (s.options or {}):
+        raise ConfigError(f"student.model={s.model} is built from the teacher's weights, which stay on the server "
+                          "(teacher.server); name a student model, or a scratch one with student.options.tokenizer "
+                          "and student.options.config")
 
 
 def check_trl(recipe: Recipe, built: dict, live: bool) -> None:
@@ -198,7 +222,12 @@ def build_lm_models(recipe: Recipe, mode: Mode):
 
     dtype = DTYPES[recipe.llm.dtype]
     teacher, t_tok = None, None
-    if recipe.teacher.model:
+    if recipe.teacher.server and mode == "distill":
+        from .teacher_server import served_teacher
+
+        teacher = served_teacher(recipe.teacher)
+        t_tok = teacher.tokenizer
+    elif recipe.teacher.model:
         teacher, t_tok = load_causal_lm(recipe.teacher.model, dtype=recipe.llm.dtype)
         teacher.requires_grad_(False)
     s = recipe.student
@@ -254,6 +283,7 @@ def build_lm_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = Non
         cross = _cross_tokenizer_data(recipe, t_tok, tok, losses[cross_tokenizer_loss(recipe)][1])
         train = None
     meta = {"teacher": recipe.teacher.model or recipe.teacher.cache, "student": recipe.student.model,
+            **({"teacher_server": recipe.teacher.server} if recipe.teacher.server else {}),
             "student_options": json.dumps(recipe.student.options), "data": recipe.data.name,
             "block_size": recipe.llm.block_size}
     ctx = dict(recipe=recipe, run_dir=run_dir, student=student, tokenizer=tok, train_blocks=train, eval_blocks=test,
@@ -285,11 +315,15 @@ class TeacherSignalOptions:
     samples: Annotated[int, Range(ge=1, le=32767)] = 64  # sampled: draws per position (counts are int16)
     temperature: PositiveFloat = 1.0  # the signal is softmax(logits / temperature)
     batch_size: PositiveInt = 8  # blocks per teacher forward
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage of the log-probabilities
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage of the log-probabilities (plain codec)
+    codec: Literal["plain", "compact"] = "plain"  # topk: compact = sorted-id gaps + b-bit codes + tail mass
+    bits: Annotated[int, Range(ge=2, le=8)] = 4  # compact: bits per log-prob code
 
     def validate(self, at: str) -> None:
         if not self.out:
             raise ConfigError(f"teacher-signal needs {at}out=DIR (the store folder)")
+        if self.codec == "compact" and self.kind != "topk":
+            raise ConfigError(f"{at}codec=compact stores top-k signals only; set kind=topk (got kind={self.kind})")
 
 
 def _store_meta(path) -> dict:
@@ -332,6 +366,13 @@ def check_teacher_signal(recipe: Recipe, options: TeacherSignalOptions) -> None:
     if not recipe.teacher.model:
         raise ConfigError("teacher-signal needs teacher.model (the teacher to run once)")
     check_lm_name(recipe.teacher.model, "teacher.model")
+    if recipe.teacher.server:
+        if options.kind != "topk" or options.temperature != 1.0:
+            raise ConfigError(f"kind={options.kind} temperature={options.temperature}: a served teacher "
+                              "(teacher.server) returns top-k log-probs at temperature 1; use kind=topk temperature=1")
+        if options.k > recipe.teacher.server_k:
+            raise ConfigError(f"k={options.k} is more than the served teacher's teacher.server_k="
+                              f"{recipe.teacher.server_k}; raise teacher.server_k (and the server's --max-logprobs)")
     check_precision(recipe)
     check_data(recipe)
     out = Path(options.out)
@@ -347,9 +388,15 @@ def write_store_from_recipe(recipe: Recipe, options: TeacherSignalOptions) -> Pa
 
     check_teacher_signal(recipe, options)
     spec = SignalSpec(kind=options.kind, k=options.k, samples=options.samples, temperature=options.temperature,
-                      dtype=options.dtype, seed=recipe.trainer.seed)
-    teacher, tok = load_causal_lm(recipe.teacher.model, dtype=recipe.llm.dtype,
-                                  device="cpu" if use_cpu(recipe) else "cuda")
+                      dtype=options.dtype, seed=recipe.trainer.seed, codec=options.codec, bits=options.bits)
+    if recipe.teacher.server:
+        from .teacher_server import served_teacher
+
+        teacher = served_teacher(recipe.teacher)
+        tok = teacher.tokenizer
+    else:
+        teacher, tok = load_causal_lm(recipe.teacher.model, dtype=recipe.llm.dtype,
+                                      device="cpu" if use_cpu(recipe) else "cuda")
     train, _ = build_lm_blocks(recipe, tok)
     return write_signal_store(teacher, train, options.out, spec, tok, batch_size=options.batch_size,
                               progress=recipe.trainer.progress)

@@ -157,6 +157,13 @@ class CoTDistill(Method):
 
     def backend(self, model: str, name: str | None = None):
         name = name or self.c.backend
+        if name == "server":
+            from .teacher_server import served_teacher
+
+            if str(model) != str(self.r.teacher.model):
+                raise ConfigError(f"cot.backend=server generates with the teacher on teacher.server; {model} is not "
+                                  "the teacher")
+            return served_teacher(self.r.teacher)
         try:
             return make_backend(name, model, batch_size=self.r.data.eval_batch_size)
         except VLLMNotInstalledError:
@@ -438,6 +445,15 @@ def check_recipe(recipe: Recipe, mode: str) -> None:
     from .students import check_student
 
     c = recipe.cot
+    if c.backend == "server" and not recipe.teacher.server:
+        raise ConfigError("cot.backend=server generates through the teacher's server: set teacher.server=URL "
+                          "(start one with `kdkit serve-teacher MODEL`)")
+    if recipe.teacher.server and c.backend != "server":
+        raise ConfigError(f"teacher.server is set but cot.backend={c.backend} would load the teacher here; set "
+                          "cot.backend=server")
+    if recipe.teacher.server and c.kd_weight > 0:
+        raise ConfigError("cot.kd_weight > 0 runs the teacher on every training sequence; with teacher.server it "
+                          "would load the weights here too: set cot.kd_weight=0 or drop teacher.server")
     if mode == "train" and c.sft != "reference":
         raise ConfigError(f"`kdkit train` with a task: cot recipe fine-tunes student.model on the dataset's own "
                           f"rationales: set cot.sft=reference (got {c.sft}), or run `kdkit distill`")

@@ -32,6 +32,7 @@ from ..method import register_method
 from ..models.outputs import Outputs
 from ..signals import CrossTokenizerChunks, DenseLogits, HiddenStates, TeacherSignal, TopK
 from ..train.accelerated import AcceleratedMethod
+from .teacher_server import ServedTeacher
 
 
 def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,8 +134,10 @@ class LMDistiller(AcceleratedMethod):
         losses = {n: (l if isinstance(l, tuple) else (1.0, l)) for n, l in (losses or {}).items()}
         if losses and teacher is None and store is None:
             raise ConfigError(f"losses {sorted(losses)} need a teacher: set teacher.model or teacher.cache")
-        self.teacher = None
-        if teacher is not None:
+        self.teacher = self.served = None
+        if isinstance(teacher, ServedTeacher):  # top-k log-probs from a server: a signal source, like a store
+            self.served = teacher
+        elif teacher is not None:
             teacher.requires_grad_(False)
             self.teacher = teacher.eval().to(acc.device)
         fused = None
@@ -146,7 +149,7 @@ class LMDistiller(AcceleratedMethod):
                                   "store (teacher.cache); dense and sampled stores use the unfused path")
         self.cross = cross
         if cross is not None:
-            if teacher is None or fused is not None or store is not None or self.lcfg.on_policy.fraction > 0:
+            if self.teacher is None or fused is not None or store is not None or self.lcfg.on_policy.fraction > 0:
                 raise ConfigError("cross-tokenizer distillation needs a live teacher (teacher.model), and runs without "
                                   "llm.fused, teacher.cache and on-policy generation")
             n_train, what = len(cross["texts"]), "training texts"
@@ -203,6 +206,10 @@ class LMDistiller(AcceleratedMethod):
             signal = batch_signal(batch, tokenizer=self.store.meta.get("tokenizer_fingerprint"))
             signal.check_tokenizer(self.fingerprint)
             return signal.to(self.accelerator.device)
+        if self.served is not None:
+            signal = self.served.topk_signal(input_ids, attention_mask)
+            signal.check_tokenizer(self.fingerprint)
+            return signal
         if self.teacher is None:
             return None
         if self.cross is not None:

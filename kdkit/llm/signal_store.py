@@ -12,6 +12,9 @@ Kinds (``SignalSpec.kind``), with p = softmax(teacher logits / spec.temperature)
 - ``topk``    the k most likely ids (int32, descending) and their log p. Top-k KD is biased (the tail mass is lost
   or must be guessed); the loss densifies with a uniform tail (`sparse_to_dense_logprobs(fill="uniform")`),
   renormalises on the support (``fill="none"``), or uses the support only (``topk_mode="support"``).
+  ``codec="compact"`` stores the same signal in about half the bytes on disk (`kdkit.llm.signal_codec`: sorted-id
+  gaps, ``bits``-bit log-prob codes relative to the top-1, and the tail's mass); reading decodes it to plain
+  top-k (float32 log-probs), so every loss reads it unchanged.
 - ``sampled`` RS-KD: N = ``samples`` ids drawn i.i.d. with replacement from a proposal q ∝ p^(1/τ)
   (τ = ``proposal_temperature``; τ = 1 is the paper's choice q = p); per position the distinct ids, their counts
   c (int16) and log p are kept, plus the ratio p/q (float32) when τ != 1, as ragged lists (a peaked teacher
@@ -24,8 +27,9 @@ Alignment: a row is one block of L token ids; position t of a signal is the teac
 for t = 0..L-2 (P = L-1 positions, the same shift the LM trainer applies to student logits). ``labels`` [L] is
 -100 where a token is not counted; position t counts when labels[t+1] != -100.
 
-On disk: ``signal_store.json`` (format, spec, vocabulary size, tokenizer fingerprint, teacher name and config
-hash, rows, block size, column dtypes and shapes, per-shard rows/bytes/sha256) beside zstd-compressed Parquet
+On disk: ``signal_store.json`` (format, spec with its temperature, vocabulary size, tokenizer fingerprint and
+chat-template hash, teacher name and config hash, rows, block size, column dtypes and shapes, per-shard
+rows/bytes/sha256, bytes per position on disk and before zstd) beside zstd-compressed Parquet
 shards, one list column per tensor (fixed-size, or ragged for sampled entries). The store is built in a
 ``.NAME.partial`` folder beside the target and renamed into place when complete; each shard is written to a
 temporary file and renamed, so a crashed or killed write resumes at the first unfinished shard (sampling seeds
@@ -52,13 +56,16 @@ from ..errors import CheckpointError, ConfigError, KdkitError, ShapeMismatchErro
 from ..divergence import Divergence
 from ..losses.token import signal_kd_loss as token_signal_kd_loss
 from ..signals import DenseLogits, Sampled, TeacherSignal, TopK
-from .tokenizers import tokenizer_fingerprint
+from .signal_codec import MAX_BITS, decode_compact, encode_compact, gap_dtype, payload_bytes, plain_payload_bytes
+from .signal_codec import tail_logmass
+from .tokenizers import chat_template_sha256, tokenizer_fingerprint
 
 FORMAT = "kdkit-signal-store/1"
 META = "signal_store.json"
 PLAN = "plan.json"
 KINDS = ("dense", "topk", "sampled")
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+CODECS = ("plain", "compact")
 _TARGET_SHARD_BYTES = 256 << 20
 
 
@@ -71,8 +78,10 @@ class SignalSpec:
     samples: int = 64                  # sampled: draws N per position (distinct ids kept: at most min(N, V))
     temperature: float = 1.0           # the signal is p = softmax(logits / temperature)
     proposal_temperature: float = 1.0  # sampled: draw from q ∝ p^(1/τ); 1 draws from p itself
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage of log-probabilities
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # plain codec: storage of log-probabilities
     seed: int = 0                      # sampled: row r draws with seed (seed, r), independent of batching
+    codec: Literal["plain", "compact"] = "plain"  # topk: plain ids and values, or `kdkit.llm.signal_codec`
+    bits: int = 4                      # compact: bits per log-prob code (uniform grid below the top-1)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -86,6 +95,13 @@ class SignalSpec:
             raise ConfigError(f"topk signals need k >= 1, got {self.k}")
         if self.kind == "sampled" and not 1 <= self.samples <= 32767:
             raise ConfigError(f"sampled signals need 1 <= samples <= 32767 (counts are int16), got {self.samples}")
+        if self.codec not in CODECS:
+            raise ConfigError(f"signal codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.codec == "compact" and self.kind != "topk":
+            raise ConfigError(f"signal codec 'compact' stores top-k signals (kind=topk) only, got kind={self.kind!r}")
+        if not (isinstance(self.bits, int) and 2 <= self.bits <= MAX_BITS):
+            raise ConfigError(f"signal bits must be an integer from 2 to {MAX_BITS} (compact log-prob codes), "
+                              f"got {self.bits!r}")
 
 
 # ------------------------------------------------------------------ RS-KD sampling
@@ -132,6 +148,11 @@ def _columns(spec: SignalSpec, vocab_size: int, positions: int) -> dict[str, tup
     cols = {"row": ("int64", []), "input_ids": ("int32", [positions + 1]), "labels": ("int32", [positions + 1])}
     if spec.kind == "dense":
         cols["logprobs"] = (spec.dtype, [positions, vocab_size])
+    elif spec.kind == "topk" and spec.codec == "compact":
+        cols["id_gaps"] = (gap_dtype(vocab_size), [positions, spec.k])
+        cols["codes"] = ("uint8", [positions, spec.k])
+        cols["step"] = ("float16", [positions])
+        cols["tail_logmass"] = ("float16", [positions])
     elif spec.kind == "topk":
         cols["indices"] = ("int32", [positions, spec.k])
         cols["logprobs"] = (spec.dtype, [positions, spec.k])
@@ -145,12 +166,12 @@ def _columns(spec: SignalSpec, vocab_size: int, positions: int) -> dict[str, tup
     return cols
 
 
-_ARROW = {"int64": "int64", "int32": "int32", "int16": "int16", "float16": "float16", "float32": "float32",
-          "bfloat16": "uint16"}  # bfloat16 travels as its raw 16 bits
-_TORCH = {"int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "float16": torch.float16,
-          "float32": torch.float32, "bfloat16": torch.bfloat16}
-_NUMPY = {"int64": np.int64, "int32": np.int32, "int16": np.int16, "float16": np.float16, "float32": np.float32,
-          "bfloat16": np.uint16}
+_ARROW = {"int64": "int64", "int32": "int32", "int16": "int16", "uint16": "uint16", "uint8": "uint8",
+          "float16": "float16", "float32": "float32", "bfloat16": "uint16"}  # bfloat16 travels as its raw 16 bits
+_TORCH = {"int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "uint16": torch.uint16,
+          "uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+_NUMPY = {"int64": np.int64, "int32": np.int32, "int16": np.int16, "uint16": np.uint16, "uint8": np.uint8,
+          "float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 
 
 def _schema(cols: dict):
@@ -212,10 +233,23 @@ def _from_arrow_table(table, cols: dict) -> dict[str, Tensor]:
     return out
 
 
+def _payload_bytes(spec: SignalSpec, vocab_size: int) -> float | None:
+    """The signal's bytes per position before Parquet's encodings and zstd (top-k kinds; None otherwise)."""
+    if spec.kind != "topk":
+        return None
+    if spec.codec == "compact":
+        return payload_bytes(spec.k, spec.bits, vocab_size)
+    return plain_payload_bytes(spec.k, 8 * np.dtype(_NUMPY[spec.dtype]).itemsize, vocab_size)
+
+
+_DICTIONARY = ("int64", "int32", "int16", "uint8")  # ids, counts, codes: few distinct values
+
+
 def _write_options(cols: dict) -> dict:
-    """Dictionary-encode the integer columns, byte-stream-split the floats: both compress better under zstd."""
-    ints = [n if s == [] else f"{n}.list.element" for n, (d, s) in cols.items() if d.startswith("int")]
-    floats = [f"{n}.list.element" for n, (d, s) in cols.items() if not d.startswith("int") and s != []]
+    """Dictionary-encode ids, counts and codes, byte-stream-split floats and id gaps (their high bytes are nearly
+    constant): both compress better under zstd."""
+    ints = [n if s == [] else f"{n}.list.element" for n, (d, s) in cols.items() if d in _DICTIONARY]
+    floats = [f"{n}.list.element" for n, (d, s) in cols.items() if d not in _DICTIONARY and s != []]
     return {"compression": "zstd", "compression_level": 3, "use_dictionary": ints, "use_byte_stream_split": floats}
 
 
@@ -229,7 +263,10 @@ def _sha256_file(path: Path) -> str:
 
 
 def _teacher_identity(teacher) -> dict:
-    """Name and a hash of the architecture config (not the weights: hashing billions of parameters is too slow)."""
+    """Name and a hash of the architecture config (not the weights: hashing billions of parameters is too slow);
+    a served teacher's URL, model id and request settings."""
+    if hasattr(teacher, "identity"):
+        return teacher.identity()
     cfg = getattr(teacher, "config", None)
     name = getattr(teacher, "name_or_path", None) or getattr(cfg, "_name_or_path", None) or type(teacher).__name__
     ident = {"name": str(name), "class": type(teacher).__name__,
@@ -263,7 +300,9 @@ def _tensor_sha256(*tensors: Tensor | None) -> str:
 
 def _teacher_signal(teacher, ids: Tensor, mask: Tensor | None, spec: SignalSpec, vocab_size: int,
                     row0: int) -> dict[str, Tensor]:
-    """The signal tensors of one batch of blocks, from one teacher forward pass."""
+    """The signal tensors of one batch of blocks, from one teacher forward pass (or a served teacher's top-k)."""
+    if hasattr(teacher, "topk_signal"):
+        return _served_signal(teacher, ids, mask, spec)
     kwargs = {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
     out = teacher(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out
@@ -275,6 +314,8 @@ def _teacher_signal(teacher, ids: Tensor, mask: Tensor | None, spec: SignalSpec,
         return {"logprobs": logp}
     if spec.kind == "topk":
         vals, idx = logp.topk(spec.k, dim=-1)
+        if spec.codec == "compact":
+            return encode_compact(idx, vals, tail_logmass(logp, idx), spec.bits)
         return {"indices": idx, "logprobs": vals}
     got: dict[str, list] = {"indices": [], "counts": [], "logprobs": [], "ratio": []}
     for r in range(logp.shape[0]):
@@ -290,7 +331,23 @@ def _teacher_signal(teacher, ids: Tensor, mask: Tensor | None, spec: SignalSpec,
     return out
 
 
+def _served_signal(teacher, ids: Tensor, mask: Tensor | None, spec: SignalSpec) -> dict[str, Tensor]:
+    """A served teacher (`kdkit.llm.teacher_server`) returns its top-`teacher.k` log-probs at temperature 1:
+    a top-k store of k <= that, made at temperature 1; the compact codec's tail mass is 1 - the top-k's."""
+    if spec.kind != "topk" or spec.temperature != 1.0 or spec.k > teacher.k:
+        raise ConfigError(f"a served teacher gives top-{teacher.k} log-probs at temperature 1; this store asks for "
+                          f"kind={spec.kind}, k={spec.k}, temperature={spec.temperature}")
+    signal = teacher.topk_signal(ids, mask)
+    idx, vals = signal.indices[..., :spec.k], signal.logprobs[..., :spec.k]
+    if spec.codec == "compact":
+        tail = torch.log1p(-vals.exp().sum(-1).clamp(max=1.0))
+        return encode_compact(idx, vals, tail, spec.bits)
+    return {"indices": idx, "logprobs": vals}
+
+
 def _vocab_size(teacher) -> int:
+    if isinstance(getattr(teacher, "vocab_size", None), int):  # a served teacher
+        return teacher.vocab_size
     cfg = getattr(teacher, "config", None)
     v = getattr(cfg, "vocab_size", None)
     if v is None and hasattr(teacher, "get_output_embeddings") and teacher.get_output_embeddings() is not None:
@@ -369,6 +426,7 @@ def write_signal_store(teacher_model, blocks: Tensor, out_dir, spec: SignalSpec 
         "format": FORMAT, "kind": spec.kind, "spec": asdict(spec), "vocab_size": V, "block_size": L,
         "positions": P, "n_rows": n, "shard_rows": int(shard_rows), "alignment": "position t predicts token t+1",
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "tokenizer_size": len(tokenizer),
+        "chat_template_sha256": chat_template_sha256(tokenizer),
         "teacher": _teacher_identity(teacher_model), "data_sha256": _tensor_sha256(blocks, labels, mask),
         "columns": {k: {"dtype": d, "shape": s} for k, (d, s) in cols.items()},
         "parquet": {"compression": "zstd", "compression_level": 3},
@@ -438,6 +496,7 @@ def write_signal_store(teacher_model, blocks: Tensor, out_dir, spec: SignalSpec 
             teacher_model.train()
     meta = {**plan, "shards": shards, "bytes": sum(x["bytes"] for x in shards), "kdkit_version": _kdkit_version()}
     meta["bytes_per_token"] = meta["bytes"] / (n * P)
+    meta["payload_bytes_per_token"] = _payload_bytes(spec, V)
     _atomic_json(work / META, meta)
     (work / PLAN).unlink()
     os.replace(work, out)
@@ -449,8 +508,9 @@ def write_signal_store(teacher_model, blocks: Tensor, out_dir, spec: SignalSpec 
 
 class SignalStore:
     """A written store: ``meta``, ``len()``, rows in order (``iter``), ``batches()``, random ``rows()``,
-    ``blocks()``. Tensors come back as torch: ids and labels int64, indices int64, log-probs in the stored dtype,
-    ``weights`` (sampled) float32 = counts / N * ratio."""
+    ``blocks()``. Tensors come back as torch: ids and labels int64, indices int64, log-probs in the stored dtype
+    (float32 from the compact codec, with the stored ``tail_logmass`` [B, P] beside them), ``weights`` (sampled)
+    float32 = counts / N * ratio."""
 
     def __init__(self, path: Path, meta: dict, *, streaming: bool = True, cache_dir: str | Path | None = None):
         self.path, self.meta, self.streaming = Path(path), meta, streaming
@@ -524,11 +584,15 @@ class SignalStore:
 
     def _batch(self, table) -> dict:
         t = _from_arrow_table(table, self.cols)
+        if self.spec.codec == "compact":
+            t["indices"], t["logprobs"] = decode_compact(t["id_gaps"], t["codes"], t["step"], t["tail_logmass"])
         batch = {"kind": self.kind, "temperature": self.spec.temperature, "vocab_size": self.vocab_size,
                  "row": t["row"], "input_ids": t["input_ids"].long(), "labels": t["labels"].long(),
                  "logprobs": t["logprobs"]}
         if self.kind != "dense":
             batch["indices"] = t["indices"].long()
+        if "tail_logmass" in t:
+            batch["tail_logmass"] = t["tail_logmass"]
         if self.kind == "sampled":
             batch["samples"] = self.spec.samples
             batch["counts"] = t["counts"]

@@ -15,6 +15,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def chat_template_sha256(tokenizer) -> str | None:
+    """sha256 of the tokenizer's chat template (None without one): the fingerprint covers ids, not how a chat is
+    laid out in them, and a signal stored over chat-formatted text only fits a student prompted the same way."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    blob = template if isinstance(template, str) else json.dumps(template, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
 def tokenizer_differences(teacher_tok, student_tok, sample: int = 0) -> list[str]:
     """Human-readable reasons why two tokenizers do not share token ids (empty list: they do)."""
     reasons = []
