@@ -174,7 +174,8 @@ BENCHMARKS = {"throughput": ("throughput", "run_throughput"), "classifier": ("cl
               "condense-speed": ("condense_speed", "run_condense_speed"),
               "condense-reference": ("condense_reference", "run_condense_reference"),
               "diffusion": ("diffusion", "run_diffusion_bench"),
-              "signal-compression": ("signal_compression", "run_signal_compression")}
+              "signal-compression": ("signal_compression", "run_signal_compression"),
+              "served-teacher": ("served_teacher", "run_served_teacher")}
 
 
 def _bench(ns) -> int:

@@ -222,3 +222,15 @@ def test_a_served_teacher_run_trains_as_a_run_from_the_same_top_k_stored_locally
     assert main(["distill", *args, "teacher.server=http://127.0.0.1:9", "teacher.server_retries=0",
                  "name=down"]) == 2
     assert not (tmp_path / "down").exists()
+
+
+def test_served_teacher_bench_table_from_result_files(tmp_path):
+    from kdkit.bench.served_teacher import write_markdown
+
+    row = {"setting": {"model": "m", "blocks": 4, "block_size": 64, "k": 20, "batch_size": 2, "concurrency": 4,
+                       "threads": 1}, "scored_tokens": 252, "local_s": 2.0, "served_s": 1.0, "server_start_s": 30.0,
+           "local_tokens_per_s": 126.0, "served_tokens_per_s": 252.0, "command": "kdkit bench served-teacher",
+           "hardware": {"torch": "2.14.1", "device": "cpu", "cpu": "AMD EPYC"}}
+    (tmp_path / "r.json").write_text(json.dumps(row))
+    text = write_markdown(tmp_path, tmp_path / "t.md").read_text()
+    assert "| m | 4 × 64 | 20 | 1 | 4 | 126 | 252 | 2.00× | 30 |" in text
