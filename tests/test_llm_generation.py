@@ -288,3 +288,25 @@ def test_bench_generation_times_a_cot_recipes_own_prompts(tmp_path, tiny_dir):
                              "backends=transformers", "split=train", f"out={tmp_path}"])
     assert row["setting"]["dataset"] == "chain_sum/train" and row["setting"]["model"] == str(tiny_dir)
     assert row["completions"] == 2 and 0 < row["generated_tokens"] <= 6
+
+
+def test_generation_uses_the_kv_cache_whatever_the_checkpoint_says(tiny_dir, tmp_path):
+    """A checkpoint saved with use_cache=false (TRL's SFT leaves it so) still generates with the cache: same
+    greedy text, and the model's forward sees past key values after the first step."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    m.config.use_cache = False
+    m.generation_config.use_cache = False
+    m.save_pretrained(str(tmp_path))
+    from kdkit.llm.models import load_tokenizer
+
+    load_tokenizer(str(tiny_dir)).save_pretrained(str(tmp_path))
+    backend = make_backend("transformers", str(tmp_path), batch_size=2)
+    seen = []
+    hook = backend.model.register_forward_pre_hook(  # transformers 5 names it `cache`, 4 `past_key_values`
+        lambda mod, args, kw: seen.append(kw.get("cache", kw.get("past_key_values"))), with_kwargs=True)
+    backend.generate(["<|im_start|>user\n1 + 2?<|im_end|>\n<|im_start|>assistant\n"],
+                     SamplingSpec(temperature=0, max_new_tokens=4))
+    hook.remove()
+    assert backend.model.generation_config.use_cache and any(p is not None and p.get_seq_length() > 0 for p in seen)

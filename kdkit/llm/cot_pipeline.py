@@ -202,6 +202,11 @@ class CoTDistill(Method):
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         merged = merge_lora(model)
+        # TRL trains with the KV cache off and the flag is saved with the model: whoever generates from the
+        # checkpoint (kdkit's evaluation, transformers users) would then recompute every prefix, 9x slower here
+        merged.config.use_cache = True
+        if merged.generation_config is not None:
+            merged.generation_config.use_cache = True
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(folder, ignore_errors=True)

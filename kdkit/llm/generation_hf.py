@@ -37,6 +37,12 @@ class TransformersBackend:
 
     def _setup(self, model, tokenizer, batch_size: int, progress: bool = False) -> None:
         self.model, self.tokenizer, self.batch_size, self.progress = model.eval(), tokenizer, batch_size, progress
+        # generate with the KV cache whatever the checkpoint says: a model saved by a trainer that switched it off
+        # (TRL's SFT does) otherwise recomputes every prefix at every step: 30 s instead of 3.4 s for 64 greedy
+        # chain-sum answers of a 16M model (measured, identical outputs)
+        model.config.use_cache = True
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.use_cache = True
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             from ..errors import ConfigError
 
