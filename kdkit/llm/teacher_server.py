@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,7 +76,8 @@ class ServedTeacher:
                 raise ConfigError(f"teacher.{key} must be an integer >= {low}, got {value!r}")
         if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
             raise ConfigError(f"teacher.server_timeout must be a number of seconds > 0, got {self.timeout!r}")
-        self.vocab_size = self.vocab_size or len(self.tokenizer)
+        if self.vocab_size is None and self.tokenizer is not None:
+            self.vocab_size = len(self.tokenizer)
         self.session = requests.Session()
         self.session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=self.concurrency))
         self.session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=self.concurrency))
@@ -121,6 +123,13 @@ class ServedTeacher:
     def check(self) -> dict:
         """The server is up, serves `model` (chosen when it serves one model), and tokenizes as the local tokenizer
         does; returns what it said about the model (max_model_len)."""
+        self.check_model()
+        self.check_tokenizer()
+        return self.info
+
+    def check_model(self) -> dict:
+        """The server is up and serves `model` (chosen when it serves one model): asked before any local work, so an
+        unreachable server is refused before the teacher's tokenizer is loaded (or converted)."""
         served = self._request("GET", "/v1/models").get("data")
         if not isinstance(served, list) or not all(isinstance(m, dict) and "id" in m for m in served):
             raise TeacherServerError(f"teacher.server={self.url}: GET /v1/models did not list models (is this an "
@@ -133,6 +142,11 @@ class ServedTeacher:
         if self.model not in ids:
             raise TeacherServerError(f"teacher.server={self.url} serves {ids}, not {self.model!r} "
                                      "(teacher.server_model); point it at the server of that model")
+        self.info = next(m for m in served if m["id"] == self.model)
+        return self.info
+
+    def check_tokenizer(self) -> None:
+        """The server tokenizes a probe text as the local tokenizer does (else its log-probs are over other ids)."""
         got = self._request("POST", "/tokenize", {"model": self.model, "prompt": PROBE, "add_special_tokens": False})
         mine = list(self.tokenizer(PROBE, add_special_tokens=False)["input_ids"])
         if got.get("tokens") != mine:
@@ -141,8 +155,6 @@ class ServedTeacher:
                 f"teacher.server={self.url} ({self.model}) tokenizes a probe text differently from {name} "
                 f"({len(got.get('tokens') or [])} vs {len(mine)} tokens): its log-probs would be over other ids; "
                 "serve the teacher whose tokenizer the run uses")
-        self.info = next(m for m in served if m["id"] == self.model)
-        return self.info
 
     # ------------------------------------------------------------------ teacher signal
 
@@ -267,15 +279,19 @@ def served_teacher(cfg) -> ServedTeacher:
     if not cfg.model:
         raise ConfigError("teacher.server needs teacher.model too: the teacher's name or folder, whose tokenizer "
                           "makes the token ids the server scores")
-    tokenizer = load_tokenizer(cfg.model)
-    vocab = None
-    try:
-        from transformers import AutoConfig
-
-        vocab = AutoConfig.from_pretrained(str(resolve_lm(cfg.model))).vocab_size
-    except Exception:  # a tokenizer-only folder: the tokenizer's size is the vocabulary
-        vocab = None
-    teacher = ServedTeacher(cfg.server, tokenizer, model=cfg.server_model, k=cfg.server_k, timeout=cfg.server_timeout,
-                            concurrency=cfg.server_concurrency, retries=cfg.server_retries, vocab_size=vocab)
-    teacher.check()
+    teacher = ServedTeacher(cfg.server, None, model=cfg.server_model, k=cfg.server_k, timeout=cfg.server_timeout,
+                            concurrency=cfg.server_concurrency, retries=cfg.server_retries)
+    teacher.check_model()
+    teacher.tokenizer = load_tokenizer(cfg.model)
+    teacher.vocab_size = _config_vocab(resolve_lm(cfg.model)) or len(teacher.tokenizer)
+    teacher.check_tokenizer()
     return teacher
+
+
+def _config_vocab(folder) -> int | None:
+    """The teacher config's vocabulary size (the width of its log-probs), or None for a tokenizer-only folder."""
+    if Path(folder).is_dir() and not (Path(folder) / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder)).vocab_size
