@@ -204,6 +204,35 @@ class OnPolicyConfig:
 
 
 @dataclass
+class MultiTeacherLMConfig:
+    """Several LM teachers (`teachers:`, local or served, one tokenizer): how each token's teacher signal is made.
+
+    `mix`: ``mean`` / ``fixed`` / ``learned`` mix the teachers' distributions, log sum_k w_k p_k at each loss's T
+    (MEAL V2's averaged targets; ``fixed`` takes `weights`, ``learned`` trains softmax weights with the student through
+    the mixture target); ``route`` gives each training text one teacher, by its `route_by` column: the column's values
+    are `route_values` (one per teacher, in order) or, without them, teacher indices 0..K-1."""
+
+    mix: Literal["mean", "fixed", "learned", "route"] = "mean"
+    weights: list[NonNegFloat] = field(default_factory=list)  # fixed: one per teacher (normalised)
+    route_by: str | None = None  # route: the dataset column naming each text's teacher
+    route_values: list[str] = field(default_factory=list)  # route: the column value of each teacher, in order
+
+    def validate(self, at: str) -> None:
+        if (self.mix == "fixed") != bool(self.weights):
+            raise ConfigError(f"{at}weights is the fixed mixture's (one number per teacher): set it with "
+                              f"{at}mix=fixed, and only then (got mix={self.mix}, weights={self.weights})")
+        if self.weights and not sum(self.weights) > 0:
+            raise ConfigError(f"{at}weights={self.weights} must have a positive sum")
+        if (self.mix == "route") != bool(self.route_by):
+            raise ConfigError(f"{at}route_by (the column naming each text's teacher) goes with {at}mix=route, and "
+                              f"mix=route needs it (got mix={self.mix}, route_by={self.route_by})")
+        if self.route_values and self.mix != "route":
+            raise ConfigError(f"{at}route_values is only used with {at}mix=route")
+        if len(set(self.route_values)) != len(self.route_values):
+            raise ConfigError(f"{at}route_values={self.route_values} repeats a value; each teacher needs its own")
+
+
+@dataclass
 class LLMConfig:
     """Causal-LM distillation settings (`kdkit distill recipe=smollm2-kd`); unused by the classifier pillar."""
 
@@ -218,6 +247,7 @@ class LLMConfig:
     chunk_size: PositiveInt | None = None  # tokens per chunk of the fused kernel (None: its auto_chunk_size)
     lora: LoRAConfig | None = None  # train LoRA adapters (peft) instead of every weight
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    multi_teacher: MultiTeacherLMConfig = field(default_factory=MultiTeacherLMConfig)  # with `teachers:` (2 or more)
     gradient_checkpointing: bool = False
 
     def validate(self, at: str) -> None:

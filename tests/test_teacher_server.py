@@ -234,3 +234,25 @@ def test_served_teacher_bench_table_from_result_files(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(row))
     text = write_markdown(tmp_path, tmp_path / "t.md").read_text()
     assert "| m | 4 × 64 | 20 | 1 | 4 | 126 | 252 | 2.00× | 30 |" in text
+
+
+def test_a_served_teacher_among_several_is_mixed_like_one_alone(server, tiny_dir, tmp_path):
+    """`teachers:` with a local and a served teacher: with all the mixture weight on the served one, the run's KD
+    is the served-teacher run's, step for step (a weight of 0 drops a teacher exactly)."""
+    from kdkit.cli import main
+
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    args = ["recipe=smollm2-kd-small", f"student.model={tiny_dir}", "student.options={}", "llm.block_size=32",
+            "llm.train_examples=12", "llm.eval_examples=4", "llm.max_steps=3", "data.batch_size=2",
+            "data.eval_batch_size=2", "trainer.threads=1", "trainer.progress=false", "trainer.log_every=1",
+            "llm.eval_every_steps=1", f"output_dir={tmp_path}"]
+    assert main(["distill", *args, f"teacher.model={tiny_dir}", f"teacher.server={url}", "teacher.server_k=8",
+                 "name=one"]) == 0
+    assert main(["distill", *args, "teacher.model=null", "llm.multi_teacher.mix=fixed",
+                 "llm.multi_teacher.weights=[0, 1]", "name=two",
+                 f"teachers=[{{model: {tiny_dir}}}, {{model: {tiny_dir}, server: '{url}', server_k: 8}}]"]) == 0
+    one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
+    kd = [[h["train_kd"] for h in run["history"] if "train_kd" in h] for run in (one, two)]
+    # float32 rounding of KD values near 0.003 that are differences of ~10-nat cross-entropies
+    assert len(kd[0]) == 3 and kd[0] == pytest.approx(kd[1], abs=1e-5)
+    assert two["summary"]["teacher_weights"] == [0.0, 1.0] and two["summary"]["teachers_ppl"][1] is None

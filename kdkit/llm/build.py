@@ -32,9 +32,12 @@ def check_lm_mode(recipe: Recipe, mode: Mode) -> None:
     losses' options, and what each backend and path (fused kernel, stored signal, cross-tokenizer, TRL) runs."""
     losses = {k: v for k, v in recipe.losses.items() if v is not None}
     lc = recipe.llm
-    if recipe.teachers or recipe.peer:
-        raise ConfigError("LM recipes take one teacher (teacher.model) or a stored signal (teacher.cache); "
-                          "teachers:/peer: are classifier options")
+    if recipe.peer:
+        raise ConfigError("LM recipes take a teacher (teacher.model), several (teachers:) or a stored signal "
+                          "(teacher.cache); peer: (online distillation) is a classifier option")
+    if recipe.teachers:
+        check_lm_teachers(recipe, mode)
+        return
     if recipe.teacher.checkpoint or recipe.student.checkpoint:
         raise ConfigError("LM models are named by teacher.model / student.model (a model name, hf:<id> or a saved "
                           "folder); teacher.checkpoint / student.checkpoint are classifier options")
@@ -94,6 +97,53 @@ def check_lm_mode(recipe: Recipe, mode: Mode) -> None:
         if not live and _store_meta(recipe.teacher.cache).get("kind") != "topk":
             raise ConfigError("llm.fused=true needs a live teacher (teacher.model) or a top-k teacher-signal store "
                               "(teacher.cache); dense and sampled stores use the unfused path (llm.fused=false)")
+
+
+def check_lm_teachers(recipe: Recipe, mode: Mode) -> None:
+    """`teachers:` in an LM recipe: two or more, local (`model`) or served (`server` + `model`), routed or mixed
+    (`llm.multi_teacher`) into token_kd losses by kdkit's own loop."""
+    lc, mt, t = recipe.llm, recipe.llm.multi_teacher, recipe.teacher
+    if mode != "distill":
+        raise ConfigError("`kdkit train` has no teacher; teachers: is for `kdkit distill`")
+    if t.model or t.cache or t.server:
+        raise ConfigError("set either teacher (one) or teachers (a list), not both")
+    if len(recipe.teachers) < 2:
+        raise ConfigError(f"teachers: lists {len(recipe.teachers)} teacher; one goes in teacher.model")
+    for i, tc in enumerate(recipe.teachers):
+        if tc.cache or tc.checkpoint or not tc.model:
+            raise ConfigError(f"teachers.{i} needs model (a name or folder; with server=URL for a served teacher) and "
+                              "no cache/checkpoint: stored signals and classifier checkpoints take one teacher")
+        check_lm_name(tc.model, f"teachers.{i}.model")
+    losses = {k: v for k, v in recipe.losses.items() if v is not None}
+    if not losses:
+        raise ConfigError("`kdkit distill` needs at least one loss, e.g. losses.kd.type=token_kd")
+    built = build_losses(recipe, {"epochs": recipe.trainer.epochs})
+    other = sorted(n for n, (_, loss) in built.items() if type(loss).__name__ != "TokenKDLoss")
+    if other:
+        raise ConfigError(f"several LM teachers (teachers:) train token_kd losses; {other} take one teacher")
+    served = [i for i, tc in enumerate(recipe.teachers) if tc.server]
+    for name, (_, loss) in built.items():
+        if served and float(loss.T) != 1.0:
+            raise ConfigError(f"losses.{name}.T={loss.T}: teachers.{served[0]} is served, and a served teacher's "
+                              f"top-k log-probs are at temperature 1; set losses.{name}.T=1")
+    if lc.fused or lc.on_policy.fraction > 0 or lc.on_policy.backend == "trl":
+        raise ConfigError("several LM teachers run on kdkit's unfused loop: set llm.fused=false and "
+                          "llm.on_policy.fraction=0 (backend=kdkit)")
+    k = len(recipe.teachers)
+    if mt.mix == "fixed" and len(mt.weights) != k:
+        raise ConfigError(f"llm.multi_teacher.weights={mt.weights} needs one weight per teacher ({k})")
+    if mt.route_values and len(mt.route_values) != k:
+        raise ConfigError(f"llm.multi_teacher.route_values={mt.route_values} needs one value per teacher ({k})")
+    if mt.mix == "route" and (recipe.data.name == "gsm8k" or recipe.data.name.startswith("jsonl:")):
+        raise ConfigError(f"llm.multi_teacher.route_by={mt.route_by}: data.name={recipe.data.name} has no such "
+                          "column; routing needs a local .jsonl/.parquet/.csv file or an hf: dataset with one")
+    s = recipe.student
+    if s.model == "truncated-teacher" and recipe.teachers[0].server:
+        raise ConfigError("student.model=truncated-teacher is cut from teachers.0, which is served (its weights "
+                          "stay on the server); name a student model, or make teachers.0 a local one")
+    if s.model == "scratch" and "tokenizer" not in (s.options or {}):
+        raise ConfigError("student.model=scratch with several teachers takes student.options={tokenizer: ..., "
+                          "config: {...}}")
 
 
 def check_served_teacher(recipe: Recipe, kinds: dict, built: dict) -> None:
@@ -180,7 +230,7 @@ def check_recipe(recipe: Recipe, mode: Mode) -> None:
     check_lm_mode(recipe, mode)
     if recipe.teacher.model:
         check_lm_name(recipe.teacher.model, "teacher.model")
-    check_student(recipe.student, bool(recipe.teacher.model), recipe.llm)
+    check_student(recipe.student, bool(recipe.teacher.model or recipe.teachers), recipe.llm)
     check_precision(recipe)
     check_data(recipe)
     if mode == "distill" and recipe.teacher.cache:
@@ -222,6 +272,17 @@ def build_lm_models(recipe: Recipe, mode: Mode):
 
     dtype = DTYPES[recipe.llm.dtype]
     teacher, t_tok = None, None
+    if recipe.teachers:
+        teacher, t_tok = build_lm_teachers(recipe)
+        source = teacher[0]  # a truncated student is cut from teachers.0
+        s = recipe.student
+        if s.model == "scratch":
+            student, tok = _scratch_without_teacher(s.options, dtype)
+        else:
+            tok = t_tok if s.model == "truncated-teacher" else load_tokenizer(s.model)
+            student = build_student(s, source, recipe.llm, dtype)
+        require_same_tokenizer(t_tok, tok)
+        return teacher, student, tok, t_tok
     if recipe.teacher.server and mode == "distill":
         from .teacher_server import served_teacher
 
@@ -245,6 +306,56 @@ def build_lm_models(recipe: Recipe, mode: Mode):
     return teacher, student, tok, t_tok
 
 
+def build_lm_teachers(recipe: Recipe) -> tuple[list, object]:
+    """The recipe's `teachers:` (local models, frozen, or checked server clients) and their one tokenizer: each
+    teacher after the first must tokenize as the first does (one vocabulary, position by position)."""
+    from .models import load_causal_lm
+    from .teacher_server import served_teacher
+    from .tokenizers import require_same_tokenizer
+
+    teachers, first = [], None
+    for i, tc in enumerate(recipe.teachers):
+        if tc.server:
+            teacher = served_teacher(tc)
+            tok = teacher.tokenizer
+        else:
+            teacher, tok = load_causal_lm(tc.model, dtype=recipe.llm.dtype)
+            teacher.requires_grad_(False)
+        if first is None:
+            first = tok
+        else:
+            require_same_tokenizer(first, tok, f"mixing or routing teachers.0 and teachers.{i}")
+        teachers.append(teacher)
+    return teachers, first
+
+
+def build_routed_blocks(recipe: Recipe, tokenizer) -> dict:
+    """`llm.multi_teacher.mix=route`: each route's texts packed into their own blocks (a block never straddles two
+    teachers). {"train", "test": blocks [n, L]; "train_routes", "test_routes": each block's teacher [n]}."""
+    from .multi_teacher import route_index
+    from .text_data import load_column, load_texts, pack_blocks
+
+    lc, mt = recipe.llm, recipe.llm.multi_teacher
+    k, out = len(recipe.teachers), {}
+    for split, limit in (("train", lc.train_examples), ("test", lc.eval_examples)):
+        texts = load_texts(recipe.data.name, split, text_field=lc.text_field, limit=limit)
+        routes = route_index(load_column(recipe.data.name, split, mt.route_by, limit), mt.route_values, k,
+                             mt.route_by)
+        blocks, owner = [], []
+        for i in range(k):
+            mine = [t for t, r in zip(texts, routes) if r == i]
+            if not mine:
+                name = mt.route_values[i] if mt.route_values else i
+                where = f" among the first {limit}" if limit else ""
+                raise ConfigError(f"no {split} text{where} has {mt.route_by}={name} (teachers.{i}); every teacher "
+                                  f"needs {split} text of its own")
+            packed = pack_blocks(mine, tokenizer, lc.block_size)
+            blocks.append(packed)
+            owner.append(torch.full((len(packed),), i, dtype=torch.long))
+        out[split], out[f"{split}_routes"] = torch.cat(blocks), torch.cat(owner)
+    return out
+
+
 def build_lm_blocks(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """Training and evaluation token blocks [n, block_size] from the recipe's text dataset."""
     from .text_data import load_texts, pack_blocks
@@ -266,9 +377,14 @@ def build_lm_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = Non
     state = PartialState(cpu=use_cpu(recipe))
     run_dir = Path(recipe.output_dir) / run_name(recipe, recipe_name)
     seed_everything(recipe.trainer.seed)
+    routes = None
     with state.main_process_first():
         teacher, student, tok, t_tok = build_lm_models(recipe, mode)
-        train, test = build_lm_blocks(recipe, tok)
+        if recipe.teachers and recipe.llm.multi_teacher.mix == "route":
+            routes = build_routed_blocks(recipe, tok)
+            train, test = routes.pop("train"), routes.pop("test")
+        else:
+            train, test = build_lm_blocks(recipe, tok)
     if mode == "distill" and recipe.llm.on_policy.backend == "trl":
         return TRLGKDRun(recipe, run_dir, teacher, student, tok)
     store = None
@@ -282,12 +398,13 @@ def build_lm_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = Non
     if mode == "distill" and cross_tokenizer_loss(recipe) is not None:
         cross = _cross_tokenizer_data(recipe, t_tok, tok, losses[cross_tokenizer_loss(recipe)][1])
         train = None
-    meta = {"teacher": recipe.teacher.model or recipe.teacher.cache, "student": recipe.student.model,
+    meta = {"teacher": recipe.teacher.model or recipe.teacher.cache or [t.server or t.model for t in recipe.teachers],
+            "student": recipe.student.model,
             **({"teacher_server": recipe.teacher.server} if recipe.teacher.server else {}),
             "student_options": json.dumps(recipe.student.options), "data": recipe.data.name,
             "block_size": recipe.llm.block_size}
     ctx = dict(recipe=recipe, run_dir=run_dir, student=student, tokenizer=tok, train_blocks=train, eval_blocks=test,
-               teacher=teacher, losses=losses, store=store, on_step=on_step, meta=meta, cross=cross)
+               teacher=teacher, losses=losses, store=store, on_step=on_step, meta=meta, cross=cross, routes=routes)
     return build_method("distill", "lm", ctx, {})
 
 

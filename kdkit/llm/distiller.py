@@ -43,9 +43,11 @@ def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
 class LMStep(nn.Module):
     """Student + loss parameters; forward returns the weighted loss terms of one batch."""
 
-    def __init__(self, student: nn.Module, losses: dict, ce_weight: float, *, fused: dict | None = None):
+    def __init__(self, student: nn.Module, losses: dict, ce_weight: float, *, fused: dict | None = None,
+                 mix: nn.Module | None = None):
         super().__init__()
         self.student = student
+        self.mix = mix  # several teachers' signals -> their mixture at each loss's T (`TeacherMix`)
         self.losses = nn.ModuleDict({name: loss for name, (_, loss) in losses.items()})
         self.weights = {name: float(w) for name, (w, _) in losses.items()}
         self.ce_weight = float(ce_weight)
@@ -56,8 +58,8 @@ class LMStep(nn.Module):
         """`use_ce=False` on student-generated (on-policy) batches: no hard-label CE on the student's own text.
         `teacher`: the step's `TeacherSignal` at the shifted positions [B, L-1] (dense logits from a live teacher,
         hidden states + head for the fused kernel, a stored signal of any kind), or `CrossTokenizerChunks` over
-        the teacher's own tokens with `student_features` the student's side; None without a teacher. Every loss
-        gets the signal itself and applies its own settings to it."""
+        the teacher's own tokens with `student_features` the student's side; a list of signals, one per teacher,
+        that `mix` mixes; None without a teacher. Every loss gets the signal itself and applies its own settings."""
         terms = {}
         if self.fused is not None:
             return self._fused_terms(input_ids, attention_mask, labels, teacher, use_ce)
@@ -71,8 +73,14 @@ class LMStep(nn.Module):
             for name, loss in self.losses.items():
                 terms[name] = self.weights[name] * loss(s_out, teacher)
             return terms
+        mixed = {}
         for name, loss in self.losses.items():
-            terms[name] = self.weights[name] * loss(Outputs(s_logits), teacher, y)
+            signal = teacher
+            if isinstance(teacher, list):  # one mixture per temperature (exact at each loss's T)
+                if loss.T not in mixed:
+                    mixed[loss.T] = self.mix(teacher, loss.T, s_logits.shape[-1], name)
+                signal = mixed[loss.T]
+            terms[name] = self.weights[name] * loss(Outputs(s_logits), signal, y)
         return terms
 
     def _fused_terms(self, input_ids, attention_mask, labels, teacher: HiddenStates | TopK, use_ce: bool = True):
@@ -105,6 +113,23 @@ def fused_options(losses: dict) -> dict:
     return {name: {"div": loss.div, "ignore_index": loss.ignore_index}}
 
 
+def _teacher_mix(cfg, k: int, routes: dict | None, cross, store, lcfg):
+    """The step's `TeacherMix` for mean/fixed/learned; None for routing (which needs each block's teacher)."""
+    from .multi_teacher import TeacherMix
+
+    if cross is not None or store is not None or lcfg.fused or lcfg.on_policy.fraction > 0:
+        raise ConfigError("several LM teachers run on kdkit's unfused loop, without teacher.cache, cross-tokenizer "
+                          "losses, llm.fused or on-policy batches")
+    if cfg.mix == "route":
+        if routes is None or "train_routes" not in routes or "test_routes" not in routes:
+            raise ConfigError("llm.multi_teacher.mix=route needs each block's teacher: pass routes={'train_routes': "
+                              "..., 'test_routes': ...} (kdkit distill builds them from llm.multi_teacher.route_by)")
+        return None
+    if routes is not None:
+        raise ConfigError(f"routes are for llm.multi_teacher.mix=route, not mix={cfg.mix}")
+    return TeacherMix(k, cfg.mix, cfg.weights)
+
+
 class LMDistiller(AcceleratedMethod):
     """Trains a causal LM `student` on token `train_blocks` [n, L] from `teacher` (a frozen HF causal LM), or from
     a teacher-signal `store`, or alone (no-teacher baseline, teacher training); evaluates perplexity on
@@ -113,13 +138,17 @@ class LMDistiller(AcceleratedMethod):
 
     Cross-tokenizer mode: `cross` = {"texts": training texts, "batcher": CrossTokenizerBatcher, "teacher_eval_blocks":
     the evaluation text in the teacher's tokens}; `train_blocks` is then None and each step takes whole texts.
+
+    Several teachers: `teacher` is a list (local models and `ServedTeacher`s, one tokenizer), mixed as
+    `llm.multi_teacher.mix` says, or routed by `routes` = {"train_routes", "test_routes": each block's teacher}.
     """
 
     name = "lm"
 
     def __init__(self, recipe: Recipe, run_dir, student: nn.Module, tokenizer, train_blocks: torch.Tensor | None,
                  eval_blocks: torch.Tensor, *, teacher: nn.Module | None = None, losses: dict | None = None,
-                 store=None, on_step: Callable | None = None, meta: dict | None = None, cross: dict | None = None):
+                 store=None, on_step: Callable | None = None, meta: dict | None = None, cross: dict | None = None,
+                 routes: dict | None = None):
         super().__init__(recipe, run_dir, on_step)
         acc = self.accelerator
         self.lcfg = recipe.llm
@@ -134,8 +163,14 @@ class LMDistiller(AcceleratedMethod):
         losses = {n: (l if isinstance(l, tuple) else (1.0, l)) for n, l in (losses or {}).items()}
         if losses and teacher is None and store is None:
             raise ConfigError(f"losses {sorted(losses)} need a teacher: set teacher.model or teacher.cache")
-        self.teacher = self.served = None
-        if isinstance(teacher, ServedTeacher):  # top-k log-probs from a server: a signal source, like a store
+        self.teacher = self.served = mix = None
+        self.teachers, self.routes = None, routes
+        if isinstance(teacher, list):
+            self.teachers = [t if isinstance(t, ServedTeacher) else t.requires_grad_(False).eval().to(acc.device)
+                             for t in teacher]
+            mix = _teacher_mix(self.lcfg.multi_teacher, len(teacher), routes, cross, store, self.lcfg)
+            teacher = self.teachers
+        elif isinstance(teacher, ServedTeacher):  # top-k log-probs from a server: a signal source, like a store
             self.served = teacher
         elif teacher is not None:
             teacher.requires_grad_(False)
@@ -177,11 +212,12 @@ class LMDistiller(AcceleratedMethod):
             student.gradient_checkpointing_enable()
         for _, loss in losses.values():
             loss.to(acc.device)
-        self.wrap(LMStep(student, losses, recipe.ce_weight, fused=fused))
+        self.wrap(LMStep(student, losses, recipe.ce_weight, fused=fused, mix=mix))
         self.state |= {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"student": self.raw.student, "losses": self.raw.losses}
+        mods = {"student": self.raw.student, "losses": self.raw.losses}
+        return mods | ({"teacher_mix": self.raw.mix} if self.raw.mix is not None else {})
 
     # ------------------------------------------------------------ data
 
@@ -210,6 +246,8 @@ class LMDistiller(AcceleratedMethod):
             signal = self.served.topk_signal(input_ids, attention_mask)
             signal.check_tokenizer(self.fingerprint)
             return signal
+        if self.teachers is not None:
+            return self._teachers_signal(input_ids, attention_mask, index)
         if self.teacher is None:
             return None
         if self.cross is not None:
@@ -229,6 +267,33 @@ class LMDistiller(AcceleratedMethod):
                                     bias=None if b is None else b.detach(), tokenizer=self.fingerprint)
             logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
         return DenseLogits(logits=logits[:, :-1].clone(), tokenizer=self.fingerprint)
+
+    def _one_signal(self, teacher, input_ids, attention_mask) -> TeacherSignal:
+        """One teacher's signal at the shifted positions: a served teacher's top-k, a local one's dense logits."""
+        if isinstance(teacher, ServedTeacher):
+            signal = teacher.topk_signal(input_ids, attention_mask)
+            signal.check_tokenizer(self.fingerprint)
+            return signal.to(self.accelerator.device)
+        with torch.inference_mode(), self.accelerator.autocast():
+            logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+        return DenseLogits(logits=logits[:, :-1].clone(), tokenizer=self.fingerprint)
+
+    def _teachers_signal(self, input_ids, attention_mask, index):
+        """Routed: each teacher on its own blocks, put back in order (one signal). Mixed: every teacher's signal,
+        a list the step mixes (the mixture's weights may be trained)."""
+        from .multi_teacher import routed_signal
+
+        if self.routes is None:
+            return [self._one_signal(t, input_ids, attention_mask) for t in self.teachers]
+        owner = self.routes["train_routes"][index]
+        parts = []
+        for k, teacher in enumerate(self.teachers):
+            rows = (owner == k).nonzero().flatten()
+            if len(rows):
+                mask = None if attention_mask is None else attention_mask[rows]
+                parts.append((rows, self._one_signal(teacher, input_ids[rows], mask)))
+            self.state.setdefault("blocks_per_teacher", [0] * len(self.teachers))[k] += len(rows)
+        return routed_signal(parts, len(input_ids), self.raw.student.get_output_embeddings().weight.shape[0])
 
     def _cross_batch(self, index):
         """(student ids, mask, labels) of the step's texts; both sides' aligned batch kept for the teacher and losses."""
@@ -251,6 +316,15 @@ class LMDistiller(AcceleratedMethod):
                     self.teacher, self.cross["teacher_eval_blocks"])["ppl"]
             elif self.teacher is not None:
                 self.state["teacher_ppl"] = self.perplexity(self.teacher)["ppl"]
+            if self.teachers is not None:  # each local teacher's, on each route's blocks when routed
+                self.state["teachers_ppl"] = [None if isinstance(t, ServedTeacher) else self.perplexity(t)["ppl"]
+                                              for t in self.teachers]
+                if self.routes is not None:
+                    self.state["teachers_ppl_by_route"] = [
+                        [None if isinstance(t, ServedTeacher) else self.perplexity(t, blocks)["ppl"]
+                         for blocks in self._route_blocks()] for t in self.teachers]
+                run.log("teachers' perplexity: " + ", ".join(
+                    f"teachers.{i} {p:.3f}" for i, p in enumerate(self.state["teachers_ppl"]) if p is not None))
             run.log("perplexity before training: student {:.3f}{}{}".format(
                 self.state["student_ppl_before"],
                 f", teacher {self.state['teacher_ppl']:.3f}" if "teacher_ppl" in self.state else "",
@@ -307,11 +381,21 @@ class LMDistiller(AcceleratedMethod):
         record = {"epoch": step, "step": step, "lr": self._lr, "tokens_per_s": self._tokens / max(seconds, 1e-9),
                   "test_ppl": ev["ppl"]}
         record |= {f"train_{k}": v for k, v in self.window.means().items()}
+        if self.routes is not None:
+            record["test_ppl_by_route"] = [self.perplexity(blocks=b)["ppl"] for b in self._route_blocks()]
+        if self.raw.mix is not None:
+            record["teacher_weights"] = [round(float(w), 6) for w in self.raw.mix.weights().detach()]
         self.state["history"].append(record)
         run.log(f"step {step}/{self.total_steps}  " + "  ".join(
-            f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "step")))
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+            if k not in ("epoch", "step")))
         self._t0, self._tokens = time.perf_counter(), 0
         return record
+
+    def _route_blocks(self) -> list[torch.Tensor]:
+        """The evaluation blocks of each route (teacher), in teacher order."""
+        owner = self.routes["test_routes"]
+        return [self.eval_blocks[owner == k] for k in range(len(self.teachers))]
 
     @torch.no_grad()
     def perplexity(self, model: nn.Module | None = None, blocks: torch.Tensor | None = None) -> dict:
@@ -351,6 +435,12 @@ class LMDistiller(AcceleratedMethod):
         }
         if "on_policy_steps" in self.state:
             summary["on_policy_steps"] = self.state["on_policy_steps"]
+        for key in ("teachers_ppl", "teachers_ppl_by_route", "blocks_per_teacher"):
+            if key in self.state:
+                summary[key] = self.state[key]
+        for key in ("test_ppl_by_route", "teacher_weights"):
+            if key in final:
+                summary[key.replace("test_", "student_")] = final[key]
         if acc.is_main_process:
             from .students import merge_lora
 

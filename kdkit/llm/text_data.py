@@ -66,30 +66,51 @@ def _looks_like_path(name: str) -> bool:
     return "/" in name or "{split}" in name or Path(name).suffix in BUILDERS or Path(name).expanduser().exists()
 
 
+def _first(ds, limit: int | None):
+    if limit is None:
+        return ds
+    if limit < 1:
+        raise ConfigError(f"limit must be a positive number of texts, got {limit}")
+    return ds.select(range(min(limit, len(ds))))
+
+
+def _open(name: str, split: str, limit: int | None):
+    """(the first `limit` rows of a Hub or local dataset, its local file or None)."""
+    if name.startswith("hf:"):
+        return _first(load_hub_split(name[3:], split), limit), None
+    if _looks_like_path(name):
+        local = local_file(name, split)
+        return _first(_local(local, split), limit), local
+    raise ConfigError(f"unknown text dataset {name!r}; use gsm8k, hf:<dataset>[:<config>], or a local "
+                      f".jsonl/.json/.parquet/.txt/.csv file (or a {{split}} pattern / folder of them)")
+
+
+def load_column(name: str, split: str, column: str, limit: int | None = None) -> list:
+    """Column `column` of `split`, row for row with `load_texts` (e.g. the source that routes each text to a teacher)."""
+    _check_split(split)
+    if name == "gsm8k" or name.startswith("jsonl:"):
+        raise ConfigError(f"data.name={name} has question/answer texts and no column {column!r}; a column per text "
+                          "needs a local .jsonl/.json/.parquet/.csv file or an hf: dataset")
+    ds, _ = _open(name, split, limit)
+    if column not in ds.column_names:
+        raise ConfigError(f"dataset {name!r} ({split}) has no column {column!r}; columns: {', '.join(ds.column_names)}")
+    return list(ds[column])
+
+
 def load_texts(name: str, split: str, text_field: str | None = None, limit: int | None = None) -> list[str]:
     """The texts of `split` of dataset `name`, in file order, the first `limit` of them when given."""
     _check_split(split)
     local = None
     if name == "gsm8k":
-        ds = _gsm8k(split)
+        ds = _first(_gsm8k(split), limit)
     elif name.startswith("jsonl:"):
         from .prompt_records import load_prompt_records
 
         records = load_prompt_records(name, split)
         texts = [q + ("\n" + a if a else "") for q, a in zip(records["question"], records["answer"])]
         return texts[:limit] if limit is not None else texts
-    elif name.startswith("hf:"):
-        ds = load_hub_split(name[3:], split)
-    elif _looks_like_path(name):
-        local = local_file(name, split)
-        ds = _local(local, split)
     else:
-        raise ConfigError(f"unknown text dataset {name!r}; use gsm8k, hf:<dataset>[:<config>], or a local "
-                          f".jsonl/.json/.parquet/.txt/.csv file (or a {{split}} pattern / folder of them)")
-    if limit is not None:
-        if limit < 1:
-            raise ConfigError(f"limit must be a positive number of texts, got {limit}")
-        ds = ds.select(range(min(limit, len(ds))))
+        ds, local = _open(name, split, limit)
     if name == "gsm8k" and text_field is None:
         return [q + "\n" + a for q, a in zip(ds["question"], ds["answer"])]
     field = text_field or "text"
