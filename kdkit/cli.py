@@ -175,7 +175,8 @@ BENCHMARKS = {"throughput": ("throughput", "run_throughput"), "classifier": ("cl
               "condense-reference": ("condense_reference", "run_condense_reference"),
               "diffusion": ("diffusion", "run_diffusion_bench"),
               "signal-compression": ("signal_compression", "run_signal_compression"),
-              "served-teacher": ("served_teacher", "run_served_teacher")}
+              "served-teacher": ("served_teacher", "run_served_teacher"),
+              "multi-teacher": ("multi_teacher", "run_multi_teacher")}
 
 
 def _bench(ns) -> int:

@@ -21,21 +21,11 @@ COMMON = ["recipe=lm-scratch", *TAIL]
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     """A 512-token byte-level BPE trained on GSM8K train text, saved as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from kdkit.llm.text_data import load_texts
+    from kdkit.llm.tokenizers import train_byte_bpe
 
-    texts = load_texts("gsm8k", "train", limit=2000)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
     out = tmp_path_factory.mktemp("tok")
-    fast.save_pretrained(str(out))
+    train_byte_bpe(load_texts("gsm8k", "train", limit=2000), out, vocab_size=512)
     return out
 
 

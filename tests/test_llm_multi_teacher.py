@@ -181,3 +181,22 @@ def test_learned_mixture_trains_its_weights_and_resumes_them_bit_exactly(tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
     timeless = lambda h: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in h]  # noqa: E731
     assert timeless(whole.state["history"]) == timeless(resumed.state["history"])
+
+
+def test_bench_table_from_result_files(tmp_path):
+    from kdkit.bench.multi_teacher import write_markdown
+
+    setting = {"texts": 10, "test_texts": 5, "block_size": 64, "teacher_steps": 3, "steps": 2, "threads": 1}
+    hw = {"device": "cpu", "cpu": "test"}
+    ppl = {"none": [(48.0, 6.5), (49.0, 6.7)], "route": [(40.0, 5.2), (40.5, 5.3)], "mean": [(150.0, 6.6), (160.0, 6.4)]}
+    for variant, runs in ppl.items():
+        for seed, (g, c) in enumerate(runs):
+            row = {"variant": variant, "seed": seed, "setting": setting, "hardware": hw, "wall_seconds": 10.0,
+                   "command": "kdkit bench multi-teacher", "student_ppl": {"gsm8k": g, "chain_sum": c},
+                   "teacher_ppl": {"gsm8k": {"gsm8k": 30.0, "chain_sum": 100.0}}, "teacher_weights": None}
+            (tmp_path / f"{variant}-{seed}.json").write_text(json.dumps(row))
+    text = write_markdown(tmp_path, tmp_path / "t.md").read_text()
+    assert "| route | 2 | 40.25 ± 0.35 | 5.25 ± 0.07 |" in text
+    assert text.index("| none |") < text.index("| mean |") < text.index("| route |")
+    assert "`route`: gsm8k -8.25 (better), chain_sum -1.35 (better)" in text
+    assert "`mean`: gsm8k +106.50 (worse), chain_sum -0.10 (within noise)" in text

@@ -22,6 +22,7 @@ from ..train.build import Mode, build_losses, run_name
 from .distiller import fused_options  # importing it registers the `lm` method
 from .models import DTYPES, check_lm_name
 from .students import check_student
+from .text_data import is_named
 
 STUDENT_FROM_TEACHER = ("truncated-teacher", "scratch")
 
@@ -134,9 +135,13 @@ def check_lm_teachers(recipe: Recipe, mode: Mode) -> None:
         raise ConfigError(f"llm.multi_teacher.weights={mt.weights} needs one weight per teacher ({k})")
     if mt.route_values and len(mt.route_values) != k:
         raise ConfigError(f"llm.multi_teacher.route_values={mt.route_values} needs one value per teacher ({k})")
-    if mt.mix == "route" and (recipe.data.name == "gsm8k" or recipe.data.name.startswith("jsonl:")):
-        raise ConfigError(f"llm.multi_teacher.route_by={mt.route_by}: data.name={recipe.data.name} has no such "
-                          "column; routing needs a local .jsonl/.parquet/.csv file or an hf: dataset with one")
+    name = recipe.data.name
+    joined = "+" in name and is_named(name)
+    if mt.mix == "route" and (name == "gsm8k" or name.startswith("jsonl:") or is_named(name) and not joined
+                              or joined and mt.route_by != "source"):
+        raise ConfigError(f"llm.multi_teacher.route_by={mt.route_by}: data.name={name} has no such column; routing "
+                          "needs a local .jsonl/.parquet/.csv file or an hf: dataset with one, or sets joined by '+' "
+                          "(route_by=source)")
     s = recipe.student
     if s.model == "truncated-teacher" and recipe.teachers[0].server:
         raise ConfigError("student.model=truncated-teacher is cut from teachers.0, which is served (its weights "
@@ -209,7 +214,7 @@ def check_data(recipe: Recipe) -> None:
     from .text_data import local_file
 
     name = recipe.data.name
-    if name != "gsm8k" and not name.startswith("hf:"):
+    if name != "gsm8k" and not name.startswith("hf:") and not is_named(name):
         for split in ("train", "test"):
             local_file(name, split)
 
@@ -281,7 +286,7 @@ def build_lm_models(recipe: Recipe, mode: Mode):
         else:
             tok = t_tok if s.model == "truncated-teacher" else load_tokenizer(s.model)
             student = build_student(s, source, recipe.llm, dtype)
-        require_same_tokenizer(t_tok, tok)
+        _one_tokenizer(t_tok, tok, "teachers.0 and the student")
         return teacher, student, tok, t_tok
     if recipe.teacher.server and mode == "distill":
         from .teacher_server import served_teacher
@@ -311,7 +316,6 @@ def build_lm_teachers(recipe: Recipe) -> tuple[list, object]:
     teacher after the first must tokenize as the first does (one vocabulary, position by position)."""
     from .models import load_causal_lm
     from .teacher_server import served_teacher
-    from .tokenizers import require_same_tokenizer
 
     teachers, first = [], None
     for i, tc in enumerate(recipe.teachers):
@@ -324,9 +328,22 @@ def build_lm_teachers(recipe: Recipe) -> tuple[list, object]:
         if first is None:
             first = tok
         else:
-            require_same_tokenizer(first, tok, f"mixing or routing teachers.0 and teachers.{i}")
+            _one_tokenizer(first, tok, f"teachers.0 and teachers.{i}")
         teachers.append(teacher)
     return teachers, first
+
+
+def _one_tokenizer(a, b, who: str) -> None:
+    """Several teachers share the student's vocabulary, position by position."""
+    from ..errors import TokenizerMismatchError
+    from .tokenizers import tokenizer_differences
+
+    reasons = tokenizer_differences(a, b)
+    if reasons:
+        raise TokenizerMismatchError(
+            f"several teachers (teachers:) are mixed or routed id by id, so they and the student share one tokenizer, "
+            f"but {who} differ: " + "; ".join(reasons) + ". A teacher with another tokenizer trains alone, with "
+            "teacher.model and losses.cross_tokenizer")
 
 
 def build_routed_blocks(recipe: Recipe, tokenizer) -> dict:

@@ -2,6 +2,9 @@
 
 Sources (`data.name`):
 - ``gsm8k``: `$KDKIT_DATA_DIR/gsm8k/{train,test}.jsonl` (or the Hub online); text = question + "\\n" + answer.
+- ``chain_sum``: reasoning-gym chain sums, generated offline (`kdkit.data.chain_sum`); text = question + "\\n" + answer.
+- ``gsm8k+chain_sum`` (named sets joined by ``+``): their texts alternating, with a ``source`` column naming each
+  text's set (what `llm.multi_teacher.route_by=source` routes on).
 - ``hf:<dataset>[:<config>]``: `datasets.load_dataset`; offline only from the local Hugging Face cache.
 - ``jsonl:PATH``: chat, ShareGPT or Alpaca records (`prompt_records`); text = question + "\n" + reference reply.
 - a local file (.jsonl/.json/.parquet/.txt/.csv) = the train split; a path with ``{split}`` in it
@@ -62,6 +65,37 @@ def _local(path: Path, split: str):
     return load_data_file(path, BUILDERS[path.suffix], split, cache_dir() / "hf_datasets")
 
 
+NAMED = ("gsm8k", "chain_sum")  # built-in question/answer sets, and what `+` joins
+
+
+def _named_rows(name: str, split: str) -> list[tuple[str, str]]:
+    """(text, source) of a built-in set, or of several joined by `+`, alternating until each runs out."""
+    from itertools import zip_longest
+
+    parts = name.split("+")
+    bad = [p for p in parts if p not in NAMED]
+    if bad or len(set(parts)) != len(parts):
+        raise ConfigError(f"data.name={name}: join distinct built-in sets ({', '.join(NAMED)}) with '+', e.g. "
+                          "gsm8k+chain_sum")
+    sets = []
+    for part in parts:
+        if part == "gsm8k":
+            ds = _gsm8k(split)
+        else:
+            from ..data import load_chain_sum
+
+            if split not in ("train", "test"):
+                raise ConfigError(f"chain_sum has no {split!r} split for text; it has train, test")
+            ds = load_chain_sum(split)
+        sets.append([(q + "\n" + a, part) for q, a in zip(ds["question"], ds["answer"])])
+    return [row for group in zip_longest(*sets) for row in group if row is not None]
+
+
+def is_named(name: str) -> bool:
+    """A built-in set or a `+` join of them (no files to check)."""
+    return name != "gsm8k" and all(p in NAMED for p in name.split("+"))
+
+
 def _looks_like_path(name: str) -> bool:
     return "/" in name or "{split}" in name or Path(name).suffix in BUILDERS or Path(name).expanduser().exists()
 
@@ -81,16 +115,21 @@ def _open(name: str, split: str, limit: int | None):
     if _looks_like_path(name):
         local = local_file(name, split)
         return _first(_local(local, split), limit), local
-    raise ConfigError(f"unknown text dataset {name!r}; use gsm8k, hf:<dataset>[:<config>], or a local "
-                      f".jsonl/.json/.parquet/.txt/.csv file (or a {{split}} pattern / folder of them)")
+    raise ConfigError(f"unknown text dataset {name!r}; use gsm8k, chain_sum, built-in sets joined by '+' "
+                      f"(gsm8k+chain_sum), hf:<dataset>[:<config>], or a local .jsonl/.json/.parquet/.txt/.csv file "
+                      f"(or a {{split}} pattern / folder of them)")
 
 
 def load_column(name: str, split: str, column: str, limit: int | None = None) -> list:
     """Column `column` of `split`, row for row with `load_texts` (e.g. the source that routes each text to a teacher)."""
     _check_split(split)
-    if name == "gsm8k" or name.startswith("jsonl:"):
+    if is_named(name) and "+" in name and column == "source":
+        rows = _named_rows(name, split)
+        return [src for _, src in (rows[:limit] if limit is not None else rows)]
+    if name in NAMED or is_named(name) or name.startswith("jsonl:"):
         raise ConfigError(f"data.name={name} has question/answer texts and no column {column!r}; a column per text "
-                          "needs a local .jsonl/.json/.parquet/.csv file or an hf: dataset")
+                          "needs a local .jsonl/.json/.parquet/.csv file, an hf: dataset, or sets joined by '+' "
+                          "(column 'source')")
     ds, _ = _open(name, split, limit)
     if column not in ds.column_names:
         raise ConfigError(f"dataset {name!r} ({split}) has no column {column!r}; columns: {', '.join(ds.column_names)}")
@@ -101,6 +140,11 @@ def load_texts(name: str, split: str, text_field: str | None = None, limit: int 
     """The texts of `split` of dataset `name`, in file order, the first `limit` of them when given."""
     _check_split(split)
     local = None
+    if is_named(name):
+        if text_field is not None:
+            raise ConfigError(f"data.name={name} makes its texts from question + answer; drop llm.text_field")
+        rows = _named_rows(name, split)
+        return [t for t, _ in (rows[:limit] if limit is not None else rows)]
     if name == "gsm8k":
         ds = _first(_gsm8k(split), limit)
     elif name.startswith("jsonl:"):

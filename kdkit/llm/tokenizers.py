@@ -51,3 +51,19 @@ def require_same_tokenizer(teacher_tok, student_tok, what: str = "token-level lo
             f"{what} needs teacher and student to share one tokenizer, but " + "; ".join(reasons) +
             ". Use the cross-tokenizer loss (losses.cross_tokenizer, aligned-span likelihood matching) or a "
             "student with the teacher's tokenizer; `kdkit check teacher=... student=...` lists the differences.")
+
+
+def train_byte_bpe(texts: list[str], out, vocab_size: int = 512) -> None:
+    """A byte-level BPE trained on `texts`, saved at `out` as a transformers tokenizer (EOS = BOS = PAD =
+    <|endoftext|>): a small vocabulary keeps the logit layer of CPU-sized experiments and tests cheap."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.save_pretrained(str(out))
