@@ -222,12 +222,15 @@ class LMDistiller(AcceleratedMethod):
     # ------------------------------------------------------------ data
 
     def _batch(self, epoch: int, step: int) -> torch.Tensor:
-        """The step's token block indices: a per-epoch permutation (seeded), this process's share."""
+        """The step's token block indices: a per-epoch permutation (seeded); the step's global batch is the next
+        processes x batch_size of it, and this process takes its own contiguous share. So P processes at batch B
+        train on exactly the blocks one process at batch P x B does, and DDP's mean of the P gradients is that
+        run's gradient."""
         g = torch.Generator().manual_seed(self.tcfg.seed * 100_003 + epoch)
         perm = torch.randperm(self.n_train, generator=g)
-        mine = perm[self.accelerator.process_index::self.accelerator.num_processes][: self.per_rank]
-        bs = self.cfg.data.batch_size
-        return mine[step * bs:(step + 1) * bs]
+        bs, procs = self.cfg.data.batch_size, self.accelerator.num_processes
+        start = (step * procs + self.accelerator.process_index) * bs
+        return perm[start:start + bs]
 
     def _teacher_signal(self, input_ids, attention_mask, index) -> TeacherSignal | None:
         """The step's teacher signal at the shifted positions [B, L-1] (cross-tokenizer: over the teacher's own
@@ -380,7 +383,7 @@ class LMDistiller(AcceleratedMethod):
         ev = self.perplexity()
         record = {"epoch": step, "step": step, "lr": self._lr, "tokens_per_s": self._tokens / max(seconds, 1e-9),
                   "test_ppl": ev["ppl"]}
-        record |= {f"train_{k}": v for k, v in self.window.means().items()}
+        record |= {f"train_{k}": v for k, v in self.window.means(self.accelerator).items()}
         if self.routes is not None:
             record["test_ppl_by_route"] = [self.perplexity(blocks=b)["ppl"] for b in self._route_blocks()]
         if self.raw.mix is not None:

@@ -80,10 +80,15 @@ class TermMeans:
             self.sums[k] = self.sums[k] + v if k in self.sums else v
             self.counts[k] = self.counts.get(k, 0) + 1
 
-    def means(self) -> dict[str, float]:
+    def means(self, accelerator=None) -> dict[str, float]:
+        """The mean of each term since the last call; with a multi-process `accelerator`, over every process (the
+        same steps on each, so the mean of the processes' means), so the history is the run's, not process 0's."""
         if not self.sums:
             return {}
-        values = torch.stack(list(self.sums.values())).tolist()
+        values = torch.stack(list(self.sums.values()))
+        if accelerator is not None and accelerator.num_processes > 1:
+            values = accelerator.reduce(values, reduction="mean")
+        values = values.tolist()
         out = {k: v / self.counts[k] for k, v in zip(self.sums, values)}
         self.sums, self.counts = {}, {}
         return out
@@ -113,6 +118,10 @@ class AcceleratedMethod(Method):
             torch.set_num_threads(self.tcfg.threads)
         match_accelerator_state(self.tcfg.mixed_precision)
         self.accelerator = acc = Accelerator(cpu=use_cpu(recipe), mixed_precision=self.tcfg.mixed_precision)
+        if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+            raise ConfigError(f"accelerate launched this run with {acc.distributed_type.name}, which shards the "
+                              "weights; kdkit's checkpoints and saved students hold whole tensors and gather none "
+                              "yet: launch with --multi_gpu (DDP) instead")
         self.run = make_run(recipe, self.run_dir, main=acc.is_main_process, barrier=acc.wait_for_everyone,
                             device=str(acc.device), agree=self._any_process if acc.num_processes > 1 else None)
         self.window = TermMeans()  # the loss terms since the last history record

@@ -245,7 +245,7 @@ class Distiller(AcceleratedMethod):
         self.state["train_seconds"] += seconds
         epoch = step // self.steps_per_epoch
         record = {"epoch": epoch, "lr": self._lr, "images_per_s": self._seen / max(seconds, 1e-9)}
-        record |= {f"train_{k}": v for k, v in self.window.means().items()}
+        record |= {f"train_{k}": v for k, v in self.window.means(self.accelerator).items()}
         if epoch % self.tcfg.eval_every == 0 or epoch == self.tcfg.epochs:
             ev = self.accuracy()
             record |= {"test_acc": ev["acc"], "test_loss": ev["loss"]}
