@@ -172,7 +172,7 @@ def test_store_run_means_what_the_live_run_means(tmp_path, teacher_dir, kind, se
 
 
 def test_trl_backend_runs_the_recipe(tmp_path, teacher_dir):
-    """llm.on_policy.backend=trl hands the same recipe to TRL's GKDTrainer and saves the student."""
+    """llm.on_policy.backend=trl hands the same recipe to TRL's DistillationTrainer and saves the student."""
     rc = main(["distill", "recipe=smollm2-kd-small", *TAIL, f"teacher.model={teacher_dir / 'student'}",
                "student.model=truncated-teacher", "student.options={layers: 2}", "llm.train_examples=16",
                "llm.eval_examples=4", "llm.max_steps=2", "data.batch_size=2", "llm.on_policy.backend=trl",
@@ -181,6 +181,7 @@ def test_trl_backend_runs_the_recipe(tmp_path, teacher_dir):
     assert rc == 0
     summary = json.loads((tmp_path / "trl" / "metrics.json").read_text())["summary"]
     assert summary["steps"] == 2 and math.isfinite(summary["train_loss"])
+    assert 0 < summary["eval_loss"] < math.log(2)  # teacher-forced generalised JSD(0.5) on the held-out texts
     assert (tmp_path / "trl" / "student" / "config.json").is_file()
     assert (tmp_path / "trl" / "config.yaml").is_file() and (tmp_path / "trl" / "train.log").is_file()
 

@@ -1,5 +1,5 @@
 """On-policy / mixed distillation (GKD, Agarwal et al. 2024): kdkit's mixer, its loss against TRL's, a small
-on-policy loop that must bring the student closer to the teacher, and TRL's GKDTrainer end to end -- all with
+on-policy loop that must bring the student closer to the teacher, and TRL's DistillationTrainer end to end -- all with
 tiny random Llamas and a BPE tokenizer trained here on GSM8K text (no downloads)."""
 import json
 import math
@@ -186,18 +186,22 @@ def test_padded_batch_generates_what_each_prompt_generates_alone(tok):
 
 
 def test_gkd_loss_matches_trl_generalized_jsd():
-    from kdkit.llm.trl_gkd import _trl_gkd
+    """kdkit's gkd_loss against the loss DistillationTrainer computes (TRL's chunked generalised JSD over hidden
+    states and LM heads, reduced over the unmasked tokens) on the same logits = hidden @ head^T."""
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
-    _, GKDTrainer = _trl_gkd()
     g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(3, 7, 50, generator=g) * 3, torch.randn(3, 7, 50, generator=g) * 3
+    h_s, h_t = torch.randn(3, 7, 16, generator=g), torch.randn(3, 7, 24, generator=g)
+    w_s, w_t = torch.randn(50, 16, generator=g) * 0.75, torch.randn(50, 24, generator=g) * 0.6
+    s, t = h_s @ w_s.T, h_t @ w_t.T
     labels = torch.randint(0, 50, (3, 7), generator=g)
     labels[0, :4] = IGNORE
     labels[2, 5:] = IGNORE
-    for beta in (0.0, 0.1, 0.5, 0.9, 1.0):
+    for beta in (0.0, 0.1, 0.3, 0.5, 0.9, 1.0):
         for T in (0.5, 1.0, 2.0):
-            ref = GKDTrainer.generalized_jsd_loss(s, t, labels, beta=beta, temperature=T)
+            ref, _, n = _chunked_divergence_loss(h_s, h_t, w_s, w_t, labels != IGNORE, beta, temperature=T)
             ours = gkd_loss(s, t, labels, beta=beta, T=T)
+            assert n.item() == (labels != IGNORE).sum().item()
             assert ours.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6), (beta, T)
             # kdkit's registered token loss is the same divergence with Hinton's T^2 gradient scale
             kd = token_kd_loss(s, t, labels, divergence="jsd", beta=beta, T=T)
@@ -253,70 +257,124 @@ def test_on_policy_distillation_brings_student_closer_to_teacher(tok):
     assert math.isfinite(after) and after < 0.5 * before
 
 
-# ------------------------------------------------------------------ TRL's GKDTrainer
+# ------------------------------------------------------------------ TRL's DistillationTrainer
 
 
-def test_trl_backend_rejects_what_its_trainer_cannot_do(tok, tmp_path):
-    from kdkit.llm.trl_gkd import train_with_trl_gkd, trl_beta
+def test_trl_backend_rejects_what_its_trainer_cannot_do(tok, tmp_path, monkeypatch):
+    from kdkit.llm import generation_vllm
+    from kdkit.llm.trl_distill import train_with_trl, trl_beta
 
     assert trl_beta("fkl", 0.5) == 0.0 and trl_beta("rkl", 0.5) == 1.0 and trl_beta("jsd", 0.3) == 0.3
     cfg = OnPolicyConfig(fraction=0.5, backend="trl")
     for kw, words in (({"divergence": "skl"}, "backend: kdkit"), ({"divergence": "tvd"}, "backend: kdkit"),
                       ({"T": 2.0}, "temperature 1")):
         with pytest.raises(ConfigError, match=words):
-            train_with_trl_gkd(None, None, tok, ["a b c"], None, cfg, output_dir=tmp_path, **kw)
+            train_with_trl(None, None, tok, ["a b c"], None, cfg, output_dir=tmp_path, **kw)
+    # vLLM generation: refused in one line without CUDA, and with CUDA but without the vllm package
+    vllm = OnPolicyConfig(fraction=0.5, backend="trl", vllm=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="vllm=true generates with vLLM on a CUDA GPU") as e:
+        train_with_trl(None, None, tok, ["a b c"], None, vllm, output_dir=tmp_path)
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(generation_vllm, "vllm_available", lambda: False)
+    with pytest.raises(ConfigError, match="needs the vllm package") as e:
+        train_with_trl(None, None, tok, ["a b c"], None, vllm, output_dir=tmp_path)
+    assert "\n" not in str(e.value)
 
 
-def test_trl_loss_is_averaged_over_the_generated_tokens(tok, tmp_path):
-    from kdkit.llm.trl_gkd import build_trl_gkd_trainer, gsm8k_messages
+def test_trl_vllm_recipe_keys_are_checked_before_any_work():
+    from kdkit.config import load_recipe
+    from kdkit.llm.build import check_recipe
+
+    trl = ["llm.max_steps=2", "losses.kd.divergence=jsd", "llm.on_policy.backend=trl", "llm.on_policy.fraction=0.5"]
+    for overrides, words in ((["llm.on_policy.vllm=true"], "backend=trl"),
+                             ([*trl, "llm.on_policy.vllm=true", "llm.on_policy.fraction=0"], "fraction=0"),
+                             ([*trl, "llm.on_policy.vllm=true", "trainer.cpu=true"], "CUDA GPU")):
+        with pytest.raises(ConfigError, match=words) as e:
+            check_recipe(load_recipe("smollm2-kd-small", overrides), "distill")
+        assert "\n" not in str(e.value)
+    check_recipe(load_recipe("smollm2-kd-small", trl), "distill")  # the same recipe without vLLM passes
+
+
+def test_trl_vllm_settings_reach_distillation_config(tok, tmp_path):
+    from transformers import AutoConfig
+
+    from kdkit.llm.trl_distill import _loadable_by_vllm, distillation_args
+
+    common = {"beta": 0.3, "lr": 1e-3, "max_steps": 2, "batch_size": 4, "max_length": 96, "output_dir": tmp_path,
+              "seed": 0}
+    args = distillation_args(OnPolicyConfig(fraction=1.0, max_new_tokens=8, temperature=0.0, backend="trl",
+                                            vllm=True), **common)
+    assert args.use_vllm and args.vllm_mode == "colocate" and args.vllm_max_model_length == 96 + 8
+    assert args.generation_kwargs == {"temperature": 0.0}  # vLLM's greedy (SamplingParams has no do_sample)
+    assert args.temperature == 1.0 and args.beta == 0.3 and args.max_completion_length == 8
+    args = distillation_args(OnPolicyConfig(fraction=1.0, temperature=0.7, top_p=0.9), **common)
+    assert not args.use_vllm and args.generation_kwargs == {"temperature": 0.7, "top_p": 0.9}
+    # vLLM's engine is built from student.name_or_path: a student built in memory is saved there first
+    student = llama(tok, 0, layers=1)
+    student.name_or_path = "the-teacher"
+    _loadable_by_vllm(student, tok, tmp_path)
+    assert AutoConfig.from_pretrained(student.name_or_path).num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("divergence, beta", [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.3)])
+def test_trl_loss_is_kdkit_divergence_over_the_generated_tokens(tok, tmp_path, divergence, beta):
+    from kdkit.llm.trl_distill import build_trl_trainer, gsm8k_messages
 
     student, teacher = llama(tok, 0), llama(tok, 1, init=0.2)
     cfg = OnPolicyConfig(fraction=1.0, max_new_tokens=4)
-    trainer = build_trl_gkd_trainer(student, teacher, tok, gsm8k_messages(_records("train", 4)), None, cfg,
-                                    max_steps=1, batch_size=4, max_length=96, output_dir=tmp_path)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    # transformers passes the count of the collated labels (the dataset completions, not the tokens the student
-    # will generate); whatever it passes, the loss is the per-token mean over this batch's labels
+    trainer = build_trl_trainer(student, teacher, tok, gsm8k_messages(_records("train", 4)), None, cfg,
+                                divergence=divergence, beta=beta, max_steps=1, batch_size=4, max_length=96,
+                                output_dir=tmp_path)
+    student.train()
+    batch = trainer._prepare_inputs([trainer.train_dataset[i] for i in range(4)])  # the student writes <= 4 tokens
+    assert batch["completion_ids"].shape[1] <= 4
+    # transformers passes a count of the dataset's tokens; whatever it passes, DistillationTrainer averages over
+    # the tokens it scores, so kdkit needs no correction of the count (GKDTrainer needed one)
     loss = trainer.compute_loss(student, batch, num_items_in_batch=torch.tensor(1000.0))
     with torch.no_grad():
-        x, mask = batch["input_ids"], batch["attention_mask"]
+        x = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
         s = student(input_ids=x, attention_mask=mask).logits
         t = teacher(input_ids=x, attention_mask=mask).logits
-    ref = gkd_loss(s[:, :-1], t[:, :-1], batch["labels"][:, 1:], beta=0.5)
+    p = batch["prompt_ids"].shape[1]
+    labels = batch["completion_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE)
+    ref = token_kd_loss(s[:, p - 1:-1], t[:, p - 1:-1], labels, divergence=divergence, beta=beta)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
-def test_trl_gkd_trains_end_to_end(tok, tmp_path, monkeypatch):
-    from kdkit.llm.trl_gkd import _trl_gkd, gsm8k_messages, gsm8k_pairs, train_with_trl_gkd
-
-    _, GKDTrainer = _trl_gkd()
-    generate, calls = GKDTrainer.generate_on_policy_outputs, []
-
-    def spy(model, inputs, generation_config):  # records the sampling settings TRL really used
-        calls.append(generation_config)
-        return generate(model, inputs, generation_config)
-
-    monkeypatch.setattr(GKDTrainer, "generate_on_policy_outputs", staticmethod(spy))
+def test_trl_distillation_trains_end_to_end(tok, tmp_path):
+    from kdkit.llm.trl_distill import gsm8k_messages, gsm8k_pairs, train_with_trl
 
     student, teacher = llama(tok, 0), llama(tok, 1, init=0.2)
+    generate, calls = student.generate, []
+
+    def spy(*args, generation_config, **kwargs):  # records the sampling settings TRL really used
+        calls.append(generation_config)
+        return generate(*args, generation_config=generation_config, **kwargs)
+
+    student.generate = spy
     w0 = student.model.embed_tokens.weight.detach().clone()
     cfg = OnPolicyConfig(fraction=0.5, max_new_tokens=8, temperature=0.9, top_p=0.95, backend="trl")
     train, heldout = _records("train", 16), _records("test", 4)
-    metrics = train_with_trl_gkd(student, teacher, tok, gsm8k_messages(train), gsm8k_messages(heldout), cfg,
-                                 beta=0.5, lr=1e-3, max_steps=4, batch_size=4, max_length=96,
-                                 output_dir=tmp_path / "chat", seed=0)
+    metrics = train_with_trl(student, teacher, tok, gsm8k_messages(train), gsm8k_messages(heldout), cfg,
+                             beta=0.5, lr=1e-3, max_steps=4, batch_size=4, max_length=96,
+                             output_dir=tmp_path / "chat", seed=1)
     assert metrics["steps"] == 4
     for k in ("train_loss", "final_loss", "train_runtime", "eval_loss"):
         assert math.isfinite(metrics[k]) and metrics[k] >= 0, k
     assert 0 < metrics["eval_loss"] < math.log(2)  # the generalised JSD(0.5) is bounded by ln 2 per token
     assert not torch.equal(student.model.embed_tokens.weight, w0)
-    assert 0 < len(calls) < 4  # lambda = 0.5: some steps on-policy, some on the data (TRL's seeded coin)
+    # lambda = 0.5: the student generates exactly at the steps of kdkit's coin, and the evaluation generates nothing
+    coin = mixer(tok, seed=1, fraction=0.5).is_on_policy
+    assert 0 < len(calls) == sum(coin(step) for step in range(4)) < 4
     assert all(c.do_sample and c.temperature == 0.9 and c.top_p == 0.95 and c.max_new_tokens == 8 for c in calls)
     calls.clear()
     # plain (prompt, completion) pairs need no chat template; greedy, fully on-policy, reverse KL
-    metrics = train_with_trl_gkd(student, teacher, tok, gsm8k_pairs(train[:8]), None,
-                                 OnPolicyConfig(fraction=1.0, max_new_tokens=4, temperature=0.0),
-                                 divergence="rkl", lr=1e-3, max_steps=2, batch_size=4, max_length=64,
-                                 output_dir=tmp_path / "pairs")
+    metrics = train_with_trl(student, teacher, tok, gsm8k_pairs(train[:8]), None,
+                             OnPolicyConfig(fraction=1.0, max_new_tokens=4, temperature=0.0),
+                             divergence="rkl", lr=1e-3, max_steps=2, batch_size=4, max_length=64,
+                             output_dir=tmp_path / "pairs")
     assert metrics["steps"] == 2 and math.isfinite(metrics["final_loss"]) and "eval_loss" not in metrics
     assert len(calls) == 2 and not any(c.do_sample for c in calls)

@@ -174,18 +174,17 @@ def check_served_teacher(recipe: Recipe, kinds: dict, built: dict) -> None:
 
 
 def check_trl(recipe: Recipe, built: dict, live: bool) -> None:
-    """`llm.on_policy.backend=trl`: what TRL's GKDTrainer runs (one token_kd loss of the generalised-JSD family at
-    T=1, a live teacher, a step budget) and what it does not (kdkit checkpoints: no resume)."""
-    from .trl_gkd import trl_beta
+    """`llm.on_policy.backend=trl`: what TRL's DistillationTrainer runs (one token_kd loss of the generalised-JSD
+    family at T=1, a live teacher, a step budget; vLLM generation only on CUDA with vllm installed) and what it does
+    not (kdkit checkpoints: no resume)."""
+    from .trl_distill import check_loss_temperature, check_vllm, trl_beta
 
     if len(built) != 1 or type(next(iter(built.values()))[1]).__name__ != "TokenKDLoss":
         raise ConfigError("llm.on_policy.backend=trl runs one token_kd loss (TRL's generalised JSD); use "
                           "backend=kdkit for other losses")
     (name, (_, loss)), = built.items()
     trl_beta(loss.divergence, loss.beta)
-    if loss.T != 1.0:
-        raise ConfigError(f"losses.{name}.T={loss.T:g}: TRL's GKDTrainer scores at temperature 1 (its temperature "
-                          "samples); use llm.on_policy.backend=kdkit for a loss temperature")
+    check_loss_temperature(loss.T, f"losses.{name}.T")
     if not live:
         raise ConfigError("llm.on_policy.backend=trl needs a live teacher (teacher.model), not teacher.cache")
     if recipe.llm.max_steps is None:
@@ -193,6 +192,8 @@ def check_trl(recipe: Recipe, built: dict, live: bool) -> None:
     if recipe.resume:
         raise ConfigError("llm.on_policy.backend=trl runs TRL's own loop, which kdkit cannot resume: drop resume "
                           "(or use llm.on_policy.backend=kdkit)")
+    if recipe.llm.on_policy.vllm:
+        check_vllm(cpu=use_cpu(recipe))
 
 
 def check_precision(recipe: Recipe) -> None:
@@ -537,7 +538,8 @@ def write_store_from_recipe(recipe: Recipe, options: TeacherSignalOptions) -> Pa
 
 
 class TRLGKDRun:
-    """`llm.on_policy.backend: trl`: the same recipe run by TRL's GKDTrainer (one token_kd loss of the jsd family),
+    """`llm.on_policy.backend: trl`: the same recipe run by TRL's DistillationTrainer (one token_kd loss of the jsd
+    family, GKD's lambda = llm.on_policy.fraction),
     in a kdkit run folder (config.yaml, train.log, metrics.json, the student; TRL's own files under trl/)."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, teacher, student, tokenizer):
@@ -552,17 +554,17 @@ class TRLGKDRun:
 
     def fit(self) -> dict:
         from .text_data import load_texts
-        from .trl_gkd import train_with_trl_gkd
+        from .trl_distill import train_with_trl
 
         r, lc = self.recipe, self.recipe.llm
         self.run.start()
         train = load_texts(r.data.name, "train", text_field=lc.text_field, limit=lc.train_examples)
         test = load_texts(r.data.name, "test", text_field=lc.text_field, limit=lc.eval_examples)
-        metrics = train_with_trl_gkd(self.student, self.teacher, self.tokenizer, train, test, lc.on_policy,
-                                     beta=self.loss.beta, T=self.loss.T, lr=r.optim.lr, max_steps=lc.max_steps,
-                                     batch_size=r.data.batch_size, max_length=lc.block_size,
-                                     output_dir=str(self.run_dir / "trl"), seed=r.trainer.seed,
-                                     divergence=self.loss.divergence)
+        metrics = train_with_trl(self.student, self.teacher, self.tokenizer, train, test, lc.on_policy,
+                                 beta=self.loss.beta, T=self.loss.T, lr=r.optim.lr, max_steps=lc.max_steps,
+                                 batch_size=r.data.batch_size, max_length=lc.block_size,
+                                 output_dir=str(self.run_dir / "trl"), seed=r.trainer.seed,
+                                 divergence=self.loss.divergence)
         if self.accelerator.is_main_process:
             from ..checkpoint import atomic_path
 
