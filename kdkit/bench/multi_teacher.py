@@ -22,6 +22,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -52,6 +53,10 @@ class MultiTeacherBench:
     threads: PositiveInt = 2
     work: str = "runs/bench-multi-teacher"  # data, tokenizer, teachers and student runs
     out: str | None = None  # result files (default leaderboards/results/multi-teacher)
+    # smollm2: the real models instead (recipes smollm2-kd-small / smollm2-route-small: SmolLM2-135M-Instruct for
+    # GSM8K, `specialist` for chain sums, a 15-layer truncation as the student, data.name=gsm8k+chain_sum)
+    scale: Literal["tiny", "smollm2"] = "tiny"
+    specialist: str = "runs/cot-chainsum-teacher/sft/model"  # kdkit train recipe=cot-chainsum-teacher name=cot-chainsum-teacher
 
 
 def _texts(source: str, split: str, n: int) -> list[str]:
@@ -146,8 +151,31 @@ def source_perplexity(model_dir: Path, texts: dict, tok_dir: Path, block_size: i
 
 
 def _setting(opts: MultiTeacherBench) -> dict:
+    if opts.scale == "smollm2":
+        return {"scale": "smollm2", "test_texts": opts.test_texts, "block_size": opts.block_size,
+                "steps": opts.steps, "threads": opts.threads, "specialist": opts.specialist}
     return {"texts": opts.texts, "test_texts": opts.test_texts, "block_size": opts.block_size,
             "teacher_steps": opts.teacher_steps, "steps": opts.steps, "threads": opts.threads}
+
+
+def smollm2_args(variant: str, opts: MultiTeacherBench, work: Path, name: str, seed: int) -> list[str]:
+    """One variant on the real models: the shipped recipes, with the bench's steps, seed and data."""
+    common = [f"output_dir={work}", f"name={name}", f"trainer.seed={seed}", f"trainer.threads={opts.threads}",
+              "trainer.progress=false", "data.name=gsm8k+chain_sum", f"llm.max_steps={opts.steps}",
+              f"llm.block_size={opts.block_size}"]
+    if variant == "none":
+        return ["train", "recipe=smollm2-kd-small", *common, "ce_weight=1.0", "losses={}"]
+    if variant == "one":
+        return ["distill", "recipe=smollm2-kd-small", *common]
+    routed = ["distill", "recipe=smollm2-route-small", *common, f"teachers.1.model={opts.specialist}"]
+    if variant == "route":
+        return routed
+    return [*routed, f"llm.multi_teacher.mix={variant}", "llm.multi_teacher.route_by=null",
+            "llm.multi_teacher.route_values=[]"]
+
+
+def _smollm2_texts(opts: MultiTeacherBench) -> dict:
+    return {(s, "test"): _texts(s, "test", opts.test_texts) for s in SOURCES}
 
 
 def run_multi_teacher(settings: list[str]) -> Path:
@@ -156,9 +184,21 @@ def run_multi_teacher(settings: list[str]) -> Path:
     out = Path(opts.out) if opts.out else RESULTS_DIR / KIND
     work = Path(opts.work).resolve()
     torch.set_num_threads(opts.threads)
-    data = prepare_data(opts, work)
-    teachers = train_teachers(opts, work, data["tokenizer"])
-    teacher_ppl = {s: source_perplexity(p, data["texts"], data["tokenizer"], opts.block_size)
+    if opts.scale == "smollm2":
+        from ..llm.models import resolve_lm
+
+        if not (Path(opts.specialist) / "config.json").is_file():
+            from ..errors import ConfigError
+
+            raise ConfigError(f"specialist={opts.specialist} holds no model; make it with `kdkit train recipe="
+                              "cot-chainsum-teacher name=cot-chainsum-teacher` (its RUN/sft/model), or name another "
+                              "chain-sum teacher")
+        data = {"texts": _smollm2_texts(opts), "tokenizer": None}
+        teachers = {"gsm8k": Path(resolve_lm("smollm2-135m-instruct")), "chain_sum": Path(opts.specialist).resolve()}
+    else:
+        data = prepare_data(opts, work)
+        teachers = train_teachers(opts, work, data["tokenizer"])
+    teacher_ppl = {s: source_perplexity(p, data["texts"], data["tokenizer"] or p, opts.block_size)
                    for s, p in teachers.items()}
     setting = _setting(opts)
     have = {(r["variant"], r["seed"]) for r in read_results(KIND, out) if r["setting"] == setting}
@@ -167,21 +207,25 @@ def run_multi_teacher(settings: list[str]) -> Path:
         for variant in variants:
             if (variant, seed) in have:
                 continue
-            verb, extra = variant_args(variant, teachers)
-            name = f"{variant}-seed{seed}"
-            cmd, wall = run_kdkit([verb, *_common(opts, work, data["tokenizer"], STUDENT, seed),
-                                   f"data.name={work / 'data'}", f"name={name}", f"llm.max_steps={opts.steps}",
-                                   *extra])
+            name = f"{variant}-seed{seed}" + ("-smollm2" if opts.scale == "smollm2" else "")
+            if opts.scale == "smollm2":
+                args = smollm2_args(variant, opts, work, name, seed)
+            else:
+                verb, extra = variant_args(variant, teachers)
+                args = [verb, *_common(opts, work, data["tokenizer"], STUDENT, seed), f"data.name={work / 'data'}",
+                        f"name={name}", f"llm.max_steps={opts.steps}", *extra]
+            cmd, wall = run_kdkit(args)
             summary = json.loads((work / name / "metrics.json").read_text())["summary"]
+            student = work / name / "student"
             row = run_record(KIND, command, cmd, wall, variant=variant, seed=seed, setting=setting,
-                             student_ppl=source_perplexity(work / name / "student", data["texts"],
-                                                           data["tokenizer"], opts.block_size),
+                             student_ppl=source_perplexity(student, data["texts"], data["tokenizer"] or student,
+                                                           opts.block_size),
                              run_ppl=summary["student_ppl"], teacher_ppl=teacher_ppl,
                              teacher_weights=summary.get("teacher_weights"),
                              blocks_per_teacher=summary.get("blocks_per_teacher"))
             out.mkdir(parents=True, exist_ok=True)
             digest = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]
-            (out / f"{variant}-seed{seed}-{digest}.json").write_text(json.dumps(row, indent=1))
+            (out / f"{name}-{digest}.json").write_text(json.dumps(row, indent=1))
             print(f"{name}: " + ", ".join(f"{s} {v:.2f}" for s, v in row["student_ppl"].items()) + f" ({wall:.0f} s)")
     return write_markdown(out, out / "llm-multi-teacher.md" if opts.out else None)
 
@@ -238,8 +282,12 @@ def write_markdown(directory: Path | None = None, path: Path | None = None) -> P
         s = json.loads(key)
         hw = group[0]["hardware"]
         t = group[0]["teacher_ppl"]
-        lines += [f"## {s['texts']} training texts per source, {s['steps']} student steps, blocks of "
-                  f"{s['block_size']} tokens ({hw['device']}, {hw['cpu']}, {s['threads']} threads)", "",
+        where = f"blocks of {s['block_size']} tokens ({hw['device']}, {hw['cpu']}, {s['threads']} threads)"
+        title = (f"## SmolLM2 scale: SmolLM2-135M-Instruct (GSM8K) and {s['specialist']} (chain sums) into a "
+                 f"15-layer truncation, `data.name=gsm8k+chain_sum`, {s['steps']} student steps, {where}"
+                 if s.get("scale") == "smollm2" else
+                 f"## {s['texts']} training texts per source, {s['steps']} student steps, {where}")
+        lines += [title, "",
                   "Teachers: " + "; ".join(f"{name} specialist: " + ", ".join(f"{src} {v:.2f}" for src, v in p.items())
                                            for name, p in t.items()), "",
                   "| variant | seeds | ppl GSM8K | ppl chain sums | mean of the two | learned weights (last seed) "
