@@ -317,17 +317,15 @@ class LMDistiller(AcceleratedMethod):
                 # the teacher's own tokens: a different unit from the student's, so not comparable number for number
                 self.state["teacher_ppl_own_tokens"] = self.perplexity(
                     self.teacher, self.cross["teacher_eval_blocks"])["ppl"]
-            elif self.teacher is not None:
-                self.state["teacher_ppl"] = self.perplexity(self.teacher)["ppl"]
-            if self.teachers is not None:  # each local teacher's, on each route's blocks when routed
-                self.state["teachers_ppl"] = [None if isinstance(t, ServedTeacher) else self.perplexity(t)["ppl"]
-                                              for t in self.teachers]
+            elif self.teacher is not None or self.served is not None:
+                self.state["teacher_ppl"] = self.perplexity(self.teacher or self.served)["ppl"]
+            if self.teachers is not None:  # each teacher's, on each route's blocks when routed
+                self.state["teachers_ppl"] = [self.perplexity(t)["ppl"] for t in self.teachers]
                 if self.routes is not None:
-                    self.state["teachers_ppl_by_route"] = [
-                        [None if isinstance(t, ServedTeacher) else self.perplexity(t, blocks)["ppl"]
-                         for blocks in self._route_blocks()] for t in self.teachers]
+                    self.state["teachers_ppl_by_route"] = [[self.perplexity(t, blocks)["ppl"]
+                                                            for blocks in self._route_blocks()] for t in self.teachers]
                 run.log("teachers' perplexity: " + ", ".join(
-                    f"teachers.{i} {p:.3f}" for i, p in enumerate(self.state["teachers_ppl"]) if p is not None))
+                    f"teachers.{i} {p:.3f}" for i, p in enumerate(self.state["teachers_ppl"])))
             run.log("perplexity before training: student {:.3f}{}{}".format(
                 self.state["student_ppl_before"],
                 f", teacher {self.state['teacher_ppl']:.3f}" if "teacher_ppl" in self.state else "",
@@ -404,8 +402,9 @@ class LMDistiller(AcceleratedMethod):
     def perplexity(self, model: nn.Module | None = None, blocks: torch.Tensor | None = None) -> dict:
         """exp(mean next-token NLL) over every token of the evaluation blocks, summed over processes."""
         model = model if model is not None else self.raw.student
-        was = model.training
-        model.eval()
+        was = getattr(model, "training", False)
+        if isinstance(model, nn.Module):
+            model.eval()
         dev = self.accelerator.device
         nll = torch.zeros((), dtype=torch.float64, device=dev)
         count = nll.clone()
@@ -413,13 +412,19 @@ class LMDistiller(AcceleratedMethod):
         blocks = blocks[self.accelerator.process_index::self.accelerator.num_processes]
         for i in range(0, len(blocks), self.cfg.data.eval_batch_size):
             ids = blocks[i:i + self.cfg.data.eval_batch_size].to(dev)
+            if isinstance(model, ServedTeacher):  # its replies carry each token's own log-prob
+                s_nll, n = model.nll(ids)
+                nll += s_nll
+                count += n
+                continue
             with self.accelerator.autocast():
                 logits = model(input_ids=ids).logits
             s, y = shift(logits, ids)
             nll += F.cross_entropy(s.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
             count += y.numel()
         stats = self.accelerator.reduce(torch.stack([nll, count]), reduction="sum")
-        model.train(was)
+        if isinstance(model, nn.Module):
+            model.train(was)
         mean = float(stats[0] / stats[1].clamp(min=1))
         return {"ppl": math.exp(min(mean, 700.0)), "nll": mean, "tokens": int(stats[1])}
 

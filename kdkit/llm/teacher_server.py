@@ -160,6 +160,17 @@ class ServedTeacher:
 
     def prompt_topk(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (ids, log-probs) [len(ids) - 1, k] of the teacher at every position t predicting token t + 1."""
+        return self._scored(ids)[:2]
+
+    def nll(self, input_ids: torch.Tensor) -> tuple[float, int]:
+        """(sum of -log p(token t + 1 | tokens <= t), number of such tokens) over a batch of unpadded blocks: the
+        teacher's perplexity from the same replies (vLLM returns each prompt token's own log-prob beside the top-k)."""
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            got = list(pool.map(self._scored, [row.tolist() for row in input_ids.cpu()]))
+        return -sum(float(own.double().sum()) for _, _, own in got), sum(len(own) for _, _, own in got)
+
+    def _scored(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(top-k ids, top-k log-probs) [len(ids) - 1, k] and each next token's own log-prob [len(ids) - 1]."""
         body = {"model": self.model, "prompt": [int(i) for i in ids], "max_tokens": 1, "temperature": 1.0,
                 "top_p": 1.0, **NEUTRAL, "prompt_logprobs": self.k}
         reply = self._request("POST", "/v1/completions", body)
@@ -176,9 +187,11 @@ class ServedTeacher:
                 "that skips cached tokens does this: restart the server with --no-enable-prefix-caching")
         out_ids = torch.empty(len(ids) - 1, self.k, dtype=torch.long)
         out_lp = torch.empty(len(ids) - 1, self.k, dtype=torch.float32)
+        own = torch.empty(len(ids) - 1, dtype=torch.float64)
         for t, entry in enumerate(entries[1:]):
             try:
                 ranked = sorted(((v["rank"], int(tok), float(v["logprob"])) for tok, v in entry.items()))
+                own[t] = float(entry[str(int(ids[t + 1]))]["logprob"])
             except (AttributeError, KeyError, TypeError, ValueError):
                 raise TeacherServerError(f"teacher.server={self.url}: malformed prompt log-prob entry at token "
                                          f"{t + 1}: {str(entry)[:120]}") from None
@@ -188,7 +201,7 @@ class ServedTeacher:
                                          f"asked for {self.k} (teacher.server_k)")
             out_ids[t] = torch.tensor([r[1] for r in top])
             out_lp[t] = torch.tensor([r[2] for r in top])
-        return out_ids, out_lp
+        return out_ids, out_lp, own
 
     def topk_signal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TopK:
         """The `TopK` signal at the shifted positions [B, L - 1] of a batch (rows in parallel, at most
