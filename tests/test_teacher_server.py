@@ -259,3 +259,25 @@ def test_a_served_teacher_among_several_is_mixed_like_one_alone(server, tiny_dir
     # the served teacher's perplexity, from each token's own log-prob in its replies, is the local copy's
     local, served = two["summary"]["teachers_ppl"]
     assert served == pytest.approx(local, rel=1e-5) and one["summary"]["teacher_ppl"] == pytest.approx(local, rel=1e-5)
+
+
+def test_cot_kd_top_k_cache_reads_a_served_teacher_as_the_local_one(server, tiny):
+    """CoT token KD with teacher.server: the once-per-sequence top-k cache asks the server, and holds what it holds
+    for the same teacher run locally, at every position a label reads (all but each sequence's last)."""
+    from kdkit.config import load_recipe
+    from kdkit.errors import ConfigError
+    from kdkit.llm.cot_pipeline import check_recipe
+    from kdkit.llm.topk_cache import TeacherTopKCache
+
+    model, tok = tiny
+    ids = torch.tensor([[5, 9, 11, 3, 7, 2], [4, 4, 8, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    served, local = TeacherTopKCache(_client(server, tiny), 5), TeacherTopKCache(model, 5)
+    a, b = served.signal(ids, mask), local.signal(ids, mask)
+    for row, n in ((0, 6), (1, 4)):
+        assert torch.equal(a.indices[row, :n - 1], b.indices[row, :n - 1])
+        assert torch.allclose(a.logprobs[row, :n - 1], b.logprobs[row, :n - 1], atol=1e-5)
+    assert served.signal(ids, mask) is not None and served.forwards == 2  # each sequence asked once
+    with pytest.raises(ConfigError, match="cot.kd_topk"):
+        check_recipe(load_recipe("cot-chainsum", ["teacher.server=http://127.0.0.1:9", "cot.backend=server",
+                                                      "cot.kd_weight=0.5", "cot.kd_topk=0"]), "distill")

@@ -287,7 +287,13 @@ class CoTDistill(Method):
             if self.c.kd_weight > 0:
                 from .tokenizers import require_same_tokenizer
 
-                teacher, t_tok = self.teacher()
+                if self.r.teacher.server:  # its top-k log-probs, scored once per sequence on the server
+                    from .teacher_server import served_teacher
+
+                    teacher = served_teacher(self.r.teacher)
+                    t_tok = teacher.tokenizer
+                else:
+                    teacher, t_tok = self.teacher()
                 require_same_tokenizer(t_tok, tok)
             stats = run_sft(student, tok, examples, out / "checkpoints", epochs=self.c.sft_epochs,
                             lr=self.r.optim.lr, batch_size=self.r.data.batch_size, max_length=self.c.max_length,
@@ -456,9 +462,10 @@ def check_recipe(recipe: Recipe, mode: str) -> None:
     if recipe.teacher.server and c.backend != "server":
         raise ConfigError(f"teacher.server is set but cot.backend={c.backend} would load the teacher here; set "
                           "cot.backend=server")
-    if recipe.teacher.server and c.kd_weight > 0:
-        raise ConfigError("cot.kd_weight > 0 runs the teacher on every training sequence; with teacher.server it "
-                          "would load the weights here too: set cot.kd_weight=0 or drop teacher.server")
+    if recipe.teacher.server and c.kd_weight > 0 and not 0 < c.kd_topk <= recipe.teacher.server_k:
+        raise ConfigError(f"cot.kd_weight > 0 with teacher.server learns from the served top-k log-probs: set "
+                          f"cot.kd_topk to a k in 1..teacher.server_k={recipe.teacher.server_k} (got "
+                          f"{c.kd_topk}; 0 means the full logits, which stay on the server)")
     if mode == "train" and c.sft != "reference":
         raise ConfigError(f"`kdkit train` with a task: cot recipe fine-tunes student.model on the dataset's own "
                           f"rationales: set cot.sft=reference (got {c.sft}), or run `kdkit distill`")

@@ -198,8 +198,10 @@ def run_sft(student, tokenizer, examples, out_dir, *, epochs: float, lr: float, 
             return (loss, out) if return_outputs else loss
 
     out_dir = Path(out_dir)
-    if teacher is not None:
+    if isinstance(teacher, torch.nn.Module):
         teacher.eval().requires_grad_(False)
+    elif teacher is not None and kd_weight > 0 and kd_topk == 0:
+        raise ConfigError("a served teacher gives top-k log-probs: set kd_topk > 0 (cot.kd_topk)")
     cache = TeacherTopKCache(teacher, kd_topk) if teacher is not None and kd_weight > 0 and kd_topk > 0 else None
     args = SFTConfig(output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
                      learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0.05, max_length=max_length,

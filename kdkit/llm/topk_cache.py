@@ -16,7 +16,8 @@ from ..signals import TopK
 
 
 class TeacherTopKCache:
-    """`signal(input_ids, attention_mask)` -> the teacher's top-k signal at every position of the batch."""
+    """`signal(input_ids, attention_mask)` -> the teacher's top-k signal at every position of the batch; the
+    teacher is a local causal LM or a `ServedTeacher` (its prompt log-probs)."""
 
     def __init__(self, teacher, k: int):
         self.teacher, self.k = teacher, int(k)
@@ -29,7 +30,11 @@ class TeacherTopKCache:
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         keys = [tuple(ids[m].tolist()) for ids, m in zip(input_ids, mask)]
         missing = [i for i, key in enumerate(keys) if key not in self.rows]
-        if missing:
+        if missing and not isinstance(self.teacher, torch.nn.Module):  # a ServedTeacher: one request per sequence
+            for i in missing:
+                self.rows[keys[i]] = self._served_row(list(keys[i]))
+            self.forwards += len(missing)
+        elif missing:
             with torch.no_grad():
                 logits = self.teacher(input_ids=input_ids[missing], attention_mask=mask[missing].long()).logits
             logprobs, ids = logits.float().log_softmax(-1).topk(self.k, dim=-1)
@@ -44,3 +49,16 @@ class TeacherTopKCache:
             ids[i][mask[i]] = top_ids.to(ids.device)
             logprobs[i][mask[i]] = top_lp.to(logprobs.device)
         return TopK(indices=ids, logprobs=logprobs, temperature=1.0, tail="uniform")
+
+    def _served_row(self, key: list[int]) -> tuple[Tensor, Tensor]:
+        """A served teacher's top-k at every position of one sequence. The server scores positions 0..n-2 (each
+        predicting a prompt token); the last position predicts past the sequence, which no label reads, so it gets
+        the same uniform filler as padding."""
+        if self.k > self.teacher.k:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"kd_topk={self.k} is more than the served teacher's teacher.server_k={self.teacher.k}")
+        top_ids, top_lp = self.teacher.prompt_topk(key)
+        last_ids = torch.arange(self.k).unsqueeze(0)
+        last_lp = torch.full((1, self.k), -math.log(self.k))
+        return (torch.cat([top_ids[:, :self.k], last_ids]), torch.cat([top_lp[:, :self.k], last_lp]))
