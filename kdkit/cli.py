@@ -176,7 +176,8 @@ BENCHMARKS = {"throughput": ("throughput", "run_throughput"), "classifier": ("cl
               "diffusion": ("diffusion", "run_diffusion_bench"),
               "signal-compression": ("signal_compression", "run_signal_compression"),
               "served-teacher": ("served_teacher", "run_served_teacher"),
-              "multi-teacher": ("multi_teacher", "run_multi_teacher")}
+              "multi-teacher": ("multi_teacher", "run_multi_teacher"),
+              "llm-losses": ("llm_losses", "run_llm_losses")}
 
 
 def _bench(ns) -> int:

@@ -25,6 +25,8 @@ from .students import check_student
 from .text_data import is_named
 
 STUDENT_FROM_TEACHER = ("truncated-teacher", "scratch")
+# losses that read the teacher's full distribution from any signal that has one (a top-k store's, densified)
+STORE_FULL_DISTRIBUTION = ("TAIDLoss", "AdaKDLoss")
 
 
 def check_lm_mode(recipe: Recipe, mode: Mode) -> None:
@@ -70,10 +72,12 @@ def check_lm_mode(recipe: Recipe, mode: Mode) -> None:
     kinds = {n: type(loss).__name__ for n, (_, loss) in built.items()}
     live = bool(recipe.teacher.model) and not recipe.teacher.cache
     if recipe.teacher.cache:
-        other = sorted(n for n, k in kinds.items() if k != "TokenKDLoss")
+        store_kind = _store_meta(recipe.teacher.cache).get("kind")
+        full = STORE_FULL_DISTRIBUTION if store_kind in ("topk", "dense") else ()
+        other = sorted(n for n, k in kinds.items() if k != "TokenKDLoss" and k not in full)
         if other:
-            raise ConfigError(f"a stored teacher signal (teacher.cache) trains token_kd losses only; {other} need the "
-                              "live teacher's logits (set teacher.model)")
+            raise ConfigError(f"a stored teacher signal (teacher.cache) trains token_kd losses (and taid/adakd from a "
+                              f"top-k or dense store); {other} need the live teacher's logits (set teacher.model)")
         _check_store_losses(recipe.teacher.cache, built)
     if recipe.teacher.server:
         check_served_teacher(recipe, kinds, built)
@@ -480,7 +484,7 @@ def _check_store_losses(path, built: dict) -> None:
         if float(loss.T) != T0:
             raise ConfigError(f"losses.{name}.T={loss.T}: the {kind} store {path} was made at temperature {T0}, and "
                               f"a sparse signal cannot be re-tempered; set losses.{name}.T={T0} or rebuild the store")
-        if kind == "sampled" and loss.divergence != "fkl":
+        if kind == "sampled" and getattr(loss, "divergence", None) != "fkl":
             raise ConfigError(f"losses.{name}.divergence={loss.divergence}: a sampled (RS-KD) store estimates forward "
                               "KL only; set divergence=fkl, or use a dense or top-k store")
 
