@@ -240,7 +240,7 @@ def _reading(by_variant: dict) -> list[str]:
     """Each variant against the no-teacher student, per source, in units of the larger seed spread."""
     def stats(variant, source):
         v = [r["student_ppl"][source] for r in by_variant[variant]]
-        return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0
+        return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else math.nan
 
     if "none" not in by_variant:
         return []
@@ -250,13 +250,28 @@ def _reading(by_variant: dict) -> list[str]:
         parts = []
         for source in SOURCES:
             (m, sd), (m0, sd0) = stats(variant, source), stats("none", source)
-            verdict = "within noise" if abs(m - m0) <= max(sd, sd0) else ("better" if m < m0 else "worse")
+            spread = max(sd, sd0)
+            verdict = ("one seed: no spread to judge by" if math.isnan(spread) else "within noise"
+                       if abs(m - m0) <= spread else "better" if m < m0 else "worse")
             parts.append(f"{source} {m - m0:+.2f} ({verdict})")
         out.append(f"- `{variant}`: " + ", ".join(parts))
-    out += ["", "Why the mixtures lose: each specialist is poor on the other source (the table's teacher line), so "
-            "half of a mean mixture's target on a text is the wrong specialist's guess; learned weights are one pair "
-            "for all texts and cannot tell the sources apart. Routing gives each text its own specialist."]
+    if {"mean", "learned"} & set(by_variant):
+        out += ["", "Why the mixtures lose: each specialist is poor on the other source (the table's teacher line), so "
+                "half of a mean mixture's target on a text is the wrong specialist's guess; learned weights are one pair "
+                "for all texts and cannot tell the sources apart. Routing gives each text its own specialist."]
     return out
+
+
+def _specialists(teacher_ppl: dict) -> list[str]:
+    """A warning where a source's specialist is not the better teacher of its own source (routing cannot help)."""
+    out = []
+    for source, own in teacher_ppl.items():
+        others = [p[source] for s, p in teacher_ppl.items() if s != source]
+        other = min(others, default=math.inf)
+        if own[source] >= other:
+            out.append(f"Note: the {source} specialist is no better on {source} text than the other teacher "
+                       f"({own[source]:.2f} vs {other:.2f}), so routing {source} to it cannot be expected to help.")
+    return ["", *out] if out else []
 
 
 def write_markdown(directory: Path | None = None, path: Path | None = None) -> Path:
@@ -305,6 +320,6 @@ def write_markdown(directory: Path | None = None, path: Path | None = None) -> P
             lines.append(f"| {variant} | {len(rs)} | {_cell(g)} | {_cell(c)} | {_cell(both)} | "
                          f"{'-' if not w else ', '.join(f'{x:.3f}' for x in w)} | "
                          f"{statistics.mean(r['wall_seconds'] for r in rs):.0f} | `{rs[0]['command']}` |")
-        lines += ["", *_reading(by_variant), ""]
+        lines += ["", *_reading(by_variant), *_specialists(t), ""]
     path.write_text("\n".join(lines) + "\n")
     return path
