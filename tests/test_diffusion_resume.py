@@ -18,7 +18,7 @@ from kdkit.cli import main
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["width=32", "depth=2", "batch_size=32", "eval_samples=500", "teacher_steps=8", "threads=1", "progress=false"]
 DMD2 = ["diffusion", "dmd2", "steps=150", "save_every=10", "eval_every=0", "sample_every=0", "log_every=10",
-        "fake_steps=2", "gan=true", *TINY]
+        "fake_steps=2", "gan=true", "warmup_steps=20", "warmup_pairs=256", "warmup_teacher_steps=4", *TINY]
 TEACHER = ["diffusion", "train-teacher", "steps=200", "save_every=10", "batch_size=32", "log_every=10",
            "arch_options={width: 16, depth: 2}", "eval_samples=200", "eval_steps=4", "threads=1", "progress=false"]
 
@@ -76,7 +76,7 @@ def test_dmd2_ctrl_c_checkpoints_exits_130_then_refuses_changes_and_resumes_exac
     # a changed training setting is refused, naming it, before anything is written
     before = sorted(p.name for p in (tmp_path / "r").rglob("*"))
     assert main([*DMD2, f"output_dir={tmp_path}", "name=r", "resume=auto", "lr_generator=0.002"]) == 2
-    assert "options.lr_generator: 0.001 -> 0.002" in capsys.readouterr().err
+    assert "options.lr_generator: 0.0001 -> 0.002" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "r").rglob("*")) == before
     # evaluation settings may change
     assert main([*DMD2, f"output_dir={tmp_path}", "name=r", "resume=auto", "eval_every=50"]) == 0

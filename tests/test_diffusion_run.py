@@ -11,35 +11,53 @@ from kdkit.cli import main
 from kdkit.errors import ConfigError, KdkitError, ShapeMismatchError, UnknownNameError
 
 TINY = ["width=32", "depth=2", "batch_size=32", "eval_samples=500", "teacher_steps=8", "threads=1", "progress=false"]
+# the 2-D recipes warm the generator up by regression onto teacher ODE samples (6,000 steps): a few here
+WARM = {"dmd2": ["warmup_steps=20", "warmup_pairs=256", "warmup_teacher_steps=4"],
+        "sid": ["warmup_steps=20", "warmup_pairs=256", "warmup_teacher_steps=4"],
+        "cd": ["warmup_steps=20", "warmup_pairs=256", "warmup_substeps=1"], "rectflow": []}
 
 
 def test_dmd2_cli_run_folder(tmp_path, capsys):
     rc = main(["diffusion", "dmd2", "steps=6", "eval_every=3", "sample_every=2", "save_every=3", "log_every=2",
-               f"output_dir={tmp_path}", "name=r", "fake_steps=2", "gan=true", *TINY])
+               f"output_dir={tmp_path}", "name=r", "fake_steps=2", "gan=true", *TINY, *WARM["dmd2"]])
     assert rc == 0
     run = tmp_path / "r"
     cfg = (run / "config.yaml").read_text()
-    assert "fake_steps: 2" in cfg and "lr_generator: 0.001" in cfg  # method option + the 2-D preset, resolved
+    # method option + the 2-D preset, resolved
+    assert "fake_steps: 2" in cfg and "lr_generator: 0.0001" in cfg and "regression_loss: huber" in cfg
     m = json.loads((run / "metrics.json").read_text())
     assert [e["step"] for e in m["evals"]] == [3, 6]
-    assert {"sw2", "mmd", "mode_mass", "sw2_vs_teacher"} <= set(m["final"]) and m["teacher"]["nfe"] == 15
-    assert m["it_s"] > 0
+    assert {"sw2", "sw2_x_teacher", "off_mode_pct", "mode_coverage", "modes_covered", "mmd", "mode_mass",
+            "sw2_vs_teacher"} <= set(m["final"]) and m["teacher"]["nfe"] == 15
+    assert m["final"]["sw2_x_teacher"] == pytest.approx(m["final"]["sw2"] / m["teacher"]["sw2"])
+    assert len(m["final"]["mode_coverage"]) == 8 and 0 <= m["final"]["off_mode_pct"] <= 100
+    assert m["it_s"] > 0 and m["wall_s"] > 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "generator" in r]
-    assert [r["step"] for r in train] == [2, 4, 6] and {"fake_denoise", "gan_d", "gan_g", "dmd"} <= set(train[-1])
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert {"fake_denoise", "gan_d", "gan_g", "dmd", "regression"} <= set(train[-1])
     assert [r["step"] for r in rows if "sw2" in r] == [3, 6]
     assert {p.name for p in (run / "samples").iterdir()} >= {"step-2.png", "step-3.png", "step-6.png"}
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
     assert (run / "generator.safetensors").is_file() and (run / "train.log").is_file()
-    assert "student: sw2=" in capsys.readouterr().out
+    # the summary leads with sliced-W2, its ratio to the teacher's, and the mass off the modes
+    student = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("student: "))
+    assert [kv.split("=")[0] for kv in student.split()[1:4]] == ["sw2", "sw2_x_teacher", "off_mode_pct"]
+    log = (run / "train.log").read_text()
+    assert "warm-up: 20 regression steps on 256 teacher ODE pairs" in log
+    last = log.strip().splitlines()[-1]
+    assert "dmd2 (1-step, step 6): sliced-W2 " in last and "the teacher's" in last and "off-mode mass" in last
 
 
 @pytest.mark.parametrize("method", ["sid", "cd", "rectflow"])
 def test_other_methods_run(tmp_path, method):
     extra = ["pairs=64", "teacher_steps=4"] if method == "rectflow" else []
-    assert main(["diffusion", method, "steps=3", f"output_dir={tmp_path}", "name=r", *TINY, *extra]) == 0
+    assert main(["diffusion", method, "steps=3", f"output_dir={tmp_path}", "name=r", *TINY, *extra,
+                 *WARM[method]]) == 0
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert m["final"]["step"] == 3 and (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert "off_mode_pct" in m["final"] and "off_mode_pct" in m["teacher"]
+    assert ("warm-up: 20 regression steps" in (tmp_path / "r" / "train.log").read_text()) == (method != "rectflow")
 
 
 def _generator_state(path):
@@ -49,7 +67,8 @@ def _generator_state(path):
 
 
 def test_resume_is_exact(tmp_path):
-    common = ["eval_every=0", "sample_every=0", "fake_steps=2", "gan=true", f"output_dir={tmp_path}", *TINY]
+    common = ["eval_every=0", "sample_every=0", "fake_steps=2", "gan=true", f"output_dir={tmp_path}", *TINY,
+              *WARM["dmd2"]]  # the warm-up runs once; its pairs (the regression term's) are remade on resume
     assert main(["diffusion", "dmd2", "steps=8", "save_every=4", "name=straight", *common]) == 0
     assert main(["diffusion", "dmd2", "steps=4", "save_every=4", "name=cut", *common]) == 0
     assert main(["diffusion", "dmd2", "steps=8", "save_every=4", "name=cut", "resume=auto", *common]) == 0
@@ -118,7 +137,7 @@ def test_train_teacher_on_the_mixture_then_distill_from_it(tmp_path):
     assert ev["sw2"] < 0.4 * sliced_w2(blurred, m.sample(4000))
     assert ev["mode_mass_max_err"] < 4.0
     assert main(["diffusion", "dmd2", f"teacher={tmp_path / 't'}", "steps=2", f"output_dir={tmp_path}", "name=d",
-                 *TINY]) == 0
+                 *TINY, *WARM["dmd2"]]) == 0
 
 
 def test_image_path_smoke(tmp_path):

@@ -10,6 +10,8 @@ classifier-free guidance folded into the real score. The engine is `engine.Score
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
@@ -56,11 +58,14 @@ def build_dmd2(ctx: MethodContext, *, generator_steps: PositiveInt = 1, fake_ste
                sigma_lo: Probability = 0.02, sigma_hi: Probability = 0.98, fake_sigma_lo: Probability = 0.0,
                fake_sigma_hi: Probability = 1.0, warmup_steps: NonNegInt = 0, warmup_pairs: PositiveInt = 20000,
                warmup_teacher_steps: PositiveInt = 32, warmup_lr: PositiveFloat = 1e-3,
-               regression_weight: NonNegFloat = 0.0, generator_sigma: PositiveFloat | None = None,
+               regression_weight: NonNegFloat = 0.0, regression_loss: Literal["mse", "huber"] = "mse",
+               generator_sigma: PositiveFloat | None = None,
                ema_decay: Decay | None = 0.999, bf16: bool = False) -> ScoreDistillation:
     """DMD2 with the paper's ImageNet-64 settings: 5 fake-score updates per generator update, lr 2e-6 (AdamW),
     GAN head on the fake score's features (weights 3e-3 generator / 1e-2 fake score), sigma over 2%-98% of the
-    grid, the generator conditioned at sigma = 80, guidance folded into the real score."""
+    grid, the generator conditioned at sigma = 80, guidance folded into the real score. `warmup_*`,
+    `regression_weight`, `regression_loss`: a regression warm start onto teacher ODE pairs, kept as DMD (v1)'s
+    regression term (off by default; on in the 2-D mixture recipe, where G has no teacher weights to start from)."""
     fake = ctx.fake_net()
     head = ctx.gan_head(int(getattr(fake, "feature_dim", 0))) if gan else None
     if gan and not getattr(fake, "feature_dim", 0):
@@ -75,4 +80,5 @@ def build_dmd2(ctx: MethodContext, *, generator_steps: PositiveInt = 1, fake_ste
                              ema_decay=ema_decay, batch_size=ctx.batch_size, capturable=ctx.capturable, bf16=bf16,
                              fake_sigma_range=(fake_sigma_lo, fake_sigma_hi), warmup_steps=warmup_steps,
                              warmup_pairs=warmup_pairs, warmup_teacher_steps=warmup_teacher_steps,
-                             warmup_lr=warmup_lr, regression_weight=regression_weight)
+                             warmup_lr=warmup_lr, regression_weight=regression_weight,
+                             regression_loss=regression_loss)

@@ -41,6 +41,14 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return (sigma * sigma + sigma_data * sigma_data) / (sigma * sigma_data) ** 2
 
 
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float | None = None) -> torch.Tensor:
+    """Per-sample `sqrt(|a - b|^2 + c^2) - c`, c = 0.00054 sqrt(elements per sample) by default (Song & Dhariwal
+    2023): the regression distance of consistency distillation, paired regression and DMD's regression term."""
+    d = (a - b).flatten(1)
+    c = 0.00054 * d.shape[1] ** 0.5 if c is None else c
+    return ((d * d).sum(1) + c * c).sqrt() - c
+
+
 def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
                   device=None) -> torch.Tensor:
     """`n` sigmas from sigma_max down to sigma_min on EDM's rho-warped grid (no trailing 0)."""

@@ -36,7 +36,8 @@ from ..config import Range
 from ..errors import CheckpointError, ConfigError, ShapeMismatchError
 from ..method import Method
 from ..registry import Registry
-from .edm import SIGMA_MAX, SIGMA_MIN, Denoiser, loss_weight, sample_grid_sigma, sample_lognormal_sigma
+from .edm import (SIGMA_MAX, SIGMA_MIN, Denoiser, loss_weight, pseudo_huber, sample_grid_sigma,
+                  sample_lognormal_sigma)
 from .fast_step import make_step
 from .samplers import Generator, GuidedDenoiser, heun_sample
 from .teachers import save_weights
@@ -350,7 +351,7 @@ class ScoreDistillation(DistillMethod):
                  gan_fake_weight: float = 1e-2, ema_decay: float | None = None, batch_size: int = 64,
                  capturable: bool = False, bf16: bool = False, fake_sigma_range: tuple[float, float] = (0.0, 1.0),
                  warmup_steps: int = 0, warmup_pairs: int = 20000, warmup_teacher_steps: int = 32,
-                 warmup_lr: float = 1e-3, regression_weight: float = 0.0):
+                 warmup_lr: float = 1e-3, regression_weight: float = 0.0, regression_loss: str = "mse"):
         super().__init__(teacher, generator, sched, ema_decay)
         if fake_sigma not in ("grid", "lognormal"):
             raise ConfigError(f"fake_sigma must be 'grid' (DMD2) or 'lognormal' (EDM/SiD), got '{fake_sigma}'")
@@ -361,7 +362,9 @@ class ScoreDistillation(DistillMethod):
         self.fake_steps, self.fake_sigma, self.batch_size = fake_steps, fake_sigma, batch_size
         self.fake_sigma_range = tuple(fake_sigma_range)  # share of the Karras grid the fake score trains on
         self.warmup = (warmup_steps, warmup_pairs, warmup_teacher_steps)
-        self.warmup_lr, self.regression_weight = warmup_lr, regression_weight
+        if regression_loss not in ("mse", "huber"):
+            raise ConfigError(f"regression_loss must be 'mse' or 'huber' (pseudo-Huber), got '{regression_loss}'")
+        self.warmup_lr, self.regression_weight, self.regression_loss = warmup_lr, regression_weight, regression_loss
         self.register_buffer("pair_z", torch.empty(0), persistent=False)
         self.register_buffer("pair_x", torch.empty(0), persistent=False)
         self.register_buffer("pair_y", torch.empty(0, dtype=torch.long), persistent=False)
@@ -383,7 +386,10 @@ class ScoreDistillation(DistillMethod):
         G's first step to `warmup_pairs` noise -> teacher-ODE-sample pairs for `warmup_steps` steps (own Adam,
         `warmup_lr`). It gives a generator with no weights to copy from the teacher (beside an analytic teacher) the
         teacher's coarse map, as copying the teacher's weights does for DMD2 on images. With `regression_weight`
-        > 0 the same pairs also feed DMD (v1)'s regression term during training. The pairs are remade on resume
+        > 0 the same pairs also feed DMD (v1)'s regression term during training. `regression_loss`: mean squared
+        error, or pseudo-Huber (`huber`, the stand-in for DMD's LPIPS that CD and paired regression use too: its
+        minimiser does not average two modes where G's map must jump between them, so fewer samples land between
+        the modes). The pairs are remade on resume
         (deterministic in the seed); the warm-up training is not (the checkpoint holds its result)."""
         steps, pairs, teacher_steps = self.warmup
         if not (steps or self.regression_weight):
@@ -402,6 +408,7 @@ class ScoreDistillation(DistillMethod):
         self.pair_z, self.pair_x, self.pair_y = torch.cat(zs), torch.cat(xs), torch.cat(ys)
         if resuming or not steps:
             return
+        t0 = time.perf_counter()
         opt = make_adam(self.generator.parameters(), self.warmup_lr)
         for _ in range(steps):
             loss = self._regression()
@@ -410,11 +417,15 @@ class ScoreDistillation(DistillMethod):
             opt.step()
         if self.ema is not None:
             self.ema.module.load_state_dict(self.generator.state_dict())
+        run.log(f"warm-up: {steps} regression steps on {pairs} teacher ODE pairs in {time.perf_counter() - t0:.1f}s "
+                f"(last loss {float(loss.detach()):.4f})")
 
     def _regression(self) -> torch.Tensor:
         idx = torch.randint(0, self.pair_z.shape[0], (self.batch_size,), device=self.pair_z.device)
         s1 = self.generator.sigmas[0]
         pred = self.generator.net(self.pair_z[idx] * s1, s1, self.pair_y[idx] if self.num_classes else None)
+        if self.regression_loss == "huber":
+            return pseudo_huber(pred, self.pair_x[idx]).mean()
         return ((pred - self.pair_x[idx]) ** 2).mean()
 
     # ---------------------------------------------------------------- the two losses

@@ -1,5 +1,6 @@
 """Evaluating a few-step generator during a distillation run, against the true data and the teacher's many-step
-samples from the same noise: sliced-W2, MMD and per-mode mass on the 2-D mixture, FD (kdkit features) / FID and
+samples from the same noise: sliced-W2 (and its ratio to the teacher's), mass off the modes, per-mode coverage,
+MMD and per-mode mass on the 2-D mixture, FD (kdkit features) / FID and
 precision/recall on images, and a picture of the samples (`samples/step-N.png`).
 
 The evaluation noise, labels, true samples and the teacher's reference are fixed by the run's seed and made once,
@@ -51,7 +52,8 @@ class Evaluation:
         teacher_s = time.perf_counter() - t0
         if cfg.data == "mixture":
             ev["true"] = self.data.mixture.sample(n, g).to(self.device)
-            rep = mixture_report(ev["teacher"].cpu(), ev["true"].cpu(), self.data.mixture.means)
+            mix = self.data.mixture
+            rep = mixture_report(ev["teacher"].cpu(), ev["true"].cpu(), mix.means, mix.stds)
         else:
             rep = self._image_report(ev["teacher"], ev, reference=False)
         self._teacher = rep | {"nfe": nfe(cfg.sampler, cfg.teacher_steps), "sampler": cfg.sampler,
@@ -79,7 +81,9 @@ class Evaluation:
                            for i in range(0, ev["z"].shape[0], 1000)])
         sample_s = time.perf_counter() - t0
         if self.cfg.data == "mixture":
-            rep = mixture_report(x.cpu(), ev["true"].cpu(), self.data.mixture.means, ev["teacher"].cpu())
+            mix = self.data.mixture
+            rep = mixture_report(x.cpu(), ev["true"].cpu(), mix.means, mix.stds, ev["teacher"].cpu(),
+                                 reference_sw2=self._teacher["sw2"])
         else:
             rep = self._image_report(x, ev)
         rep |= {"step": step, "nfe": gen.steps, "sample_s": round(sample_s, 3)}

@@ -48,6 +48,25 @@ def heun_sample(denoiser: nn.Module, noise: torch.Tensor, steps: int = 64, label
 
 
 @torch.no_grad()
+def heun_trajectory(denoiser: nn.Module, noise: torch.Tensor, sigmas: torch.Tensor, substeps: int = 4,
+                    labels: torch.Tensor | None = None, rho: float = 7.0) -> torch.Tensor:
+    """The probability-flow ODE solution from `noise * sigmas[0]` observed at each of the descending `sigmas`:
+    `[len(sigmas), *noise.shape]`, with `substeps` Heun steps on a Karras ramp between neighbouring sigmas (what a
+    consistency function must map every point of, at its sigma, to the last)."""
+    x = noise * sigmas[0]
+    out = [x]
+    for i in range(sigmas.numel() - 1):
+        sub = karras_sigmas(substeps + 1, float(sigmas[i + 1]), float(sigmas[i]), rho, noise.device)
+        for s, s_next in zip(sub[:-1], sub[1:]):
+            d = (x - denoiser(x, s, labels)) / s
+            x_eul = x + (s_next - s) * d
+            d2 = (x_eul - denoiser(x_eul, s_next, labels)) / s_next
+            x = x + (s_next - s) * 0.5 * (d + d2)
+        out.append(x)
+    return torch.stack(out)
+
+
+@torch.no_grad()
 def euler_sample(denoiser: nn.Module, noise: torch.Tensor, steps: int = 64, labels: torch.Tensor | None = None,
                  sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = 7.0) -> torch.Tensor:
     """First-order Euler on the probability-flow ODE (`steps` denoiser calls)."""

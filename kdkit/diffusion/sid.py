@@ -8,9 +8,11 @@ generator evaluated at sigma_init = 2.5, generator sigmas from the Karras ramp's
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from ..config import NonNegFloat, PositiveFloat, PositiveInt, Probability
+from ..config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Probability
 from ..method import register_method
 from .engine import (GENERATOR_LOSSES, Betas, Decay, MethodContext, Schedule, ScoreDistillation,
                      generator_sigmas)
@@ -47,13 +49,21 @@ def sid_loss(x: torch.Tensor, real, fake, labels, sched: Schedule, alpha: float 
 def build_sid(ctx: MethodContext, *, alpha: NonNegFloat = 1.2, t_min: Probability = 0.0, t_max: Probability = 0.8,
               generator_sigma: PositiveFloat = 2.5, generator_steps: PositiveInt = 1, fake_steps: PositiveInt = 1,
               guidance_scale: PositiveFloat = 1.0, lr_generator: PositiveFloat = 1e-5, lr_fake: PositiveFloat = 1e-5,
-              betas: Betas = (0.0, 0.999), ema_decay: Decay | None = 0.999,
-              bf16: bool = False) -> ScoreDistillation:
+              betas: Betas = (0.0, 0.999), ema_decay: Decay | None = 0.999, warmup_steps: NonNegInt = 0,
+              warmup_pairs: PositiveInt = 20000, warmup_teacher_steps: PositiveInt = 32,
+              warmup_lr: PositiveFloat = 1e-3, regression_weight: NonNegFloat = 0.0,
+              regression_loss: Literal["mse", "huber"] = "mse", bf16: bool = False) -> ScoreDistillation:
     """SiD with the paper's CIFAR-10 settings: alpha 1.2, Adam lr 1e-5 (betas 0, 0.999) for both networks, one
-    fake-score update per generator update, sigma_init 2.5, t_max 0.8; data-free (no GAN head)."""
+    fake-score update per generator update, sigma_init 2.5, t_max 0.8; data-free (no GAN head). As for DMD2, a
+    generator with no teacher weights to start from (the 2-D mixture) can be warmed up by regression onto teacher
+    ODE pairs (`warmup_steps`, ...) and keep that regression as a term (`regression_weight`): see
+    `engine.ScoreDistillation.prepare`."""
     gen = Generator(ctx.student_net(), generator_sigmas(generator_steps, ctx.sched, generator_sigma))
     return ScoreDistillation(ctx.teacher, gen, ctx.fake_net(), ctx.sched, generator_loss="sid",
                              loss_options={"alpha": alpha, "t_min": t_min, "t_max": t_max}, fake_steps=fake_steps,
                              guidance_scale=guidance_scale, lr_generator=lr_generator, lr_fake=lr_fake,
                              betas=tuple(betas), fake_sigma="lognormal", ema_decay=ema_decay,
-                             batch_size=ctx.batch_size, capturable=ctx.capturable, bf16=bf16)
+                             batch_size=ctx.batch_size, capturable=ctx.capturable, bf16=bf16,
+                             warmup_steps=warmup_steps, warmup_pairs=warmup_pairs,
+                             warmup_teacher_steps=warmup_teacher_steps, warmup_lr=warmup_lr,
+                             regression_weight=regression_weight, regression_loss=regression_loss)

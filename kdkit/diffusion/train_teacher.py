@@ -145,8 +145,9 @@ class TeacherTraining(Method):
         true = self.data.mixture.sample(cfg.eval_samples, g)
         z = torch.randn(cfg.eval_samples, 2, generator=g).to(next(self.net.parameters()).device)
         xs = heun_sample(self.ema.module, z, cfg.eval_steps).cpu()
-        self.report = mixture_report(xs, true, self.data.mixture.means)
-        run.log(f"teacher {cfg.eval_steps}-step Heun: sw2={self.report['sw2']:.4f} mmd={self.report['mmd']:.5f} "
+        self.report = mixture_report(xs, true, self.data.mixture.means, self.data.mixture.stds)
+        run.log(f"teacher {cfg.eval_steps}-step Heun: sw2={self.report['sw2']:.4f} "
+                f"off-mode={self.report['off_mode_pct']:.2f}% mmd={self.report['mmd']:.5f} "
                 f"mode-mass max err={self.report['mode_mass_max_err']:.2f}")
         return self.report
 
