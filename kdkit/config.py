@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from .budget import pop_budget
 from .errors import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -387,6 +388,11 @@ def recipe_description(name: str) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def recipe_budget(name: str):
+    """The recipe's `budget`, `cpu_recipe` and `cpu_minutes` (kdkit/budget.py), checked."""
+    return pop_budget(_raw_recipe(name), name)
+
+
 def recipe_pillar(name: str) -> str:
     """The verb a recipe is for: `distill` (classifier, LM and CoT recipes; the default), `condense`, `diffusion`."""
     return str(_raw_recipe(name).get("pillar", "distill"))
@@ -493,10 +499,13 @@ def load_recipe(name: str | None = None, overrides: list[str] | dict | None = No
     if name and pillar != want:
         raise ConfigError(f"recipe '{name}' is a `kdkit {pillar}` recipe, not a `kdkit {want}` one "
                           f"(`kdkit recipes` lists each recipe with its verb)")
+    budget = pop_budget(raw, name)
     raw = apply_overrides(raw, overrides)
     if "name" not in raw and name and "name" in {f.name for f in dataclasses.fields(schema)}:
         raw["name"] = None
-    return build(schema, raw, "")
+    config = build(schema, raw, "")
+    config.budget = budget  # beside the settings, not one of them (kdkit/budget.py): read by `fit`'s estimate
+    return config
 
 
 # ---------------------------------------------------------------- typed building

@@ -11,7 +11,8 @@ stages, DM, MTT, DATM, CV-DD, Mirage, DMD2, SiD, CD, rectified flow, diffusion t
   pillar's files and returns the run's summary.
 
 `fit(run, method)` is the loop every pillar shares: resume, steps, per-term logs to metrics.jsonl (one device
-sync per `log_every`), evaluations, checkpoints, Ctrl-C. Adding a method to any pillar is one file with a
+sync per `log_every`), evaluations, checkpoints, Ctrl-C, and one line early on with what the run will cost
+(`kdkit/budget.py`). Adding a method to any pillar is one file with a
 `Method` subclass and one `register_method` line.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .budget import CostLine
 from .config import build_options, factory_options
 from .errors import ConfigError
 from .registry import Registry
@@ -98,6 +100,11 @@ class Method(abc.ABC):
         whose unsynchronised gradients one checkpoint cannot hold); the loop then stops at the next step that may."""
         return True
 
+    def cost_note(self) -> str:
+        """What the run does after its steps that the cost estimate does not time (a long final evaluation), in a
+        few words; '' when nothing."""
+        return ""
+
     def evaluate(self, run: Run, step: int) -> dict:
         """Metrics at `step` (recorded in metrics.jsonl and train.log)."""
         return {}
@@ -106,6 +113,11 @@ class Method(abc.ABC):
         """After the last step: write the pillar's files (weights, synthetic sets, reports, pictures) and return
         the run's summary (also written to metrics.json by the caller that wants it)."""
         return {}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _finite(row: dict) -> bool:
@@ -125,6 +137,9 @@ def fit(run: Run, method: Method, on_step: Callable[[Method, int], None] | None 
     step, stopping = start, False
     with run.interruptible():
         bar = run.progress(method.total_steps, start, desc=method.name)
+        cost = CostLine(method.total_steps, run.log, f"training steps left of {method.total_steps:,}" if start
+                        else "training steps", budget=getattr(run.config, "budget", None), note=method.cost_note(),
+                        start=start, sync=lambda: _sync(run.device))
         sums: dict[str, torch.Tensor] = {}
         count = 0
         batches = method.batches(start)
@@ -138,6 +153,7 @@ def fit(run: Run, method: Method, on_step: Callable[[Method, int], None] | None 
                 sums[k] = sums[k] + v if k in sums else v.clone()  # a captured graph reuses its outputs
             count += 1
             bar.update(1)
+            cost.tick()
             if sums and (step % method.log_every == 0 or step == method.total_steps):
                 row = {k: float(v) / count for k, v in sums.items()}  # the one sync per log_every steps
                 if not _finite(row):

@@ -28,6 +28,7 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -206,7 +207,10 @@ class Run:
         with open(self.run_dir / "train.log", "a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
         if self.console:
-            print(text, flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(text)  # above a progress bar that is running, not inside its line
+            sys.stdout.flush()
 
     def record(self, row: dict, step: int | None = None) -> None:
         """One row of metrics.jsonl (and its numbers as TensorBoard scalars)."""

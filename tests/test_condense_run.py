@@ -170,6 +170,10 @@ def test_image_run_resumes_bit_exactly_after_kill_9_and_ctrl_c(tmp_path, monkeyp
               "curves.json", "curves.png"):
         assert (run / f).is_file(), f
     assert not (run / "checkpoint.pt").exists() and latest_checkpoint(run).name == "step-00000060"
+    # the cost estimate (issue 24): the steps timed, the recipe's budget, and the evaluation it does not time
+    estimate = next(x for x in (run / "train.log").read_text().splitlines() if "estimate: " in x)
+    assert "estimate: 60 training steps, about " in estimate and "; recipe condense-cifar10-dm: paper budget" in estimate
+    assert estimate.endswith("; then evaluation, not in the estimate: 1 x 1 epochs (convnet) on the set")
     args = ["condense", "cifar10", "--ipc", "1", *DM_TINY, f"output_dir={tmp_path}", "name=killed"]
     killed = tmp_path / "condense-cifar10-dm-ipc1-killed"
     _kill_after_first_checkpoint(args, killed, tmp_path)

@@ -45,6 +45,9 @@ def test_dmd2_cli_run_folder(tmp_path, capsys):
     assert [kv.split("=")[0] for kv in student.split()[1:4]] == ["sw2", "sw2_x_teacher", "off_mode_pct"]
     log = (run / "train.log").read_text()
     assert "warm-up: 20 regression steps on 256 teacher ODE pairs" in log
+    # the cost estimate (issue 24): timed steps, the recipe's budget and its measured whole-run time
+    estimate = next(line for line in log.splitlines() if "estimate: 6 training steps, about " in line)
+    assert "1 thread); recipe diffusion-dmd2-mixture: CPU-sized, measured at about 78 s for the whole run" in estimate
     last = log.strip().splitlines()[-1]
     assert "dmd2 (1-step, step 6): sliced-W2 " in last and "the teacher's" in last and "off-mode mass" in last
 

@@ -200,3 +200,26 @@ def test_bench_table_from_result_files(tmp_path):
     assert text.index("| none |") < text.index("| mean |") < text.index("| route |")
     assert "`route`: gsm8k -8.25 (better), chain_sum -1.35 (better)" in text
     assert "`mean`: gsm8k +106.50 (worse), chain_sum -0.10 (within noise)" in text
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["llm.multi_teacher.route_values=[fwd, rev]", "llm.train_examples=1"],
+     "no train text among the first 1 has source=rev (teachers.1)"),
+    (["llm.multi_teacher.route_values=[fwd, other]"], "holds ['rev']"),
+])
+def test_route_values_are_checked_before_any_teacher_loads(tmp_path, monkeypatch, capsys, extra, match):
+    """A route value no text has, or a column value no teacher takes: one line, exit 2, no run folder, no model."""
+    import kdkit.llm.models as models
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        rows = [{"text": "one two", "source": "fwd"}, {"text": "three four", "source": "rev"}]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    rc = main(["distill", "recipe=smollm2-kd-small", *TWO, f"data.name={data}", "llm.text_field=text",
+               "llm.multi_teacher.mix=route", "llm.multi_teacher.route_by=source", *extra,
+               f"output_dir={tmp_path / 'runs'}", "name=r"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("kdkit: error: ") and err.count("\n") == 1 and match in err, err
+    assert not (tmp_path / "runs").exists()

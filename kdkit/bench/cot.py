@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..config import PositiveInt, load_recipe
 from ..errors import ConfigError
-from .results import RESULTS_DIR, bench_options, name_list, run_kdkit, run_record
+from .results import RESULTS_DIR, bench_options, mean_std, name_list, run_kdkit, run_record
 
 KIND = "cot"
 VARIANTS = {"answer_only": ["cot.sft=answer_only", "cot.redi=false"],
@@ -153,11 +153,7 @@ def run_cot(settings: list[str]) -> list[dict]:
 
 
 def _fmt(xs: list[float]) -> str:
-    if not xs:
-        return "—"
-    if len(xs) == 1:
-        return f"{100 * xs[0]:.1f}%"
-    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}%"
+    return mean_std(xs, ".1f", scale=100, suffix="%")
 
 
 def _student(recipe: str, overrides: list[str]) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import PositiveInt, bad_value, load_recipe
-from .results import RESULTS_DIR, bench_options, run_kdkit, run_record
+from .results import RESULTS_DIR, bench_options, mean_std, run_kdkit, run_record
 
 KIND = "llm"
 MARKDOWN = RESULTS_DIR.parent / "llm-distill.md"
@@ -72,11 +72,7 @@ def run_llm(settings: list[str]) -> list[dict]:
 
 
 def _fmt(xs: list[float]) -> str:
-    if not xs:
-        return "—"
-    if len(xs) == 1:
-        return f"{xs[0]:.3f}"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+    return mean_std(xs, ".3f")
 
 
 def write_llm_markdown(directory: Path | None = None, path: Path | None = None) -> Path:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..config import PositiveInt, load_recipe
-from .results import RESULTS_DIR, bench_options, name_list, read_results, run_kdkit, run_record
+from .results import RESULTS_DIR, bench_options, mean_std, name_list, read_results, run_kdkit, run_record
 
 KIND = "llm-losses"
 RECIPE = "llm-losses-cpu"
@@ -68,21 +68,15 @@ def build_stores(opts: LLMLossesBench, overrides: list[str], kinds: set[str], wo
 @torch.no_grad()
 def top1(model_dir, recipe_name: str, overrides: list[str]) -> tuple[torch.Tensor, float]:
     """(the model's most likely next token at every position of the recipe's held-out blocks, its perplexity)."""
-    import math
-
     from ..llm.build import build_lm_blocks
+    from ..llm.held_out import block_scores
     from ..llm.models import load_causal_lm
 
     model, tok = load_causal_lm(str(model_dir), dtype="float32")
     model.eval()
     _, blocks = build_lm_blocks(load_recipe(recipe_name, overrides), tok)
-    preds, nll = [], 0.0
-    for i in range(0, len(blocks), 8):
-        logits = model(input_ids=blocks[i:i + 8]).logits[:, :-1].float()
-        preds.append(logits.argmax(-1))
-        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), blocks[i:i + 8, 1:].flatten(),
-                                                       reduction="sum"))
-    return torch.cat(preds), math.exp(nll / blocks[:, 1:].numel())
+    ppl, preds = block_scores(model, blocks, 8, keep_top1=True)
+    return preds, ppl
 
 
 def teacher_top1(opts: LLMLossesBench, overrides: list[str], work: Path) -> tuple[torch.Tensor, float]:
@@ -138,12 +132,6 @@ def run_llm_losses(settings: list[str]) -> Path:
     return write_markdown(out, out / "llm-losses.md" if opts.out else None)
 
 
-def _cell(values: list[float], fmt: str = ".2f") -> str:
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
-
-
 def write_markdown(directory: Path | None = None, path: Path | None = None) -> Path:
     """leaderboards/llm-losses.md: per row, mean ± std over seeds, with the gap to `ce` in seed spreads."""
     path = path or RESULTS_DIR.parent / "llm-losses.md"
@@ -176,7 +164,7 @@ def write_markdown(directory: Path | None = None, path: Path | None = None) -> P
                              statistics.stdev(base) if len(base) > 1 else 0.0)
                 diff = statistics.mean(ppl) - statistics.mean(base)
                 gap = f"{diff:+.2f}" + (" (within noise)" if abs(diff) <= spread else "")
-            lines.append(f"| {row} | {len(rs)} | {_cell(ppl)} | {_cell([r['top1_agreement'] for r in rs], '.4f')} | "
+            lines.append(f"| {row} | {len(rs)} | {mean_std(ppl)} | {mean_std([r['top1_agreement'] for r in rs], '.4f')} | "
                          f"{gap} | {rs[0]['train_tokens']:,} | {statistics.mean(r['train_seconds'] for r in rs):.0f} | "
                          f"{hw['device']} ({hw['cpu']}) | `{rs[0]['command']}` |")
         teacher = next((r["teacher_ppl"] for r in group if r.get("teacher_ppl")), None)

@@ -28,7 +28,7 @@ import torch
 
 from ..config import PositiveInt
 from ..llm.tokenizers import train_byte_bpe
-from .results import RESULTS_DIR, bench_options, name_list, read_results, run_kdkit, run_record
+from .results import RESULTS_DIR, bench_options, mean_std, name_list, read_results, run_kdkit, run_record
 
 KIND = "multi-teacher"
 SOURCES = ("gsm8k", "chain_sum")
@@ -130,24 +130,14 @@ def source_perplexity(model_dir: Path, texts: dict, tok_dir: Path, block_size: i
     """exp(mean next-token NLL) of the model over each source's test blocks (packed as the runs pack them)."""
     from transformers import AutoTokenizer
 
+    from ..llm.held_out import block_scores
     from ..llm.models import load_causal_lm
     from ..llm.text_data import pack_blocks
 
     model, _ = load_causal_lm(str(model_dir), dtype="float32")
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    out = {}
-    for s in SOURCES:
-        blocks = pack_blocks(texts[s, "test"], tok, block_size)
-        nll, count = 0.0, 0
-        for i in range(0, len(blocks), 32):
-            ids = blocks[i:i + 32]
-            logits = model(input_ids=ids).logits[:, :-1]
-            nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(),
-                                                           reduction="sum"))
-            count += ids[:, 1:].numel()
-        out[s] = math.exp(nll / count)
-    return out
+    return {s: block_scores(model, pack_blocks(texts[s, "test"], tok, block_size), 32)[0] for s in SOURCES}
 
 
 def _setting(opts: MultiTeacherBench) -> dict:
@@ -228,12 +218,6 @@ def run_multi_teacher(settings: list[str]) -> Path:
             (out / f"{name}-{digest}.json").write_text(json.dumps(row, indent=1))
             print(f"{name}: " + ", ".join(f"{s} {v:.2f}" for s, v in row["student_ppl"].items()) + f" ({wall:.0f} s)")
     return write_markdown(out, out / "llm-multi-teacher.md" if opts.out else None)
-
-
-def _cell(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def _reading(by_variant: dict) -> list[str]:
@@ -317,7 +301,7 @@ def write_markdown(directory: Path | None = None, path: Path | None = None) -> P
             c = [r["student_ppl"]["chain_sum"] for r in rs]
             both = [(a + b) / 2 for a, b in zip(g, c)]
             w = rs[-1].get("teacher_weights")
-            lines.append(f"| {variant} | {len(rs)} | {_cell(g)} | {_cell(c)} | {_cell(both)} | "
+            lines.append(f"| {variant} | {len(rs)} | {mean_std(g)} | {mean_std(c)} | {mean_std(both)} | "
                          f"{'-' if not w else ', '.join(f'{x:.3f}' for x in w)} | "
                          f"{statistics.mean(r['wall_seconds'] for r in rs):.0f} | `{rs[0]['command']}` |")
         lines += ["", *_reading(by_variant), *_specialists(t), ""]

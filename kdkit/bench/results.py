@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -131,3 +132,13 @@ def run_record(kind: str, command: str, cmd: list[str], wall_seconds: float, **f
     return {"kind": kind, **fields, "run_command": " ".join(cmd[2:]), "command": command,
             "wall_seconds": wall_seconds, "git_commit": git_commit(), "hardware": hardware(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def mean_std(values: list[float], fmt: str = ".2f", scale: float = 1.0, suffix: str = "") -> str:
+    """A leaderboard cell: 'mean ± std' over seeds (sample std), the value alone for one seed, '—' for none."""
+    if not values:
+        return "—"
+    xs = [scale * v for v in values]
+    if len(xs) == 1:
+        return f"{format(xs[0], fmt)}{suffix}"
+    return f"{format(statistics.mean(xs), fmt)} ± {format(statistics.stdev(xs), fmt)}{suffix}"

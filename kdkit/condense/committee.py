@@ -18,11 +18,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..budget import Budget, CostLine
 from ..checkpoint import clean_stale, load_model, read_metadata, save_model
 from ..errors import CheckpointError, ConfigError
 from .image_data import ImageSplit
@@ -61,8 +63,10 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 5
 
 
 def train_member(name: str, train: ImageSplit, *, epochs: int, lr: float = 0.05, batch_size: int = 128,
-                 val_fraction: float = 0.1, seed: int = 0, progress: bool = False) -> Member:
-    """Train one member on the split (less a class-balanced val slice) and record its val accuracy."""
+                 val_fraction: float = 0.1, seed: int = 0, progress: bool = False,
+                 log: Callable[[str], None] = print, budget: Budget | None = None) -> Member:
+    """Train one member on the split (less a class-balanced val slice) and record its val accuracy. Early on, one
+    line says what the member will cost (`kdkit/budget.py`): the paper's ResNets x 200 epochs take days here."""
     g = torch.Generator().manual_seed(seed)
     n = train.images.shape[0]
     perm = torch.randperm(n, generator=g)
@@ -76,6 +80,9 @@ def train_member(name: str, train: ImageSplit, *, epochs: int, lr: float = 0.05,
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.15)
     from tqdm import tqdm
 
+    per_epoch = sum(1 for i in range(0, len(fit_idx), batch_size) if len(fit_idx) - i >= 2)
+    cost = CostLine(epochs * per_epoch, log, f"batches of committee member {name} ({epochs} epochs x {per_epoch})",
+                    unit="batch", budget=budget)
     for _ in tqdm(range(epochs), desc=f"member {name}", disable=not progress):
         model.train()
         order = torch.randperm(len(fit_idx), generator=g)
@@ -88,6 +95,7 @@ def train_member(name: str, train: ImageSplit, *, epochs: int, lr: float = 0.05,
             loss.backward()
             opt.step()
             sched.step()
+            cost.tick()
     prior = _accuracy(model, train.images[val_idx], train.labels[val_idx])
     return Member(name, freeze(model), prior)
 
@@ -131,7 +139,8 @@ def load_member(name: str, path: Path, num_classes: int, im_size: int = 32, in_c
 
 def build_committee(names, train: ImageSplit, *, dataset: str = "cifar10", epochs: int = 10, lr: float = 0.05,
                     batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0, root=None,
-                    progress: bool = True) -> list[Member]:
+                    progress: bool = True, log: Callable[[str], None] = print,
+                    budget: Budget | None = None) -> list[Member]:
     """Load the committee from the cache, training (and saving) the members that are missing."""
     names = parse_members(names)
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "val_fraction": val_fraction, "seed": seed,
@@ -146,7 +155,7 @@ def build_committee(names, train: ImageSplit, *, dataset: str = "cifar10", epoch
                                        train.images.device))
             continue
         member = train_member(name, train, epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction,
-                              seed=seed + 1000 * k, progress=progress)
+                              seed=seed + 1000 * k, progress=progress, log=log, budget=budget)
         save_member(member, path, settings)
         members.append(member)
     return members

@@ -9,10 +9,12 @@ them resumes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..budget import Budget, CostLine
 from ..checkpoint import clean_stale, read_safetensors, save_tensors
 from ..errors import CheckpointError
 from .augment import DEFAULT_STRATEGY, dsa
@@ -40,7 +42,7 @@ class ExpertTrainer:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
         self.g = torch.Generator().manual_seed(seed)
 
-    def epoch(self) -> None:
+    def epoch(self, on_batch: Callable[[], None] = lambda: None) -> None:
         images, labels, n = self.train.images, self.train.labels, self.train.images.shape[0]
         perm = torch.randperm(n, generator=self.g)
         for i in range(0, n, self.batch_size):
@@ -53,35 +55,43 @@ class ExpertTrainer:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            on_batch()
 
 
 def train_expert(train: ImageSplit, epochs: int, *, lr: float = 0.01, batch_size: int = 256, width: int = 128,
-                 dsa_strategy: str = DEFAULT_STRATEGY, seed: int = 0, compiled: bool = False) -> torch.Tensor:
+                 dsa_strategy: str = DEFAULT_STRATEGY, seed: int = 0, compiled: bool = False,
+                 on_batch: Callable[[], None] = lambda: None) -> torch.Tensor:
     """One expert: [epochs + 1, P] flat parameter snapshots (fp32)."""
     trainer = ExpertTrainer(train, lr=lr, batch_size=batch_size, width=width, dsa_strategy=dsa_strategy, seed=seed,
                             compiled=compiled)
     snaps = [trainer.flat.flatten()]
     for _ in range(epochs):
-        trainer.epoch()
+        trainer.epoch(on_batch)
         snaps.append(trainer.flat.flatten())
     return torch.stack(snaps).cpu()
 
 
 def train_experts(train: ImageSplit, folder: Path, count: int, epochs: int, *, lr: float = 0.01, width: int = 128,
                   dsa_strategy: str = DEFAULT_STRATEGY, seed: int = 0, fp16: bool = True,
-                  progress: bool = True, compiled: bool = False) -> list[Path]:
-    """Train the missing experts of `folder` (expert k uses seed + k); returns all `count` paths."""
+                  progress: bool = True, compiled: bool = False, budget: Budget | None = None,
+                  log: Callable[[str], None] = print) -> list[Path]:
+    """Train the missing experts of `folder` (expert k uses seed + k); returns all `count` paths. Early on, one
+    line says what the missing experts will cost (`kdkit/budget.py`): the paper's 100 x 50 epochs take days here."""
     from tqdm import tqdm
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     clean_stale(folder)  # what a killed write left behind
     paths = [expert_path(folder, k) for k in range(count)]
+    missing, per_epoch = sum(not p.is_file() for p in paths), -(-train.images.shape[0] // 256)  # train_expert's batch
+    cost = CostLine(missing * epochs * per_epoch, log, f"expert batches ({missing} expert(s) x {epochs} epochs x "
+                    f"{per_epoch})", unit="batch", budget=budget)
+
     for k in tqdm(range(count), desc="experts", disable=not progress):
         if paths[k].is_file():
             continue
         traj = train_expert(train, epochs, lr=lr, width=width, dsa_strategy=dsa_strategy, seed=seed + k,
-                            compiled=compiled)
+                            compiled=compiled, on_batch=cost.tick)
         save_tensors(paths[k], {"trajectory": traj.half() if fp16 else traj},
                      metadata={"epochs": epochs, "lr": lr, "width": width})
     return paths

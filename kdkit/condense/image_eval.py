@@ -231,7 +231,8 @@ def full_data_accuracy(dataset: str, train, test, settings: EvalSettings, epochs
         if log:
             log(f"{path} does not hold this full-data network's result; training it again")
     if log:
-        log(f"full-data network (DD-Ranking's Acc(real-hard)): {settings.protocol}, {train.images.shape[0]} training "
+        net = settings.student if settings.protocol == "resnet18" else "convnet"
+        log(f"full-data network (DD-Ranking's Acc(real-hard)): {net}, {train.images.shape[0]} training "
             f"images, {epochs} epochs; cached at {path}")
     result = evaluate_full_data(train.images, train.labels, test.images, test.labels, settings, epochs)
     with atomic_path(path) as tmp:

@@ -100,6 +100,19 @@ class ImageCondenseMethod(Method):
         come from; None: it has no such labelling (IOR then falls back to hard labels, and says so)."""
         return None
 
+    def cost_note(self) -> str:
+        cfg = self.cfg
+        if cfg.eval_epochs < 1:
+            return ""
+        sets = "the set and on random real images" if cfg.baseline else "the set"
+        net = "convnet" if cfg.eval == "convnet" else f"relabel protocol, {cfg.eval_student}"
+        note = f"evaluation, not in the estimate: {cfg.eval_nets} x {cfg.eval_epochs:,} epochs ({net}) on {sets}"
+        if cfg.baseline:
+            n = len(self.train.labels) if self.train is not None else cfg.train_subset
+            note += (f", and a full-data network ({full_data_epochs(cfg.full_epochs, cfg.eval_epochs)} epochs"
+                     f"{f' on {n:,} images' if n else ''}; once per setting, then cached)")
+        return note
+
     def evaluate_set(self, run: Run, syn: dict) -> dict:
         """The set under the config's protocol and, with `baseline`, the `ipc` random real images per class it
         started from (same protocol and seeds) and DD-Ranking's scores (`dd_ranking.py`): for a soft-label set
@@ -172,7 +185,7 @@ class ImageCondenseMethod(Method):
         if dd:
             run.log(f"DD-Ranking: HLR {100 * dd['hlr']:.2f} ± {100 * dd['hlr_std']:.2f} points, IOR "
                     f"{100 * dd['ior']:.2f} ± {100 * dd['ior_std']:.2f} points, DDRS {dd['ddrs']:.4f} ± "
-                    f"{dd['ddrs_std']:.4f} (random real images with {dd['rdm_labels']} labels)")
+                    f"{dd['ddrs_std']:.4f} (random real images with {dd['rdm_labels'].removesuffix(' labels')} labels)")
         run.write_json("metrics.json", metrics)
         return metrics
 

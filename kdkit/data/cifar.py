@@ -282,18 +282,24 @@ def load_cifar10(split: str = "train") -> ImageTensors:
     hit = _read_cache(cache, hub_key, ("format", "source"))
     if hit is not None:
         return _result(*hit, split)
-    if is_offline():
+    def missing(why: str | None = None):
         folder = data_dir() / "cifar10"
-        raise missing_dataset_error(
+        return missing_dataset_error(
             f"CIFAR-10 ({split} split)",
             [folder / f"{s}.parquet" for s in SPLITS],
             "cifar10/train.parquet and cifar10/test.parquet in the Hub's schema "
             "(columns `img` = struct{bytes, path} holding an encoded image, `label` = int64)",
-            download=f"the Hub dataset '{HUB_ID}'",
+            download=f"the Hub dataset '{HUB_ID}'", why=why,
         )
+
+    if is_offline():
+        raise missing()
     import datasets
 
-    ds = datasets.load_dataset(HUB_ID, split=split)
+    try:
+        ds = datasets.load_dataset(HUB_ID, split=split)
+    except (ConnectionError, OSError) as e:  # no network: the same message as offline, with the cause
+        raise missing(f"the Hub could not be reached: {type(e).__name__}") from None
     names = getattr(ds.features.get("label"), "names", None)
     if names is not None and list(names) != CLASSES:
         raise ValueError(f"'{HUB_ID}' has classes {names}, expected {CLASSES}")

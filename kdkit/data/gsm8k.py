@@ -36,23 +36,30 @@ def load_gsm8k(split: str = "train"):
 
         ds = load_data_file(local, "json", split, cache_dir() / "hf_datasets", text_fields=FIELDS)
     elif is_offline():
-        raise missing_dataset_error(
-            f"GSM8K ({split} split)",
-            [data_dir() / "gsm8k" / f"{s}.jsonl" for s in SPLITS],
-            "gsm8k/train.jsonl and gsm8k/test.jsonl (JSON lines with fields `question` and `answer`, "
-            "the answer ending in a line `#### N`)",
-            download=f"the Hub dataset '{HUB_ID}' (config '{HUB_CONFIG}')",
-        )
+        raise _missing(split)
     else:
         import datasets
 
-        ds = datasets.load_dataset(HUB_ID, HUB_CONFIG, split=split)
+        try:
+            ds = datasets.load_dataset(HUB_ID, HUB_CONFIG, split=split)
+        except (ConnectionError, OSError) as e:  # no network: the same message as offline, with the cause
+            raise _missing(split, f"the Hub could not be reached: {type(e).__name__}") from None
         missing = sorted(set(FIELDS) - set(ds.column_names))
         if missing:
             raise DataFileError(f"GSM8K source {HUB_ID} lacks columns {missing}")
     if "final_answer" in ds.column_names:
         ds = ds.remove_columns("final_answer")
     return ds.map(_add_final_answer, batched=True, desc=None)
+
+
+def _missing(split: str, why: str | None = None):
+    return missing_dataset_error(
+        f"GSM8K ({split} split)",
+        [data_dir() / "gsm8k" / f"{s}.jsonl" for s in SPLITS],
+        "gsm8k/train.jsonl and gsm8k/test.jsonl (JSON lines with fields `question` and `answer`, "
+        "the answer ending in a line `#### N`)",
+        download=f"the Hub dataset '{HUB_ID}' (config '{HUB_CONFIG}')", why=why,
+    )
 
 
 if "gsm8k" not in DATASETS:

@@ -32,10 +32,12 @@ def missing_dataset_error(
     searched: list[Path],
     expected_layout: str,
     download: str | None = None,
+    why: str | None = None,
 ):
     """A `MissingDatasetError` naming every path searched, `KDKIT_DATA_DIR`, and how to get the data.
 
-    `download` says what going online would fetch, e.g. "the Hub dataset 'uoft-cs/cifar10'".
+    `download` says what going online would fetch, e.g. "the Hub dataset 'uoft-cs/cifar10'"; `why` replaces the
+    offline settings as the reason it was not fetched (e.g. the Hub could not be reached).
     """
     from ..errors import MissingDatasetError
 
@@ -45,7 +47,7 @@ def missing_dataset_error(
     online = f" or go online (unset HF_HUB_OFFLINE and HF_DATASETS_OFFLINE) so kdkit can download {download or 'it'}"
     offline_vars = ", ".join(f"{k}={os.environ[k]}" for k in _OFFLINE_ENVS if k in os.environ) or "offline"
     return MissingDatasetError(
-        f"{what} was not found and cannot be downloaded ({offline_vars}).\n"
+        f"{what} was not found and cannot be downloaded ({why or offline_vars}).\n"
         f"Searched ({env_note}):\n{looked}\n"
         f"To fix: set {DATA_DIR_ENV} to a folder that holds {expected_layout},{online}."
     )

@@ -19,13 +19,19 @@ def load_data_file(path: Path, builder: str, split: str, cache_dir: Path, text_f
     one of `text_fields` (required text columns) is missing or not text, raise `DataFileError` naming the file
     and the row."""
     import datasets
+    from datasets.utils import logging as ds_logging
 
     path = Path(path)
+    shown = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()  # a local file's one-off cache build: no bars before a one-line refusal
     try:
         ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=str(cache_dir))
     except Exception as e:  # datasets and pyarrow raise many kinds for a malformed file
         where = _first_bad_line(path, builder, text_fields)
         raise DataFileError(where or f"{path}: cannot be read as {builder} ({_cause(e)})") from None
+    finally:
+        if shown:
+            ds_logging.enable_progress_bar()
     for field in text_fields:
         if field not in ds.column_names:  # no row has it
             raise DataFileError(_first_bad_line(path, builder, text_fields) or

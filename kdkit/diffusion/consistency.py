@@ -15,7 +15,6 @@ interval), and `regression_weight` keeps that term during CD.
 from __future__ import annotations
 
 import json
-import time
 from typing import Annotated
 
 import torch
@@ -23,7 +22,8 @@ import torch
 from ..config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range
 from ..method import register_method
 from .edm import Denoiser, as_sigma, karras_sigmas, pseudo_huber
-from .engine import EMA, Betas, Decay, DistillMethod, MethodContext, Schedule, generator_sigmas, make_adam
+from .engine import (EMA, Betas, Decay, DistillMethod, MethodContext, Schedule, generator_sigmas, make_adam,
+                     regression_warm_start, teacher_pairs)
 from .samplers import Generator, heun_trajectory
 from .teachers import save_weights
 
@@ -79,33 +79,18 @@ class ConsistencyDistillation(DistillMethod):
         steps, pairs, substeps = self.warmup
         if not (steps or self.regression_weight):
             return
-        device = self.grid_sigmas.device
         desc = self.grid_sigmas.flip(0)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(12345)
-            trajs, ys = [], []
-            for i in range(0, pairs, 1000):
-                n = min(1000, pairs - i)
-                z, y = self.noise(n, device), self.random_labels(n, device)
-                trajs.append(heun_trajectory(self.teacher, z, desc, substeps, y, self.sched.rho).transpose(0, 1))
-                ys.append(y if y is not None else torch.zeros(n, dtype=torch.long, device=device))
-        traj = torch.cat(trajs)
-        self.traj, self.traj_end, self.traj_y = traj[:, :-1].contiguous(), traj[:, -1].contiguous(), torch.cat(ys)
+        traj, self.traj_y = teacher_pairs(self, pairs, self.grid_sigmas.device, lambda z, y: (
+            heun_trajectory(self.teacher, z, desc, substeps, y, self.sched.rho).transpose(0, 1),))
+        self.traj, self.traj_end = traj[:, :-1].contiguous(), traj[:, -1].contiguous()
         if resuming or not steps:
             return
-        t0 = time.perf_counter()
-        opt = make_adam(self.generator.parameters(), self.warmup_lr)
-        for _ in range(steps):
-            loss = self.regression()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        regression_warm_start(run, self.generator.parameters(), self.regression, steps, self.warmup_lr,
+                              f"{pairs} teacher ODE trajectories")
         for ema in (self.target, self.ema):
             if ema is not None:
                 ema.module.load_state_dict(self.generator.net.state_dict() if ema is self.target
                                            else self.generator.state_dict())
-        run.log(f"warm-up: {steps} regression steps on {pairs} teacher ODE trajectories in "
-                f"{time.perf_counter() - t0:.1f}s (last loss {float(loss.detach()):.4f})")
 
     def regression(self) -> torch.Tensor:
         """f at a random grid point of a stored teacher trajectory against the trajectory's end."""

@@ -97,6 +97,34 @@ def generator_sigmas(steps: int, sched: Schedule, first: float | None = None) ->
     return out
 
 
+def teacher_pairs(method, pairs: int, device, make: Callable) -> list[torch.Tensor]:
+    """The warm start's teacher data (DMD2, SiD and CD beside an analytic teacher): `make(z, y)` -> a tuple of
+    tensors per chunk of 1,000 fresh noises, with the labels (zeros when unconditional) appended, concatenated.
+    Drawn from a fixed seed in a forked RNG, so a resumed run remakes the same data without moving the run's RNG."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(12345)
+        parts = []
+        for i in range(0, pairs, 1000):
+            n = min(1000, pairs - i)
+            z, y = method.noise(n, device), method.random_labels(n, device)
+            labels = y if y is not None else torch.zeros(n, dtype=torch.long, device=device)
+            parts.append((*make(z, y), labels))
+    return [torch.cat(column) for column in zip(*parts)]
+
+
+def regression_warm_start(run, params, loss: Callable[[], torch.Tensor], steps: int, lr: float, what: str) -> None:
+    """`steps` steps of the regression `loss` with their own Adam at `lr`, then one log line."""
+    t0 = time.perf_counter()
+    opt = make_adam(params, lr)
+    for _ in range(steps):
+        value = loss()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+    run.log(f"warm-up: {steps} regression steps on {what} in {time.perf_counter() - t0:.1f}s "
+            f"(last loss {float(value.detach()):.4f})")
+
+
 def make_adam(params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, capturable: bool = False):
     """AdamW, fused on CUDA (one kernel for all parameters), multi-tensor `foreach` elsewhere; `capturable`
     keeps its step counter on the device so the update can live inside a CUDA graph."""
@@ -394,31 +422,15 @@ class ScoreDistillation(DistillMethod):
         steps, pairs, teacher_steps = self.warmup
         if not (steps or self.regression_weight):
             return
-        device = self.generator.sigmas.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(12345)
-            zs, xs, ys = [], [], []
-            for i in range(0, pairs, 1000):
-                n = min(1000, pairs - i)
-                z, y = self.noise(n, device), self.random_labels(n, device)
-                xs.append(heun_sample(self.real_score, z, teacher_steps, y, self.sched.sigma_min,
-                                      self.sched.sigma_max, self.sched.rho))
-                zs.append(z)
-                ys.append(y if y is not None else torch.zeros(n, dtype=torch.long, device=device))
-        self.pair_z, self.pair_x, self.pair_y = torch.cat(zs), torch.cat(xs), torch.cat(ys)
+        s = self.sched
+        self.pair_z, self.pair_x, self.pair_y = teacher_pairs(self, pairs, self.generator.sigmas.device, lambda z, y: (
+            z, heun_sample(self.real_score, z, teacher_steps, y, s.sigma_min, s.sigma_max, s.rho)))
         if resuming or not steps:
             return
-        t0 = time.perf_counter()
-        opt = make_adam(self.generator.parameters(), self.warmup_lr)
-        for _ in range(steps):
-            loss = self._regression()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        regression_warm_start(run, self.generator.parameters(), self._regression, steps, self.warmup_lr,
+                              f"{pairs} teacher ODE pairs")
         if self.ema is not None:
             self.ema.module.load_state_dict(self.generator.state_dict())
-        run.log(f"warm-up: {steps} regression steps on {pairs} teacher ODE pairs in {time.perf_counter() - t0:.1f}s "
-                f"(last loss {float(loss.detach()):.4f})")
 
     def _regression(self) -> torch.Tensor:
         idx = torch.randint(0, self.pair_z.shape[0], (self.batch_size,), device=self.pair_z.device)

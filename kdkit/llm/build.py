@@ -243,6 +243,8 @@ def check_recipe(recipe: Recipe, mode: Mode) -> None:
     check_student(recipe.student, bool(recipe.teacher.model or recipe.teachers), recipe.llm)
     check_precision(recipe)
     check_data(recipe)
+    if mode == "distill" and len(recipe.teachers) > 1 and recipe.llm.multi_teacher.mix == "route":
+        text_routes(recipe)  # the route column's values, before any teacher loads
     if mode == "distill" and recipe.teacher.cache:
         check_signal_store(recipe)
     check_resume(recipe, run_folder(recipe.output_dir, recipe.name, "run"))
@@ -351,26 +353,40 @@ def _one_tokenizer(a, b, who: str) -> None:
             "teacher.model and losses.cross_tokenizer")
 
 
-def build_routed_blocks(recipe: Recipe, tokenizer) -> dict:
-    """`llm.multi_teacher.mix=route`: each route's texts packed into their own blocks (a block never straddles two
-    teachers). {"train", "test": blocks [n, L]; "train_routes", "test_routes": each block's teacher [n]}."""
+def text_routes(recipe: Recipe) -> dict[str, list[int]]:
+    """`llm.multi_teacher.mix=route`: each train and test text's teacher, read from the `route_by` column; refused
+    in one line when a value names no teacher or a teacher gets no text (checked before any model loads)."""
     from .multi_teacher import route_index
-    from .text_data import load_column, load_texts, pack_blocks
+    from .text_data import load_column
 
     lc, mt = recipe.llm, recipe.llm.multi_teacher
     k, out = len(recipe.teachers), {}
     for split, limit in (("train", lc.train_examples), ("test", lc.eval_examples)):
-        texts = load_texts(recipe.data.name, split, text_field=lc.text_field, limit=limit)
         routes = route_index(load_column(recipe.data.name, split, mt.route_by, limit), mt.route_values, k,
                              mt.route_by)
+        for i in sorted(set(range(k)) - set(routes)):
+            name = mt.route_values[i] if mt.route_values else i
+            where = f" among the first {limit}" if limit else ""
+            raise ConfigError(f"no {split} text{where} has {mt.route_by}={name} (teachers.{i}); every teacher "
+                              f"needs {split} text of its own")
+        out[split] = routes
+    return out
+
+
+def build_routed_blocks(recipe: Recipe, tokenizer) -> dict:
+    """`llm.multi_teacher.mix=route`: each route's texts packed into their own blocks (a block never straddles two
+    teachers). {"train", "test": blocks [n, L]; "train_routes", "test_routes": each block's teacher [n]}."""
+    from .text_data import load_texts, pack_blocks
+
+    lc = recipe.llm
+    k, out = len(recipe.teachers), {}
+    routes_by_split = text_routes(recipe)
+    for split, limit in (("train", lc.train_examples), ("test", lc.eval_examples)):
+        texts = load_texts(recipe.data.name, split, text_field=lc.text_field, limit=limit)
+        routes = routes_by_split[split]
         blocks, owner = [], []
         for i in range(k):
             mine = [t for t, r in zip(texts, routes) if r == i]
-            if not mine:
-                name = mt.route_values[i] if mt.route_values else i
-                where = f" among the first {limit}" if limit else ""
-                raise ConfigError(f"no {split} text{where} has {mt.route_by}={name} (teachers.{i}); every teacher "
-                                  f"needs {split} text of its own")
             packed = pack_blocks(mine, tokenizer, lc.block_size)
             blocks.append(packed)
             owner.append(torch.full((len(packed),), i, dtype=torch.long))

@@ -53,7 +53,8 @@ class CommitteeVotingMethod(ImageCondenseMethod):
     def build(self, run, train):
         cfg = self.cfg
         members = build_committee(self.members, train, dataset=cfg.dataset, epochs=self.member_epochs,
-                                  seed=cfg.seed, progress=cfg.progress)
+                                  seed=cfg.seed, progress=cfg.progress, log=run.log,
+                                  budget=getattr(cfg, "budget", None))
         run.log("committee (val accuracy): " + ", ".join(f"{m.name} {100 * m.prior:.1f}" for m in members))
         observer = max(members, key=lambda m: m.prior).model
         x0, y0 = patch_init(train, observer, cfg.ipc, seed=cfg.seed, **self.patches)

@@ -41,12 +41,12 @@ class _TrajectoryMatchingMethod(ImageCondenseMethod):
                                        f"{'-zca' if cfg.zca else ''}"
                                        f"{f'-sub{cfg.train_subset}' if cfg.train_subset else ''}")
 
-    def matching(self, train):
+    def matching(self, train, log=print):
         """(expert paths, matching network, capped max start epoch, TrajectoryMatching keyword arguments)."""
         cfg, o = self.cfg, self.opts
         paths = train_experts(train, self.experts_folder(), o.experts, o.expert_epochs, lr=o.lr_teacher,
                               width=cfg.width, dsa_strategy=cfg.dsa_strategy, seed=cfg.seed * 1000,
-                              progress=cfg.progress, compiled=o.compile)
+                              progress=cfg.progress, compiled=o.compile, budget=getattr(cfg, "budget", None), log=log)
         net = FlatConvNet(make_convnet(train.num_classes, width=cfg.width, im_size=train.images.shape[-1],
                                        in_channels=train.images.shape[1]))
         max_start = min(o.max_start_epoch, o.expert_epochs - o.match_epochs + 1)  # exclusive, as in distill.py
@@ -77,7 +77,7 @@ class MTTMethod(_TrajectoryMatchingMethod):
 
     def build(self, run, train):
         x0, y0 = random_real(train, self.cfg.ipc, self.cfg.seed)
-        paths, net, _, kwargs = self.matching(train)
+        paths, net, _, kwargs = self.matching(train, run.log)
         return TrajectoryMatching(paths, net, x0, y0, **kwargs)
 
 
@@ -108,7 +108,7 @@ class DATMMethod(_TrajectoryMatchingMethod):
 
     def build(self, run, train):
         cfg, o, n = self.cfg, self.opts, self.total_steps
-        paths, net, max_start, kwargs = self.matching(train)
+        paths, net, max_start, kwargs = self.matching(train, run.log)
         expert = load_expert(paths[0])
         epoch = min(max_start, expert.shape[0] - 1)
         flat = expert[epoch].to(train.images.device)
