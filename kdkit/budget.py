@@ -35,8 +35,9 @@ class Budget:
     cpu_minutes: float | None = None  # the measured whole-run time of `cpu_recipe` (2 cores)
 
 
-def pop_budget(raw: dict, name: str | None) -> Budget:
-    """Take the budget keys out of a raw recipe (checked: a string label, an existing recipe, positive minutes)."""
+def pop_budget(raw: dict, name: str | None, own_keys: Callable[[str], dict]) -> Budget:
+    """Take the budget keys out of a raw recipe (checked: a string label, a recipe name, positive minutes);
+    `own_keys(name)` is a recipe file's own keys, without its `base:` chain (it refuses an unknown name)."""
     label = raw.pop("budget", "")
     cpu = raw.pop("cpu_recipe", None)
     minutes = raw.pop("cpu_minutes", None)
@@ -47,19 +48,13 @@ def pop_budget(raw: dict, name: str | None) -> Budget:
                                 or not math.isfinite(minutes) or minutes <= 0):
         raise ConfigError(f"{where}: cpu_minutes must be a positive number of minutes, got {minutes!r}")
     if name:  # a measured time is the recipe's own, not inherited through `base:`
-        minutes = _own_keys(name).get("cpu_minutes")
+        minutes = own_keys(name).get("cpu_minutes")
     if cpu is not None:
         if not isinstance(cpu, str):
             raise ConfigError(f"{where}: cpu_recipe must be a recipe name, got {cpu!r}")
         if cpu != name:
-            minutes = _own_keys(cpu).get("cpu_minutes")  # the named recipe must exist
+            minutes = own_keys(cpu).get("cpu_minutes")  # the named recipe must exist
     return Budget(name, label, cpu, minutes)
-
-
-def _own_keys(name: str) -> dict:
-    from .config import _read_yaml, recipe_path
-
-    return _read_yaml(recipe_path(name))
 
 
 def budget_summary(budget: Budget) -> str:

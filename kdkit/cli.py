@@ -61,8 +61,10 @@ def _recipes(ns) -> int:
     from .registry import LOSSES, MODELS
 
     console = Console()
-    table = Table("recipe", "verb", "budget (CPU-sized alternative)", "description",
-                  title="kdkit recipes: kdkit VERB recipe=NAME key=value ...")
+    table = Table(title="kdkit recipes: kdkit VERB recipe=NAME key=value ...")
+    table.add_column("recipe", no_wrap=True)  # the name a user types: never cut
+    for column in ("verb", "budget -> CPU-sized recipe", "description"):
+        table.add_column(column)
     for name in list_recipes():
         pillar = recipe_pillar(name)
         verb = "distill|train" if pillar == "distill" else pillar

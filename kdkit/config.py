@@ -390,7 +390,7 @@ def recipe_description(name: str) -> str:
 
 def recipe_budget(name: str):
     """The recipe's `budget`, `cpu_recipe` and `cpu_minutes` (kdkit/budget.py), checked."""
-    return pop_budget(_raw_recipe(name), name)
+    return pop_budget(_raw_recipe(name), name, _own_keys)
 
 
 def recipe_pillar(name: str) -> str:
@@ -408,6 +408,11 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def _own_keys(name: str) -> dict:
+    """A recipe file's own keys, without its `base:` chain."""
+    return _read_yaml(recipe_path(name))
 
 
 def _raw_recipe(name: str, seen: tuple = ()) -> dict:
@@ -499,7 +504,7 @@ def load_recipe(name: str | None = None, overrides: list[str] | dict | None = No
     if name and pillar != want:
         raise ConfigError(f"recipe '{name}' is a `kdkit {pillar}` recipe, not a `kdkit {want}` one "
                           f"(`kdkit recipes` lists each recipe with its verb)")
-    budget = pop_budget(raw, name)
+    budget = pop_budget(raw, name, _own_keys)
     raw = apply_overrides(raw, overrides)
     if "name" not in raw and name and "name" in {f.name for f in dataclasses.fields(schema)}:
         raw["name"] = None

@@ -3,6 +3,7 @@ and the import graph has no circles (`tests/test_layering.py`, `python scripts/i
 
     errors, registry      names and the error types every layer raises
     checkpoint            the one file format (safetensors + JSON + manifest)
+    budget                what a run will cost: a recipe's budget and the one estimate line
     config                the one options mechanism (types, ranges, recipes, overrides)
     run, method           the one Run and the one method contract + training loop
     data, models          datasets (offline first) and networks with feature taps
@@ -16,6 +17,6 @@ and the import graph has no circles (`tests/test_layering.py`, `python scripts/i
     cli                   the `kdkit` command
 """
 LAYERS: list[list[str]] = [
-    ["layers"], ["errors"], ["registry"], ["checkpoint"], ["config"], ["run"], ["method"], ["data", "models"], ["divergence"], ["signals"], ["losses"],
+    ["layers"], ["errors"], ["registry"], ["checkpoint"], ["budget"], ["config"], ["run"], ["method"], ["data", "models"], ["divergence"], ["signals"], ["losses"],
     ["kernels"], ["train"], ["llm", "condense", "diffusion"], ["bench", "demo"], ["cli"],
 ]
