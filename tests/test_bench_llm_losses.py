@@ -32,3 +32,12 @@ def test_table_from_result_files(tmp_path):
     assert "| rkl | 2 | 40.55 ± 0.49 | 0.3050 ± 0.0071 | +0.05 (within noise) |" in text
     assert text.index("| ce |") < text.index("| fkl |") < text.index("| rkl |")
     assert "Teacher perplexity on the same blocks: 12.00." in text
+
+
+@pytest.mark.parametrize("given", ["rows=ce,fkl", "rows=[ce, fkl]"])
+def test_rows_take_a_comma_list_or_a_list(given):
+    from kdkit.bench.llm_losses import LLMLossesBench
+    from kdkit.bench.results import bench_options, name_list
+
+    opts, rest = bench_options(LLMLossesBench, [given, "seeds=1", "llm.block_size=128"], passthrough=True)
+    assert name_list(opts.rows, "rows", tuple(ROWS)) == ["ce", "fkl"] and rest == ["llm.block_size=128"]

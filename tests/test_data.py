@@ -238,6 +238,25 @@ def test_missing_datasets_name_where_they_looked(monkeypatch, tmp_path):
         load_cifar10("test")
 
 
+def test_no_network_is_the_missing_dataset_error_not_a_traceback(monkeypatch, tmp_path):
+    """Online settings but no network (this machine without KDKIT_DATA_DIR): the same named error, with the cause."""
+    import datasets
+
+    monkeypatch.setenv("KDKIT_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("KDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'uoft-cs/cifar10' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    for load in (lambda: load_cifar10("train"), lambda: load_gsm8k("test")):
+        with pytest.raises(MissingDatasetError, match="the Hub could not be reached: ConnectionError") as err:
+            load()
+        assert "KDKIT_DATA_DIR" in str(err.value)
+
+
 # --------------------------------------------------------------------------------------------- transforms
 
 

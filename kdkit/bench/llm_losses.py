@@ -48,7 +48,7 @@ class LLMLossesBench:
     """`kdkit bench llm-losses [key=value ...] [recipe overrides ...]`."""
 
     seeds: PositiveInt = 3
-    rows: list[str] = field(default_factory=lambda: list(ROWS))
+    rows: list[str] | str = field(default_factory=lambda: list(ROWS))  # a list or a comma list
     recipe: str = RECIPE
     work: str = "runs/bench-llm-losses"  # the stores, the teacher's held-out top-1 and the runs
     out: str | None = None  # result files (default leaderboards/results/llm-losses)

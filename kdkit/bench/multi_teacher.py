@@ -44,7 +44,7 @@ class MultiTeacherBench:
     """`kdkit bench multi-teacher` options."""
 
     seeds: PositiveInt = 3
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] | str = field(default_factory=lambda: list(VARIANTS))  # a list or a comma list
     texts: PositiveInt = 2000  # training texts per source
     test_texts: PositiveInt = 200  # test texts per source
     block_size: PositiveInt = 64
