@@ -365,7 +365,7 @@ def test_missing_or_damaged_files_name_the_file(stores, tok, tmp_path):
         open_signal_store(d, tok)
 
 
-def test_resumed_write_skips_finished_shards_and_equals_a_clean_write(teacher, blocks, tok, tmp_path):
+def test_resumed_write_skips_finished_shards_and_equals_a_clean_write(teacher, blocks, tok, tmp_path, capsys):
     spec = SignalSpec("sampled", samples=16, seed=5)
     kw = {"batch_size": 4, "shard_rows": SHARD, "progress": False}
     crashing = Teacher(teacher.inner, fail_on_call=4)  # shard 0 = calls 1-2, crash in shard 1's second batch
@@ -375,9 +375,12 @@ def test_resumed_write_skips_finished_shards_and_equals_a_clean_write(teacher, b
     assert sorted(p.name for p in partial.glob("*.parquet")) == ["shard-00000-of-00003.parquet"]
     with pytest.raises(CheckpointError, match="unfinished write"):
         open_signal_store(tmp_path / "store", tok)
+    capsys.readouterr()
     resumed = Teacher(teacher.inner)
     out = write_signal_store(resumed, blocks, tmp_path / "store", spec, tok, **kw)
     assert resumed.calls == 4 and not partial.exists()  # shards 1 and 2 only
+    # what the rest of the write will cost, said early (kdkit/budget.py): the batches of the shards still to write
+    assert "estimate: 4 teacher batches of 4 blocks (2 of 3 shards to write), about " in capsys.readouterr().out
     clean = Teacher(teacher.inner)
     ref = write_signal_store(clean, blocks, tmp_path / "clean", spec, tok, **kw)
     assert clean.calls == 6

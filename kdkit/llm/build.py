@@ -470,6 +470,9 @@ class TeacherSignalOptions:
     samples: Annotated[int, Range(ge=1, le=32767)] = 64  # sampled: draws per position (counts are int16)
     temperature: PositiveFloat = 1.0  # the signal is softmax(logits / temperature)
     batch_size: PositiveInt = 8  # blocks per teacher forward
+    # blocks per shard file (null: about 256 MiB each); a write stopped mid-shard loses that shard, so smaller
+    # shards lose less of a long write on a CPU
+    shard_rows: PositiveInt | None = None
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage of the log-probabilities (plain codec)
     codec: Literal["plain", "compact"] = "plain"  # topk: compact = sorted-id gaps + b-bit codes + tail mass
     bits: Annotated[int, Range(ge=2, le=8)] = 4  # compact: bits per log-prob code
@@ -554,7 +557,7 @@ def write_store_from_recipe(recipe: Recipe, options: TeacherSignalOptions) -> Pa
                                       device="cpu" if use_cpu(recipe) else "cuda")
     train, _ = build_lm_blocks(recipe, tok)
     return write_signal_store(teacher, train, options.out, spec, tok, batch_size=options.batch_size,
-                              progress=recipe.trainer.progress)
+                              progress=recipe.trainer.progress, shard_rows=options.shard_rows)
 
 
 class TRLGKDRun:

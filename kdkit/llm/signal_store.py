@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..budget import CostLine
 from ..errors import CheckpointError, ConfigError, KdkitError, ShapeMismatchError, TokenizerMismatchError
 from ..divergence import Divergence
 from ..losses.token import signal_kd_loss as token_signal_kd_loss
@@ -468,6 +469,10 @@ def write_signal_store(teacher_model, blocks: Tensor, out_dir, spec: SignalSpec 
         teacher_model.eval()
     n_shards = -(-n // shard_rows)
     bar = tqdm(total=n, unit="block", desc="teacher signal", disable=not progress)
+    todo = [s for s in range(n_shards) if not (work / f"shard-{s:05d}-of-{n_shards:05d}.parquet").exists()]
+    batches = sum(-(-(min(n, (s + 1) * shard_rows) - s * shard_rows) // batch_size) for s in todo)
+    cost = CostLine(batches, tqdm.write, f"teacher batches of {batch_size} blocks ({len(todo)} of {n_shards} shards "
+                    f"to write)", unit="batch")  # a store of a real corpus takes hours on a CPU
     shards = []
     try:
         for s in range(n_shards):
@@ -485,6 +490,7 @@ def write_signal_store(teacher_model, blocks: Tensor, out_dir, spec: SignalSpec 
                         sig.update(row=torch.arange(i, j), input_ids=blocks[i:j], labels=labels[i:j])
                         writer.write_table(_to_arrow_table(sig, cols, schema))
                         bar.update(j - i)
+                        cost.tick()
                 os.replace(tmp, path)
             else:
                 bar.update(b - a)
