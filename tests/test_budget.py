@@ -149,3 +149,13 @@ def test_committee_members_say_what_they_cost(tmp_path):
         "estimate: 15 batches of committee member convnet3_bn_w32 (3 epochs x 5)",
         "estimate: 15 batches of committee member convnet2_bn_w32 (3 epochs x 5)"]
     assert all(x.endswith("; recipe condense-cifar10-cvdd: paper budget") for x in lines)
+
+
+def test_a_bench_shows_its_runs_estimate_lines_as_they_come(tmp_path, capsys):
+    """`run_kdkit` keeps a run's output back but passes its estimate line on (a bench row can take an hour)."""
+    from kdkit.bench.results import run_kdkit
+
+    run_kdkit(["diffusion", "rectflow", "steps=12", "width=32", "depth=2", "batch_size=32", "eval_samples=200",
+               "teacher_steps=4", "pairs=64", "threads=1", f"output_dir={tmp_path}", "name=r"])
+    out = capsys.readouterr().out
+    assert out.startswith("  diffusion name=r: estimate: 12 training steps, about ") and out.count("\n") == 1

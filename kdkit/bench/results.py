@@ -118,12 +118,22 @@ def run_worker(module: str, spec: dict) -> tuple[dict | None, str]:
 
 
 def run_kdkit(args: list[str]) -> tuple[list[str], float]:
-    """One `kdkit ...` run in a fresh process (its own accelerate state); returns the command and its wall time."""
+    """One `kdkit ...` run in a fresh process (its own accelerate state); returns the command and its wall time.
+    Its output is kept back, except its cost estimate lines (`kdkit/budget.py`), shown as they come: a bench row
+    can take most of an hour."""
+    import tempfile
+
     cmd = [sys.executable, "-m", "kdkit.cli", *args]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, text=True, capture_output=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=err)
+        for line in proc.stdout:
+            if line.startswith("estimate: "):
+                print(f"  {args[0]} {next((a for a in args if a.startswith('name=')), '')}: {line.rstrip()}",
+                      flush=True)
+        if proc.wait() != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
     return cmd, time.perf_counter() - t0
 
 
