@@ -40,8 +40,8 @@ ROWS = {  # row -> (verb, store or None for a live teacher, recipe overrides)
     "sampled": ("distill", "sampled", [f"{KD}.divergence=fkl"]),
     "on_policy": ("distill", None, [f"{KD}.divergence=fkl", "llm.on_policy.fraction=0.5"]),
 }
-# 256-block shards (about 7 min of teacher time each on 2 cores; the top-k store is about 2.3 h): a session that
-# ends mid-store loses at most one shard
+# 256-block shards (measured: 2.6 min of teacher time each on 2 cores, 22 shards, so the top-k store is about an
+# hour): a session that ends mid-store loses at most one shard
 STORES = {"topk": ["kind=topk", "k=64", "shard_rows=256"], "sampled": ["kind=sampled", "samples=64", "shard_rows=256"]}
 
 
