@@ -1,9 +1,9 @@
 """What a run will cost, said before most of it is spent.
 
-The paper-budget recipes take hours to days on a CPU (DM's 20,000 iterations: about 28 h on 2 cores), and a progress
-bar's ETA, minutes in, was the only hint. So every run of the shared loop (`method.fit`) times a few steps after the first (which
-pays for warm-up and compilation) and logs one line: the steps left, the time they will take on this machine, the
-recipe's budget, and the CPU-sized recipe to run instead, with its measured time.
+The paper-budget recipes take hours to days on a CPU (DM's 20,000 iterations: about 28 h on 2 cores), and a
+progress bar's ETA, minutes in, was the only hint. So every run of the shared loop (`method.fit`) times a few steps
+after the first (which pays for warm-up and compilation) and logs one line: the steps left, the time they will take
+on this machine, the recipe's budget, and the CPU-sized recipe to run instead, with its measured time.
 
 A recipe declares its budget with three top-level keys, read by `load_recipe` beside the settings (they change
 nothing in the run, so they are not settings and are not in config.yaml); `budget` and `cpu_recipe` pass down a
@@ -27,6 +27,7 @@ import torch
 
 from .errors import ConfigError
 
+
 @dataclasses.dataclass(frozen=True)
 class Budget:
     recipe: str | None = None
@@ -45,9 +46,7 @@ def pop_budget(raw: dict, name: str | None, own_keys: Callable[[str], dict]) -> 
     where = f"recipe '{name}'" if name else "recipe"
     if not isinstance(label, str):
         raise ConfigError(f"{where}: budget must be a short text such as 'paper budget', got {label!r}")
-    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
-                                or not math.isfinite(minutes) or minutes <= 0):
-        raise ConfigError(f"{where}: cpu_minutes must be a positive number of minutes, got {minutes!r}")
+    _check_minutes(minutes, where)
     if name:  # a measured time is the recipe's own, not inherited through `base:`
         minutes = own_keys(name).get("cpu_minutes")
     if cpu is not None:
@@ -55,8 +54,15 @@ def pop_budget(raw: dict, name: str | None, own_keys: Callable[[str], dict]) -> 
             raise ConfigError(f"{where}: cpu_recipe must be a recipe name, got {cpu!r}")
         if cpu != name:
             other = own_keys(cpu)  # the named recipe must exist
+            _check_minutes(other.get("cpu_minutes"), f"recipe '{cpu}' (the cpu_recipe of {where})")
             return Budget(name, label, cpu, other.get("cpu_minutes"), str(other.get("budget") or ""))
     return Budget(name, label, cpu, minutes)
+
+
+def _check_minutes(minutes, where: str) -> None:
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
+                                or not math.isfinite(minutes) or minutes <= 0):
+        raise ConfigError(f"{where}: cpu_minutes must be a positive number of minutes, got {minutes!r}")
 
 
 def budget_summary(budget: Budget) -> str:
@@ -100,8 +106,8 @@ def estimate_line(steps_left: int, seconds_per_step: float, threads: int, budget
 
 
 class StepClock:
-    """Times the steps after the first until it has `min_seconds` of them or `max_steps` steps; `due` is True
-    once, when the estimate can be made. `sync` is called before each reading (CUDA: the queued work)."""
+    """Times the steps after the first until it has `min_seconds` of them or `max_steps` steps (or the loop ends);
+    `tick` then returns the seconds per step, once. `sync` is called before each reading (CUDA: the queued work)."""
 
     def __init__(self, start: int, total: int, sync=lambda: None, min_seconds: float = 2.0, max_steps: int = 5):
         self.start, self.total, self.sync = start, total, sync

@@ -20,7 +20,7 @@ def test_every_row_is_a_valid_recipe(row):
 def test_table_from_result_files(tmp_path):
     setting = {"recipe": RECIPE, "overrides": []}
     hw = {"device": "cpu", "cpu": "test"}
-    ppl = {"ce": [40.0, 41.0], "fkl": [35.0, 35.4], "rkl": [40.2, 40.9]}
+    ppl = {"ce": [40.0, 41.0], "fkl": [35.0, 35.4], "rkl": [40.2, 40.9], "jsd": [38.0]}
     for row, values in ppl.items():
         for seed, p in enumerate(values):
             (tmp_path / f"{row}-{seed}.json").write_text(json.dumps({
@@ -30,7 +30,8 @@ def test_table_from_result_files(tmp_path):
     text = write_markdown(tmp_path, tmp_path / "t.md").read_text()
     assert "| fkl | 2 | 35.20 ± 0.28 | 0.3050 ± 0.0071 | -5.30 |" in text
     assert "| rkl | 2 | 40.55 ± 0.49 | 0.3050 ± 0.0071 | +0.05 (within noise) |" in text
-    assert text.index("| ce |") < text.index("| fkl |") < text.index("| rkl |")
+    assert "| jsd | 1 | 38.00 | 0.3000 | -2.50 (one seed: not judged) |" in text  # no spread to judge a gap by
+    assert text.index("| ce |") < text.index("| fkl |") < text.index("| rkl |") < text.index("| jsd |")
     assert "Teacher perplexity on the same blocks: 12.00." in text
 
 

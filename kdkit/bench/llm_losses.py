@@ -162,11 +162,14 @@ def write_markdown(directory: Path | None = None, path: Path | None = None) -> P
             ppl = [r["student_ppl"] for r in rs]
             gap = "-"
             if base and row != "ce":
-                spread = max(statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
-                             statistics.stdev(base) if len(base) > 1 else 0.0)
                 diff = statistics.mean(ppl) - statistics.mean(base)
-                gap = f"{diff:+.2f}" + (" (within noise)" if abs(diff) <= spread else "")
-            lines.append(f"| {row} | {len(rs)} | {mean_std(ppl)} | {mean_std([r['top1_agreement'] for r in rs], '.4f')} | "
+                if min(len(ppl), len(base)) < 2:  # no spread to judge a gap by
+                    gap = f"{diff:+.2f} (one seed: not judged)"
+                else:
+                    spread = max(statistics.stdev(ppl), statistics.stdev(base))
+                    gap = f"{diff:+.2f}" + (" (within noise)" if abs(diff) <= spread else "")
+            top1 = mean_std([r["top1_agreement"] for r in rs], ".4f")
+            lines.append(f"| {row} | {len(rs)} | {mean_std(ppl)} | {top1} | "
                          f"{gap} | {rs[0]['train_tokens']:,} | {statistics.mean(r['train_seconds'] for r in rs):.0f} | "
                          f"{hw['device']} ({hw['cpu']}) | `{rs[0]['command']}` |")
         teacher = next((r["teacher_ppl"] for r in group if r.get("teacher_ppl")), None)

@@ -26,12 +26,15 @@ def expert_path(folder: Path, k: int) -> Path:
     return Path(folder) / f"expert_{k}.safetensors"
 
 
+BATCH_SIZE = 256  # buffer.py's batch_train
+
+
 class ExpertTrainer:
     """One expert's network, optimiser and data order; `epoch()` is one pass over the set (`buffer.py`'s
     `epoch("train", ...)`: SGD, DSA on every batch, a fresh permutation per epoch). `compiled`: the network's
     forward and backward through `torch.compile` (1.6x on a 2-core CPU at width 128; same math)."""
 
-    def __init__(self, train: ImageSplit, *, lr: float = 0.01, batch_size: int = 256, width: int = 128,
+    def __init__(self, train: ImageSplit, *, lr: float = 0.01, batch_size: int = BATCH_SIZE, width: int = 128,
                  dsa_strategy: str = DEFAULT_STRATEGY, seed: int = 0, compiled: bool = False):
         torch.manual_seed(seed)
         self.train, self.batch_size, self.dsa_strategy = train, batch_size, dsa_strategy
@@ -58,7 +61,7 @@ class ExpertTrainer:
             on_batch()
 
 
-def train_expert(train: ImageSplit, epochs: int, *, lr: float = 0.01, batch_size: int = 256, width: int = 128,
+def train_expert(train: ImageSplit, epochs: int, *, lr: float = 0.01, batch_size: int = BATCH_SIZE, width: int = 128,
                  dsa_strategy: str = DEFAULT_STRATEGY, seed: int = 0, compiled: bool = False,
                  on_batch: Callable[[], None] = lambda: None) -> torch.Tensor:
     """One expert: [epochs + 1, P] flat parameter snapshots (fp32)."""
@@ -83,7 +86,7 @@ def train_experts(train: ImageSplit, folder: Path, count: int, epochs: int, *, l
     folder.mkdir(parents=True, exist_ok=True)
     clean_stale(folder)  # what a killed write left behind
     paths = [expert_path(folder, k) for k in range(count)]
-    missing, per_epoch = sum(not p.is_file() for p in paths), -(-train.images.shape[0] // 256)  # train_expert's batch
+    missing, per_epoch = sum(not p.is_file() for p in paths), -(-train.images.shape[0] // BATCH_SIZE)
     cost = CostLine(missing * epochs * per_epoch, log, f"expert batches ({missing} expert(s) x {epochs} epochs x "
                     f"{per_epoch})", unit="batch", budget=budget)
 

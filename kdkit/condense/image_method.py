@@ -104,7 +104,7 @@ class ImageCondenseMethod(Method):
         cfg = self.cfg
         if cfg.eval_epochs < 1:
             return ""
-        sets = "the set and on random real images" if cfg.baseline else "the set"
+        sets = "the set and its baselines (random real images)" if cfg.baseline else "the set"
         net = "convnet" if cfg.eval == "convnet" else f"relabel protocol, {cfg.eval_student}"
         note = f"evaluation, not in the estimate: {cfg.eval_nets} x {cfg.eval_epochs:,} epochs ({net}) on {sets}"
         if cfg.baseline:
