@@ -158,11 +158,11 @@ class OptimConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: Literal["step", "cosine", "constant"] = "step"
+    name: Literal["step", "cosine", "linear", "constant"] = "step"
     milestones: list[NonNegInt] = field(default_factory=lambda: [150, 180, 210])  # epochs (step schedule)
     gamma: PositiveFloat = 0.1
     warmup_epochs: NonNegFloat = 0.0  # linear warm-up from 0
-    min_lr: NonNegFloat = 0.0  # cosine floor
+    min_lr: NonNegFloat = 0.0  # cosine and linear floor
 
 
 @dataclass
@@ -320,6 +320,7 @@ class Recipe:
     # a second network trained jointly with the student (online distillation: DML, BD-KD); no teacher then
     peer: ModelConfig | None = None
     ce_weight: NonNegFloat = 1.0  # weight of cross-entropy on hard labels
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0  # of that cross-entropy (classifiers only)
     # name -> {type: registry name (defaults to the key), weight: float, <loss options>}
     losses: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -346,6 +347,8 @@ class Recipe:
     def validate(self, at: str) -> None:
         check_resume(self.resume, f"{at}resume")
         validate_losses(self.losses)
+        if self.label_smoothing and self.task != "classify":
+            raise ConfigError(f"{at}label_smoothing is the classifier cross-entropy's; task={self.task} has none")
 
 
 def check_resume(resume: str | None, key: str) -> None:

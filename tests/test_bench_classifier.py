@@ -4,7 +4,7 @@ import json
 import pytest
 
 from kdkit.bench.classifier import method_recipe, parse_pair, protocol_overrides, read_rows, run_classifier
-from kdkit.bench.classifier_table import render
+from kdkit.bench.classifier_table import render, verdict, write_figure
 from kdkit.config import load_recipe
 from kdkit.errors import ConfigError, KdkitError
 
@@ -75,6 +75,62 @@ def test_table_mean_std_paper_column_and_protocol_sections():
     assert "| Teacher | 93.00 ± 0.00 (1) | 72.34 |" in standard
     assert "80.00 ± 0.00 (1)" in short and "80.00" not in standard
     assert "ResNet-32x4 → ResNet-8x4" in md.split("## Not measured yet")[1]
+
+
+def _cpu_row(method, pair, seed, acc):
+    row = _row(method, pair, seed, acc, epochs=20)
+    row["protocol"] = "cpu"
+    row["command"] = f"kdkit bench classifier method={method} pair={pair} seeds=3 protocol=cpu"
+    row["train_seconds"] = 600.0
+    return row
+
+
+def test_cpu_protocol_table_judges_each_method_against_the_spread(tmp_path):
+    pair = "airnet_w32-airnet_w16"
+    rows = [_cpu_row("teacher", pair, 0, 88.0)]
+    rows += [_cpu_row("baseline", pair, s, a) for s, a in enumerate((80.0, 81.0, 82.0))]  # 81 +- 1
+    rows += [_cpu_row("kd", pair, s, a) for s, a in enumerate((84.0, 84.5, 85.0))]  # +3.5 > 1 + 0.5
+    rows += [_cpu_row("dkd", pair, s, a) for s, a in enumerate((81.0, 82.0, 83.0))]  # +1 < 1 + 1
+    rows += [_cpu_row("crd", pair, 0, 90.0)]
+    md = render(rows + [_row("kd", "resnet56-resnet20", 0, 80.0, epochs=15)])
+    cpu = md.split("## CPU protocol")[1].split("**Shorter protocol**")[0]
+    assert "| Student, no teacher | 81.00 ± 1.00 (3) |  | 72.50 |" in cpu
+    assert "| KD (Hinton et al. 2015) | 84.50 ± 0.50 (3) | +3.50 (beats the baseline) | 73.33 |" in cpu
+    assert "| DKD (Zhao et al. 2022) | 82.00 ± 1.00 (3) | +1.00 (within the spread) | 76.32 |" in cpu
+    assert "| CRD (Tian et al. 2020) | 90.00 ± 0.00 (1) | not judged (one seed) | 75.51 |" in cpu
+    assert "| Teacher | 88.00 ± 0.00 (1) |" in cpu and "Training time of every run in this table: 1.83 h" in cpu
+    assert "figures/classifier-cifar10-cpu.png" in cpu
+    assert verdict([70.0, 70.2], [75.0, 75.1]).endswith("(below the baseline)")
+    png = write_figure(rows, tmp_path / "bars.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert write_figure([_row("kd", "resnet56-resnet20", 0, 80.0)], tmp_path / "none.png") is None
+
+
+def test_cpu_protocol_recipes_resolve_and_run_one_step(tmp_path):
+    """Every method of the CPU protocol resolves to its recipe and trains one step on real CIFAR-10 batches."""
+    from kdkit.train.build import check_recipe
+
+    assert method_recipe("teacher", "airnet_w32", "airnet_w16", "cpu")[:2] == ("train", "cpu-train-airnet_w32")
+    assert method_recipe("baseline", "airnet_w32", "airnet_w8", "cpu") == ("train", "cpu-cifar10",
+                                                                          ["student.model=airnet_w8"])
+    with pytest.raises(ConfigError, match="unknown method 'kdd' for protocol=cpu; choices: teacher, baseline, at"):
+        method_recipe("kdd", "airnet_w32", "airnet_w16", "cpu")
+    from kdkit.checkpoint import save_model
+    from kdkit.models import build_model
+    from kdkit.train.build import build_distiller
+
+    teacher = tmp_path / "teacher.safetensors"
+    save_model(build_model("airnet_w32"), teacher, {"model": "airnet_w32", "num_classes": "10", "options": "{}",
+                                                    "dataset": "cifar10"})
+    for method in ["kd", "dkd", "dist", "nkd", "lskd", "at", "crd"]:
+        verb, name, over = method_recipe(method, "airnet_w32", "airnet_w8", "cpu")
+        recipe = load_recipe(name, over + [f"teacher.checkpoint={teacher}", "data.train_per_class=26", "data.test_limit=20", "trainer.epochs=1",
+                                           "trainer.progress=false", f"output_dir={tmp_path}", f"name={method}"])
+        assert (verb, recipe.trainer.epochs, recipe.data.batch_size) == ("distill", 1, 256)
+        check_recipe(recipe, verb)
+        if method in ("dkd", "at", "crd"):  # one step each of a logit, a feature and a contrastive method
+            summary = build_distiller(recipe, verb).fit()
+            assert summary["steps"] == 1 and 0 <= summary["final_acc"] <= 100
 
 
 def test_throughput_bench_measures_the_plain_loop_beside_kdkit(tmp_path):

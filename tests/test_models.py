@@ -148,7 +148,7 @@ def test_unknown_option_is_a_config_error():
 
 
 @pytest.mark.parametrize("name, options, message", [
-    ("resnet9000", {}, "student.model='resnet9000' is not allowed: expected one of convnet3, "),
+    ("resnet9000", {}, "student.model='resnet9000' is not allowed: expected one of airnet, "),
     ("resnet8x4", {"width": -3}, "unknown option 'student.options.width' for model 'resnet8x4'. Allowed: (none)"),
     ("resnet8x4", {"bogus": 1}, "unknown option 'student.options.bogus' for model 'resnet8x4'"),
     ("convnet3", {"width": -3}, "student.options.width=-3 is not allowed: expected an integer >= 1"),

@@ -212,6 +212,32 @@ def test_lr_schedules_match_the_kd_protocol():
     warm = SchedulerConfig(name="cosine", warmup_epochs=5)
     assert lr_at(2.5, 105, 0.1, warm) == pytest.approx(0.05)  # halfway through the linear warm-up
     assert lr_at(5, 105, 0.1, warm) == pytest.approx(0.1)
+    cycle = SchedulerConfig(name="linear", warmup_epochs=2)  # the CPU protocol's triangular one-cycle
+    assert [lr_at(e, 20, 0.2, cycle) for e in (0, 1, 2, 11, 20)] == pytest.approx([0.0, 0.1, 0.2, 0.1, 0.0])
+
+
+def test_label_smoothing_is_the_classifier_cross_entropy_s():
+    import torch
+    import torch.nn.functional as F
+
+    from kdkit.config import load_recipe
+    from kdkit.errors import ConfigError
+    from kdkit.models.teacher import Student
+    from kdkit.train.distiller import DistillModule
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 4])
+    module = DistillModule(Student(net), {}, 1.0, label_smoothing=0.2)
+    _, terms = module(x, y, None)
+    assert terms["ce"].item() == pytest.approx(F.cross_entropy(net(x), y, label_smoothing=0.2).item())
+    assert terms["ce"].item() != pytest.approx(F.cross_entropy(net(x), y).item())
+    assert load_recipe("cpu-cifar10", ["label_smoothing=0.1"]).label_smoothing == 0.1
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        load_recipe("cpu-cifar10", ["label_smoothing=1.0"])
+    with pytest.raises(ConfigError, match="label_smoothing is the classifier cross-entropy's; task=lm"):
+        load_recipe("smollm2-kd-small", ["label_smoothing=0.1"])
 
 
 def test_bf16_mixed_precision_trains_in_bf16(tmp_path, cifar):

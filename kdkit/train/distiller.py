@@ -31,13 +31,14 @@ class DistillModule(nn.Module):
     """Student + the losses' own parameters; forward returns the student's logits and each weighted loss term."""
 
     def __init__(self, student: Student, losses: dict[str, tuple[float, DistillLoss]], ce_weight: float,
-                 peer: Student | None = None):
+                 peer: Student | None = None, label_smoothing: float = 0.0):
         super().__init__()
         self.student = student
         self.peer = peer  # online distillation: trained jointly, its outputs (with gradients) are the "teacher"
         self.losses = nn.ModuleDict({name: loss for name, (_, loss) in losses.items()})
         self.weights = {name: float(w) for name, (w, _) in losses.items()}
         self.ce_weight = float(ce_weight)
+        self.label_smoothing = float(label_smoothing)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, teacher,
                 index: torch.Tensor | None = None):
@@ -46,7 +47,8 @@ class DistillModule(nn.Module):
             teacher = self.peer(images)
         terms = {}
         if self.ce_weight:
-            terms["ce"] = self.ce_weight * F.cross_entropy(out.logits.float(), labels)
+            terms["ce"] = self.ce_weight * F.cross_entropy(out.logits.float(), labels,
+                                                            label_smoothing=self.label_smoothing)
         for name, loss in self.losses.items():
             extra = {"index": index} if loss.needs_index else {}
             terms[name] = self.weights[name] * loss(out, teacher, labels, **extra)
@@ -150,7 +152,7 @@ class Distiller(AcceleratedMethod):
             for m in loss.modules():
                 if hasattr(m, "set_dataset_labels"):
                     m.set_dataset_labels(self.train_loader.labels)
-        module = DistillModule(student, losses, cfg.ce_weight, peer)
+        module = DistillModule(student, losses, cfg.ce_weight, peer, cfg.label_smoothing)
         if t.channels_last:
             module.to(memory_format=torch.channels_last)
         if t.compile:

@@ -21,14 +21,16 @@ def lr_at(epoch: float, total_epochs: float, base_lr: float, cfg: SchedulerConfi
     """Learning rate at fractional `epoch` (0-based); stateless, so a resumed run gets exactly the same LRs.
 
     step: ×gamma at each milestone epoch (CRD/mdistiller: 150, 180, 210 of 240); cosine: from base_lr
-    down to min_lr over the run after warm-up; constant: base_lr. A linear warm-up over
+    down to min_lr over the run after warm-up; linear: straight down to min_lr after warm-up (with a warm-up, the
+    triangular one-cycle of fast CIFAR training, as airbench); constant: base_lr. A linear warm-up over
     `warmup_epochs` scales the result from 0.
     """
     if cfg.name == "step":
         lr = base_lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-    elif cfg.name == "cosine":
+    elif cfg.name in ("cosine", "linear"):
         t = min(max(epoch - cfg.warmup_epochs, 0.0) / max(total_epochs - cfg.warmup_epochs, 1e-8), 1.0)
-        lr = cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+        shape = 0.5 * (1.0 + math.cos(math.pi * t)) if cfg.name == "cosine" else 1.0 - t
+        lr = cfg.min_lr + (base_lr - cfg.min_lr) * shape
     else:
         lr = base_lr
     if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:

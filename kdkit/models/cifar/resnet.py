@@ -1,6 +1,6 @@
 """CIFAR ResNets (BasicBlock, 3 stages) as used by the CRD/RepDistiller KD benchmark.
 
-Depth is 6n+2; ``resnet20/32/56/110`` use widths 16/32/64, ``resnet8x4/32x4`` use 64/128/256 with a
+Depth is 6n+2; ``resnet8/20/32/56/110`` use widths 16/32/64, ``resnet8x4/32x4`` use 64/128/256 with a
 32-wide stem. Module names match the reference implementation's state-dict keys (``conv1``, ``bn1``,
 ``layer1..3``, ``fc``), so RepDistiller ResNet checkpoints load unchanged.
 
@@ -80,6 +80,10 @@ _NARROW = (16, 16, 32, 64)
 _WIDE = (32, 64, 128, 256)
 
 
+def resnet8(num_classes: int = 10) -> CifarResNet:
+    return CifarResNet(8, _NARROW, num_classes)
+
+
 def resnet20(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(20, _NARROW, num_classes)
 
@@ -104,5 +108,5 @@ def resnet32x4(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(32, _WIDE, num_classes)
 
 
-for _f in (resnet20, resnet32, resnet56, resnet110, resnet8x4, resnet32x4):
+for _f in (resnet8, resnet20, resnet32, resnet56, resnet110, resnet8x4, resnet32x4):
     MODELS.register(_f.__name__, _f)
