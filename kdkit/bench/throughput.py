@@ -24,6 +24,7 @@ VARIANTS = {
     "fp32": [],
     "bf16": ["trainer.mixed_precision=bf16"],
     "channels_last": ["trainer.channels_last=true"],
+    "bf16_channels_last": ["trainer.mixed_precision=bf16", "trainer.channels_last=true"],  # the CPU protocol's
     "compile": ["trainer.compile=true"],
     "fast": ["trainer.mixed_precision=bf16", "trainer.channels_last=true", "trainer.compile=true"],
 }
