@@ -94,6 +94,7 @@ def test_cpu_protocol_table_judges_each_method_against_the_spread(tmp_path):
     rows += [_cpu_row("crd", pair, 0, 90.0)]
     md = render(rows + [_row("kd", "resnet56-resnet20", 0, 80.0, epochs=15)])
     cpu = md.split("## CPU protocol")[1].split("**Shorter protocol**")[0]
+    assert "| method | AirNet-w32 → AirNet-w16 | vs no teacher |" in cpu
     assert "| Student, no teacher | 81.00 ± 1.00 (3) |  | 72.50 |" in cpu
     assert "| KD (Hinton et al. 2015) | 84.50 ± 0.50 (3) | +3.50 (beats the baseline) | 73.33 |" in cpu
     assert "| DKD (Zhao et al. 2022) | 82.00 ± 1.00 (3) | +1.00 (within the spread) | 76.32 |" in cpu
