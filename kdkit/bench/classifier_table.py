@@ -188,20 +188,23 @@ def _cpu_table(group: list[dict], extra: str) -> list[str]:
     if extra:
         title += f"; with `{extra}`"
     lines = [f"## {title}", "",
-             "Each pair has two columns: accuracy, and the gap to the same student trained without a teacher. A method "
+             "Each pair has three columns: accuracy, the gap to the same student trained without a teacher, and the "
+             "median training images/s of its seeds (what the method costs; a seed that shared the cores with other "
+             "work reads lower). A method "
              "*beats the baseline* when the gap in means is larger than the two stds added; otherwise it is reported "
              "as within the spread. The last column is the method's published CIFAR-100 figure for ResNet-32x4 → "
              "ResNet-8x4 (its paper's 240-epoch protocol): for the ordering of methods, not a value to match. "
              "Hyper-parameters are the papers' CIFAR-100 values; what was adapted to 10 classes and 20 epochs is in "
              "each `recipes/cpu-*.yaml`.", ""]
-    header = "| method | " + " | ".join(f"{PAIR_LABEL.get(p, p)} | vs no teacher" for p in pairs)
-    lines += [header + " | paper (C100, ResNet-32x4 → 8x4) |", "|---|" + "---|---|" * len(pairs) + "---|"]
+    header = "| method | " + " | ".join(f"{PAIR_LABEL.get(p, p)} | vs no teacher | train img/s" for p in pairs)
+    lines += [header + " | paper (C100, ResNet-32x4 → 8x4) |", "|---|" + "---|---|---|" * len(pairs) + "---|"]
     for m in methods:
         row = []
         for p in pairs:
             accs = cells[(m, p)]
             judge = verdict(accs, cells.get(("baseline", p), [])) if m not in ("teacher", "baseline") and accs else ""
-            row += [_cell(accs), judge]
+            speed = [r["images_per_s"] for r in group if r["method"] == m and _uses(r, p) and r.get("images_per_s")]
+            row += [_cell(accs), judge, f"{statistics.median(speed):,.0f}" if speed else ""]
         paper = PAPER_C100_CPU.get(m)
         lines.append(f"| {METHOD_LABEL.get(m, m)} | " + " | ".join(row) + f" | {'' if paper is None else f'{paper:.2f}'} |")
     lines += ["", f"![CPU protocol, mean ± std over seeds]({FIGURE})"]
