@@ -215,7 +215,9 @@ class OnPolicyConfig:
 
 @dataclass
 class MultiTeacherLMConfig:
-    """Several LM teachers (`teachers:`, local or served, one tokenizer): how each token's teacher signal is made.
+    """Several LM teachers (`teachers:`, local or served): how each token's teacher signal is made. A local teacher
+    with another tokenizer than the student's trains through the recipe's cross_tokenizer loss (`mean`/`fixed`: its
+    weight scales its term; `route`: its texts; not `learned`), see `kdkit.llm.cross_teachers`.
 
     `mix`: ``mean`` / ``fixed`` / ``learned`` mix the teachers' distributions, log sum_k w_k p_k at each loss's T
     (MEAL V2's averaged targets; ``fixed`` takes `weights`, ``learned`` trains softmax weights with the student through

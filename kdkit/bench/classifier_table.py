@@ -233,7 +233,7 @@ def write_figure(rows: list[dict], path) -> object | None:
         return None
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(methods) * max(1, len(pairs)) ** 0.5 + 2), 4.2))
     width = 0.8 / max(1, len(pairs))
-    lows = []
+    lows, highs = [], []
     for j, p in enumerate(pairs):
         xs, means, stds = [], [], []
         for i, m in enumerate(methods):
@@ -247,12 +247,13 @@ def write_figure(rows: list[dict], path) -> object | None:
         if base:
             ax.axhline(statistics.fmean(base), color=bars.patches[0].get_facecolor(), ls="--", lw=1)
         lows += [mu - sd for mu, sd in zip(means, stds)]
+        highs += [mu + sd for mu, sd in zip(means, stds)]
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels([METHOD_LABEL.get(m, m).split(" (")[0] for m in methods], rotation=30, ha="right")
     ax.set_ylabel("CIFAR-10 test accuracy (%)")
     if lows:
-        ax.set_ylim(min(lows) - 1.0, None)
-    ax.set_title("CPU protocol: mean ± std over seeds; dashed: the student without a teacher")
+        ax.set_ylim(min(lows) - 1.0, max(highs) + 0.8)
+    ax.set_title("CPU protocol (mean ± std over seeds)\ndashed: each student without a teacher", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -106,7 +106,8 @@ def check_lm_mode(recipe: Recipe, mode: Mode) -> None:
 
 def check_lm_teachers(recipe: Recipe, mode: Mode) -> None:
     """`teachers:` in an LM recipe: two or more, local (`model`) or served (`server` + `model`), routed or mixed
-    (`llm.multi_teacher`) into token_kd losses by kdkit's own loop."""
+    (`llm.multi_teacher`) into token_kd losses by kdkit's own loop, and one cross_tokenizer loss for the teachers
+    with another tokenizer (which `check_cross_teachers` finds from the tokenizers)."""
     lc, mt, t = recipe.llm, recipe.llm.multi_teacher, recipe.teacher
     if mode != "distill":
         raise ConfigError("`kdkit train` has no teacher; teachers: is for `kdkit distill`")
@@ -123,12 +124,18 @@ def check_lm_teachers(recipe: Recipe, mode: Mode) -> None:
     if not losses:
         raise ConfigError("`kdkit distill` needs at least one loss, e.g. losses.kd.type=token_kd")
     built = build_losses(recipe, {"epochs": recipe.trainer.epochs})
-    other = sorted(n for n, (_, loss) in built.items() if type(loss).__name__ != "TokenKDLoss")
+    kinds = {n: type(loss).__name__ for n, (_, loss) in built.items()}
+    other = sorted(n for n, k in kinds.items() if k not in ("TokenKDLoss", "CrossTokenizerLoss"))
     if other:
-        raise ConfigError(f"several LM teachers (teachers:) train token_kd losses; {other} take one teacher")
+        raise ConfigError(f"several LM teachers (teachers:) train token_kd losses (and one cross_tokenizer loss for "
+                          f"teachers with another tokenizer); {other} take one teacher")
+    cross = sorted(n for n, k in kinds.items() if k == "CrossTokenizerLoss")
+    if len(cross) > 1:
+        raise ConfigError(f"one cross_tokenizer loss serves every teacher with another tokenizer; the recipe has "
+                          f"{cross}: keep one")
     served = [i for i, tc in enumerate(recipe.teachers) if tc.server]
     for name, (_, loss) in built.items():
-        if served and float(loss.T) != 1.0:
+        if served and kinds[name] == "TokenKDLoss" and float(loss.T) != 1.0:
             raise ConfigError(f"losses.{name}.T={loss.T}: teachers.{served[0]} is served, and a served teacher's "
                               f"top-k log-probs are at temperature 1; set losses.{name}.T=1")
     if lc.fused or lc.on_policy.fraction > 0 or lc.on_policy.backend == "trl":
@@ -243,21 +250,47 @@ def check_recipe(recipe: Recipe, mode: Mode) -> None:
     check_student(recipe.student, bool(recipe.teacher.model or recipe.teachers), recipe.llm)
     check_precision(recipe)
     check_data(recipe)
-    if mode == "distill" and len(recipe.teachers) > 1 and recipe.llm.multi_teacher.mix == "route":
-        text_routes(recipe)  # the route column's values, before any teacher loads
+    if mode == "distill" and len(recipe.teachers) > 1:
+        if recipe.llm.multi_teacher.mix == "route":
+            text_routes(recipe)  # the route column's values, before any teacher loads
+        from .cross_teachers import check_cross_teachers
+
+        check_cross_teachers(recipe, *recipe_tokenizers(recipe))  # teachers with another tokenizer (tokenizers only)
     if mode == "distill" and recipe.teacher.cache:
         check_signal_store(recipe)
     check_resume(recipe, run_folder(recipe.output_dir, recipe.name, "run"))
 
 
-def _scratch_without_teacher(options: dict, dtype):
-    """A randomly initialised LM from `options`: {tokenizer: NAME-or-folder, config: {model_type: llama, ...}}."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def recipe_tokenizers(recipe: Recipe) -> tuple[list, object]:
+    """(each teacher's tokenizer, the student's) without loading a model (an alias not converted yet is read from
+    its GGUF file): a student cut from, or built on, teachers.0 has its tokenizer."""
+    from .models import load_tokenizer
+
+    teachers = [load_tokenizer(tc.model, convert=False) for tc in recipe.teachers]
+    s = recipe.student
+    if s.model == "scratch" and "tokenizer" in (s.options or {}):
+        return teachers, scratch_tokenizer(s.options)
+    if s.model in STUDENT_FROM_TEACHER:
+        return teachers, teachers[0]
+    return teachers, load_tokenizer(s.model, convert=False)
+
+
+def scratch_tokenizer(options: dict):
+    """The tokenizer of a scratch student with its own: `options.tokenizer`, a tokenizer folder or any model name
+    resolve_lm knows."""
+    from transformers import AutoTokenizer
 
     from .models import resolve_lm
 
-    where = Path(options["tokenizer"])  # a tokenizer folder, or any model name resolve_lm knows
-    tok = AutoTokenizer.from_pretrained(str(where if where.is_dir() else resolve_lm(options["tokenizer"])))
+    where = Path(options["tokenizer"])
+    return AutoTokenizer.from_pretrained(str(where if where.is_dir() else resolve_lm(options["tokenizer"])))
+
+
+def _scratch_without_teacher(options: dict, dtype):
+    """A randomly initialised LM from `options`: {tokenizer: NAME-or-folder, config: {model_type: llama, ...}}."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = scratch_tokenizer(options)
     cfg = dict(options["config"])
     kind = cfg.pop("model_type", "llama")
     cfg.setdefault("vocab_size", len(tok))
@@ -277,7 +310,7 @@ def cross_tokenizer_loss(recipe: Recipe) -> str | None:
 
 def build_lm_models(recipe: Recipe, mode: Mode):
     """(teacher or None, student, student tokenizer, teacher tokenizer or None): the student shares the teacher's
-    tokenizer unless a cross_tokenizer loss says not."""
+    tokenizer unless a cross_tokenizer loss says not. With `teachers:`, the teachers and their tokenizers as lists."""
     from .models import load_causal_lm, load_tokenizer
     from .students import build_student
     from .tokenizers import require_same_tokenizer
@@ -285,16 +318,18 @@ def build_lm_models(recipe: Recipe, mode: Mode):
     dtype = DTYPES[recipe.llm.dtype]
     teacher, t_tok = None, None
     if recipe.teachers:
-        teacher, t_tok = build_lm_teachers(recipe)
+        teacher, t_toks = build_lm_teachers(recipe)
         source = teacher[0]  # a truncated student is cut from teachers.0
         s = recipe.student
-        if s.model == "scratch":
+        if s.model == "scratch" and "tokenizer" in (s.options or {}):
             student, tok = _scratch_without_teacher(s.options, dtype)
         else:
-            tok = t_tok if s.model == "truncated-teacher" else load_tokenizer(s.model)
+            tok = t_toks[0] if s.model in STUDENT_FROM_TEACHER else load_tokenizer(s.model)
             student = build_student(s, source, recipe.llm, dtype)
-        _one_tokenizer(t_tok, tok, "teachers.0 and the student")
-        return teacher, student, tok, t_tok
+        if cross_tokenizer_loss(recipe) is None:  # else a teacher with another tokenizer trains through it
+            for i, t in enumerate(t_toks):
+                _one_tokenizer(t, tok, f"teachers.{i} and the student")
+        return teacher, student, tok, t_toks
     if recipe.teacher.server and mode == "distill":
         from .teacher_server import served_teacher
 
@@ -318,39 +353,36 @@ def build_lm_models(recipe: Recipe, mode: Mode):
     return teacher, student, tok, t_tok
 
 
-def build_lm_teachers(recipe: Recipe) -> tuple[list, object]:
-    """The recipe's `teachers:` (local models, frozen, or checked server clients) and their one tokenizer: each
-    teacher after the first must tokenize as the first does (one vocabulary, position by position)."""
+def build_lm_teachers(recipe: Recipe) -> tuple[list, list]:
+    """The recipe's `teachers:` (local models, frozen, or checked server clients) and their tokenizers (compared with
+    the student's by `build_lm_models`)."""
     from .models import load_causal_lm
     from .teacher_server import served_teacher
 
-    teachers, first = [], None
-    for i, tc in enumerate(recipe.teachers):
+    teachers, toks = [], []
+    for tc in recipe.teachers:
         if tc.server:
             teacher = served_teacher(tc)
             tok = teacher.tokenizer
         else:
             teacher, tok = load_causal_lm(tc.model, dtype=recipe.llm.dtype)
             teacher.requires_grad_(False)
-        if first is None:
-            first = tok
-        else:
-            _one_tokenizer(first, tok, f"teachers.0 and teachers.{i}")
         teachers.append(teacher)
-    return teachers, first
+        toks.append(tok)
+    return teachers, toks
 
 
 def _one_tokenizer(a, b, who: str) -> None:
-    """Several teachers share the student's vocabulary, position by position."""
+    """Token KD teachers share the student's vocabulary, position by position."""
     from ..errors import TokenizerMismatchError
     from .tokenizers import tokenizer_differences
 
     reasons = tokenizer_differences(a, b)
     if reasons:
         raise TokenizerMismatchError(
-            f"several teachers (teachers:) are mixed or routed id by id, so they and the student share one tokenizer, "
-            f"but {who} differ: " + "; ".join(reasons) + ". A teacher with another tokenizer trains alone, with "
-            "teacher.model and losses.cross_tokenizer")
+            f"several teachers (teachers:) are mixed or routed id by id by token KD, so they and the student share "
+            f"one tokenizer, but {who} differ: " + "; ".join(reasons) + ". A teacher with another tokenizer trains "
+            "through a cross_tokenizer loss (add e.g. losses.ct={type: cross_tokenizer, weight: 30})")
 
 
 def text_routes(recipe: Recipe) -> dict[str, list[int]]:
@@ -373,35 +405,43 @@ def text_routes(recipe: Recipe) -> dict[str, list[int]]:
     return out
 
 
-def build_routed_blocks(recipe: Recipe, tokenizer) -> dict:
+def build_routed_blocks(recipe: Recipe, tokenizer, skip=()) -> dict:
     """`llm.multi_teacher.mix=route`: each route's texts packed into their own blocks (a block never straddles two
-    teachers). {"train", "test": blocks [n, L]; "train_routes", "test_routes": each block's teacher [n]}."""
-    from .text_data import load_texts, pack_blocks
+    teachers). {"train", "test": blocks [n, L]; "train_routes", "test_routes": each block's teacher [n]}. The
+    training texts of the teachers in `skip` (another tokenizer: they read whole texts) make no blocks."""
+    from .text_data import pack_blocks
 
     lc = recipe.llm
     k, out = len(recipe.teachers), {}
     routes_by_split = text_routes(recipe)
-    for split, limit in (("train", lc.train_examples), ("test", lc.eval_examples)):
-        texts = load_texts(recipe.data.name, split, text_field=lc.text_field, limit=limit)
+    for split, texts in zip(("train", "test"), lm_texts(recipe)):
         routes = routes_by_split[split]
         blocks, owner = [], []
         for i in range(k):
             mine = [t for t, r in zip(texts, routes) if r == i]
-            packed = pack_blocks(mine, tokenizer, lc.block_size)
+            packed = (torch.empty(0, lc.block_size, dtype=torch.long) if split == "train" and i in skip
+                      else pack_blocks(mine, tokenizer, lc.block_size))
             blocks.append(packed)
             owner.append(torch.full((len(packed),), i, dtype=torch.long))
         out[split], out[f"{split}_routes"] = torch.cat(blocks), torch.cat(owner)
     return out
 
 
-def build_lm_blocks(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training and evaluation token blocks [n, block_size] from the recipe's text dataset."""
-    from .text_data import load_texts, pack_blocks
+def lm_texts(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """The recipe's training and evaluation texts (the first llm.train_examples / llm.eval_examples)."""
+    from .text_data import load_texts
 
     lc = recipe.llm
-    train = load_texts(recipe.data.name, "train", text_field=lc.text_field, limit=lc.train_examples)
-    test = load_texts(recipe.data.name, "test", text_field=lc.text_field, limit=lc.eval_examples)
-    return pack_blocks(train, tokenizer, lc.block_size), pack_blocks(test, tokenizer, lc.block_size)
+    return (load_texts(recipe.data.name, "train", text_field=lc.text_field, limit=lc.train_examples),
+            load_texts(recipe.data.name, "test", text_field=lc.text_field, limit=lc.eval_examples))
+
+
+def build_lm_blocks(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and evaluation token blocks [n, block_size] from the recipe's text dataset."""
+    from .text_data import pack_blocks
+
+    train, test = lm_texts(recipe)
+    return pack_blocks(train, tokenizer, recipe.llm.block_size), pack_blocks(test, tokenizer, recipe.llm.block_size)
 
 
 def build_lm_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = None, on_step=None):
@@ -415,11 +455,16 @@ def build_lm_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = Non
     state = PartialState(cpu=use_cpu(recipe))
     run_dir = Path(recipe.output_dir) / run_name(recipe, recipe_name)
     seed_everything(recipe.trainer.seed)
-    routes = None
+    routes = cross_teachers = None
     with state.main_process_first():
         teacher, student, tok, t_tok = build_lm_models(recipe, mode)
+        alm = []
+        if recipe.teachers and mode == "distill":
+            from .cross_teachers import other_tokenizer
+
+            alm = other_tokenizer(t_tok, tok)  # teachers with another tokenizer: the ALM path
         if recipe.teachers and recipe.llm.multi_teacher.mix == "route":
-            routes = build_routed_blocks(recipe, tok)
+            routes = build_routed_blocks(recipe, tok, skip=alm)
             train, test = routes.pop("train"), routes.pop("test")
         else:
             train, test = build_lm_blocks(recipe, tok)
@@ -433,7 +478,15 @@ def build_lm_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = Non
         train = store.blocks()
     losses = build_losses(recipe, {"epochs": recipe.trainer.epochs}) if mode == "distill" else {}
     cross = None
-    if mode == "distill" and cross_tokenizer_loss(recipe) is not None:
+    if alm:
+        from .cross_teachers import build_cross_teachers
+
+        routed = recipe.llm.multi_teacher.mix == "route"
+        cross_teachers = build_cross_teachers(recipe, t_tok, tok, alm, losses[cross_tokenizer_loss(recipe)][1],
+                                              lm_texts(recipe), text_routes(recipe) if routed else None)
+        if cross_teachers.owner is None:
+            train = None  # mixed: every teacher reads the same whole texts
+    elif mode == "distill" and cross_tokenizer_loss(recipe) is not None and not recipe.teachers:
         cross = _cross_tokenizer_data(recipe, t_tok, tok, losses[cross_tokenizer_loss(recipe)][1])
         train = None
     meta = {"teacher": recipe.teacher.model or recipe.teacher.cache or [t.server or t.model for t in recipe.teachers],
@@ -442,7 +495,8 @@ def build_lm_distiller(recipe: Recipe, mode: Mode, recipe_name: str | None = Non
             "student_options": json.dumps(recipe.student.options), "data": recipe.data.name,
             "block_size": recipe.llm.block_size}
     ctx = dict(recipe=recipe, run_dir=run_dir, student=student, tokenizer=tok, train_blocks=train, eval_blocks=test,
-               teacher=teacher, losses=losses, store=store, on_step=on_step, meta=meta, cross=cross, routes=routes)
+               teacher=teacher, losses=losses, store=store, on_step=on_step, meta=meta, cross=cross, routes=routes,
+               cross_teachers=cross_teachers)
     return build_method("distill", "lm", ctx, {})
 
 
@@ -450,11 +504,10 @@ def _cross_tokenizer_data(recipe: Recipe, teacher_tok, student_tok, loss) -> dic
     """Whole training texts (each cut to llm.block_size tokens on either side), their chunk aligner, and the
     evaluation text in the teacher's tokens (its perplexity is reported over its own tokens)."""
     from .cross_tokenizer import CrossTokenizerBatcher
-    from .text_data import load_texts, pack_blocks
+    from .text_data import pack_blocks
 
     lc = recipe.llm
-    texts = load_texts(recipe.data.name, "train", text_field=lc.text_field, limit=lc.train_examples)
-    test = load_texts(recipe.data.name, "test", text_field=lc.text_field, limit=lc.eval_examples)
+    texts, test = lm_texts(recipe)
     return {"texts": texts, "batcher": CrossTokenizerBatcher(teacher_tok, student_tok, lc.block_size,
                                                              chunks=loss.chunks),
             "teacher_eval_blocks": pack_blocks(test, teacher_tok, lc.block_size)}

@@ -12,6 +12,8 @@ logits and `[B, L-1]` labels (-100 where a token does not count).
 Cross-tokenizer distillation (a `cross_tokenizer` loss, teacher and student tokenizing differently) trains on texts
 instead of shared token blocks: each step's texts are tokenized by both tokenizers and aligned into chunks
 (`CrossTokenizerBatcher`), and the losses see both models' unshifted logits with their own ids and chunk ids.
+Among several teachers (`teachers:`), a teacher with another tokenizer takes that path too, beside the token-KD
+teachers (`kdkit.llm.cross_teachers`: routed steps take one path each, mixed steps sum both).
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from ..method import register_method
 from ..models.outputs import Outputs
 from ..signals import CrossTokenizerChunks, DenseLogits, HiddenStates, TeacherSignal, TopK
 from ..train.accelerated import AcceleratedMethod
+from ..losses.cross_tokenizer import CrossTokenizerLoss
+from .cross_teachers import CrossTeachers, RoutedPaths, TeacherPaths
 from .teacher_server import ServedTeacher
 
 
@@ -59,7 +63,10 @@ class LMStep(nn.Module):
         `teacher`: the step's `TeacherSignal` at the shifted positions [B, L-1] (dense logits from a live teacher,
         hidden states + head for the fused kernel, a stored signal of any kind), or `CrossTokenizerChunks` over
         the teacher's own tokens with `student_features` the student's side; a list of signals, one per teacher,
-        that `mix` mixes; None without a teacher. Every loss gets the signal itself and applies its own settings."""
+        that `mix` mixes; `TeacherPaths` (teachers across tokenizers: the token signal times its share, plus one
+        cross-tokenizer term per ALM teacher times its share, named LOSS_teacherJ); None without a teacher. Every
+        loss gets the signal itself and applies its own settings; cross_tokenizer losses read chunks, the others
+        token signals."""
         terms = {}
         if self.fused is not None:
             return self._fused_terms(input_ids, attention_mask, labels, teacher, use_ce)
@@ -69,18 +76,27 @@ class LMStep(nn.Module):
             terms["ce"] = self.ce_weight * F.cross_entropy(s_logits.flatten(0, 1).float(), y.flatten(),
                                                            ignore_index=-100)
         if isinstance(teacher, CrossTokenizerChunks):
-            s_out = Outputs(logits, student_features or {})
-            for name, loss in self.losses.items():
-                terms[name] = self.weights[name] * loss(s_out, teacher)
-            return terms
+            teacher = TeacherPaths(cross=[(None, 1.0, teacher, student_features)])
+        share = 1.0
+        if isinstance(teacher, TeacherPaths):
+            for key, w, chunks, features in teacher.cross:
+                s_out = Outputs(logits, features or {})
+                for name, loss in self.losses.items():
+                    if isinstance(loss, CrossTokenizerLoss):
+                        terms[name if key is None else f"{name}_{key}"] = w * self.weights[name] * loss(s_out, chunks)
+            if teacher.token is None or not teacher.token_share:
+                return terms
+            share, teacher = teacher.token_share, teacher.token
         mixed = {}
         for name, loss in self.losses.items():
+            if isinstance(loss, CrossTokenizerLoss):
+                continue
             signal = teacher
             if isinstance(teacher, list):  # one mixture per temperature (exact at each loss's T)
                 if loss.T not in mixed:
                     mixed[loss.T] = self.mix(teacher, loss.T, s_logits.shape[-1], name)
                 signal = mixed[loss.T]
-            terms[name] = self.weights[name] * loss(Outputs(s_logits), signal, y)
+            terms[name] = share * self.weights[name] * loss(Outputs(s_logits), signal, y)
         return terms
 
     def _fused_terms(self, input_ids, attention_mask, labels, teacher: HiddenStates | TopK, use_ce: bool = True):
@@ -113,8 +129,10 @@ def fused_options(losses: dict) -> dict:
     return {name: {"div": loss.div, "ignore_index": loss.ignore_index}}
 
 
-def _teacher_mix(cfg, k: int, routes: dict | None, cross, store, lcfg):
-    """The step's `TeacherMix` for mean/fixed/learned; None for routing (which needs each block's teacher)."""
+def _teacher_mix(cfg, k: int, routes: dict | None, cross, store, lcfg, token_weights: list[float] | None = None):
+    """The step's `TeacherMix` for mean/fixed/learned; None for routing (which needs each block's teacher). With
+    teachers across tokenizers, `token_weights` are the shares of the same-tokenizer teachers the step mixes (None
+    for fewer than two: one signal needs no mixture)."""
     from .multi_teacher import TeacherMix
 
     if cross is not None or store is not None or lcfg.fused or lcfg.on_policy.fraction > 0:
@@ -127,6 +145,8 @@ def _teacher_mix(cfg, k: int, routes: dict | None, cross, store, lcfg):
         return None
     if routes is not None:
         raise ConfigError(f"routes are for llm.multi_teacher.mix=route, not mix={cfg.mix}")
+    if token_weights is not None:
+        return TeacherMix(len(token_weights), "fixed", token_weights) if len(token_weights) > 1 else None
     return TeacherMix(k, cfg.mix, cfg.weights)
 
 
@@ -141,6 +161,9 @@ class LMDistiller(AcceleratedMethod):
 
     Several teachers: `teacher` is a list (local models and `ServedTeacher`s, one tokenizer), mixed as
     `llm.multi_teacher.mix` says, or routed by `routes` = {"train_routes", "test_routes": each block's teacher}.
+    `cross_teachers` (`CrossTeachers`): the teachers among them with another tokenizer, which read whole texts
+    through the cross-tokenizer loss: every step when mixed (`train_blocks` is then None), their own steps when
+    routed (`RoutedPaths`).
     """
 
     name = "lm"
@@ -148,7 +171,7 @@ class LMDistiller(AcceleratedMethod):
     def __init__(self, recipe: Recipe, run_dir, student: nn.Module, tokenizer, train_blocks: torch.Tensor | None,
                  eval_blocks: torch.Tensor, *, teacher: nn.Module | None = None, losses: dict | None = None,
                  store=None, on_step: Callable | None = None, meta: dict | None = None, cross: dict | None = None,
-                 routes: dict | None = None):
+                 routes: dict | None = None, cross_teachers: CrossTeachers | None = None):
         super().__init__(recipe, run_dir, on_step)
         acc = self.accelerator
         self.lcfg = recipe.llm
@@ -164,11 +187,19 @@ class LMDistiller(AcceleratedMethod):
         if losses and teacher is None and store is None:
             raise ConfigError(f"losses {sorted(losses)} need a teacher: set teacher.model or teacher.cache")
         self.teacher = self.served = mix = None
-        self.teachers, self.routes = None, routes
+        self.teachers, self.routes, self.cross_teachers = None, routes, cross_teachers
+        self.token_teachers = None  # mixed across tokenizers: the same-tokenizer teachers with a positive share
+        if cross_teachers is not None and not isinstance(teacher, list):
+            raise ConfigError("cross_teachers are the teachers (teachers:) with another tokenizer; pass the list")
         if isinstance(teacher, list):
             self.teachers = [t if isinstance(t, ServedTeacher) else t.requires_grad_(False).eval().to(acc.device)
                              for t in teacher]
-            mix = _teacher_mix(self.lcfg.multi_teacher, len(teacher), routes, cross, store, self.lcfg)
+            shares = None if cross_teachers is None else cross_teachers.shares
+            if shares is not None:
+                self.token_teachers = [i for i in range(len(teacher)) if i not in cross_teachers.batchers
+                                       and shares[i] > 0]
+            mix = _teacher_mix(self.lcfg.multi_teacher, len(teacher), routes, cross, store, self.lcfg,
+                               None if shares is None else [shares[i] for i in self.token_teachers])
             teacher = self.teachers
         elif isinstance(teacher, ServedTeacher):  # top-k log-probs from a server: a signal source, like a store
             self.served = teacher
@@ -182,12 +213,20 @@ class LMDistiller(AcceleratedMethod):
             if teacher is None and (store is None or store.kind != "topk"):
                 raise ConfigError("llm.fused=true needs a live teacher (teacher.model) or a top-k teacher-signal "
                                   "store (teacher.cache); dense and sampled stores use the unfused path")
-        self.cross = cross
+        self.cross, self.paths = cross, None
         if cross is not None:
             if self.teacher is None or fused is not None or store is not None or self.lcfg.on_policy.fraction > 0:
                 raise ConfigError("cross-tokenizer distillation needs a live teacher (teacher.model), and runs without "
                                   "llm.fused, teacher.cache and on-policy generation")
             n_train, what = len(cross["texts"]), "training texts"
+        elif cross_teachers is not None and cross_teachers.owner is None:
+            n_train, what = len(cross_teachers.texts), "training texts"
+        elif cross_teachers is not None:  # routed: token blocks (may be none) and each ALM teacher's texts
+            n_blocks = 0 if train_blocks is None else len(train_blocks)
+            paths = {None: torch.arange(n_blocks), **{j: (cross_teachers.owner == j).nonzero().flatten()
+                                                      for j in cross_teachers.batchers}}
+            self.paths = RoutedPaths(paths, recipe.data.batch_size * acc.num_processes, self.tcfg.seed)
+            n_train, what = n_blocks + len(cross_teachers.texts), "training blocks and texts"
         else:
             if train_blocks is None or train_blocks.ndim != 2 or train_blocks.shape[0] == 0:
                 raise ConfigError(f"no training blocks (shape {None if train_blocks is None else tuple(train_blocks.shape)})"
@@ -195,7 +234,8 @@ class LMDistiller(AcceleratedMethod):
             n_train, what = len(train_blocks), "training blocks"
         self.train_blocks, self.eval_blocks, self.n_train = train_blocks, eval_blocks, n_train
         self.per_rank = n_train // acc.num_processes
-        self.steps_per_epoch = self.per_rank // recipe.data.batch_size
+        self.steps_per_epoch = (self.paths.steps_per_epoch if self.paths is not None
+                                else self.per_rank // recipe.data.batch_size)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{n_train} {what} make no batch of data.batch_size="
                               f"{recipe.data.batch_size} on {acc.num_processes} process(es)")
@@ -225,7 +265,9 @@ class LMDistiller(AcceleratedMethod):
         """The step's token block indices: a per-epoch permutation (seeded); the step's global batch is the next
         processes x batch_size of it, and this process takes its own contiguous share. So P processes at batch B
         train on exactly the blocks one process at batch P x B does, and DDP's mean of the P gradients is that
-        run's gradient."""
+        run's gradient. Routed across tokenizers: (path, indices), each step's batch from one path (`RoutedPaths`)."""
+        if self.paths is not None:
+            return self.paths.batch(epoch, step, self.accelerator.process_index, self.cfg.data.batch_size)
         g = torch.Generator().manual_seed(self.tcfg.seed * 100_003 + epoch)
         perm = torch.randperm(self.n_train, generator=g)
         bs, procs = self.cfg.data.batch_size, self.accelerator.num_processes
@@ -308,6 +350,35 @@ class LMDistiller(AcceleratedMethod):
         ids, mask = side["input_ids"], side["attention_mask"]
         return ids, mask, ids.masked_fill(mask == 0, -100)
 
+    def _alm_batch(self, path: int | None, index):
+        """Teachers across tokenizers: (student ids, mask, labels, `TeacherPaths`) of the step's whole texts, aligned
+        for each ALM teacher of the step (the routed one, `path`; every one when mixed, beside the same-tokenizer
+        teachers' token signals over the student's ids). The student side is the same for every aligner; a teacher
+        with no share does not run."""
+        ct, dev = self.cross_teachers, self.accelerator.device
+        texts = [ct.texts[i] for i in index.tolist()]
+        which = [path] if path is not None else [j for j in ct.batchers if ct.shares[j] > 0]
+        batches = {j: ct.batchers[j](texts) for j in which or list(ct.batchers)[:1]}
+        move = lambda side: {k: v.to(dev) for k, v in side.items()}  # noqa: E731
+        s_side = move(next(iter(batches.values()))["student"])
+        cross = []
+        for j in which:
+            side, s_side = move(batches[j]["teacher"]), move(batches[j]["student"])
+            with torch.inference_mode(), self.accelerator.autocast():
+                logits = self.teachers[j](input_ids=side["input_ids"], attention_mask=side["attention_mask"]).logits
+            chunks = CrossTokenizerChunks(logits=logits.clone(), input_ids=side["input_ids"],
+                                          chunk_ids=side["chunk_ids"], space_mask=side.get("space_mask"))
+            cross.append((f"teacher{j}", 1.0 if path is not None else ct.shares[j], chunks, s_side))
+        ids, mask = s_side["input_ids"], s_side["attention_mask"]
+        token, share = None, 0.0
+        if path is not None:
+            self.state.setdefault("texts_per_teacher", [0] * len(self.teachers))[path] += len(index)
+        elif self.token_teachers:
+            signals = [self._one_signal(self.teachers[k], ids, mask) for k in self.token_teachers]
+            token = signals if len(signals) > 1 else signals[0]
+            share = sum(ct.shares[k] for k in self.token_teachers)
+        return ids, mask, ids.masked_fill(mask == 0, -100), TeacherPaths(token, share, cross)
+
     # ------------------------------------------------------------ the method contract
 
     def prepare(self, run, resuming: bool) -> None:
@@ -319,13 +390,17 @@ class LMDistiller(AcceleratedMethod):
                     self.teacher, self.cross["teacher_eval_blocks"])["ppl"]
             elif self.teacher is not None or self.served is not None:
                 self.state["teacher_ppl"] = self.perplexity(self.teacher or self.served)["ppl"]
-            if self.teachers is not None:  # each teacher's, on each route's blocks when routed
-                self.state["teachers_ppl"] = [self.perplexity(t)["ppl"] for t in self.teachers]
+            if self.teachers is not None:  # each teacher's (in its own tokens), on each route's blocks when routed
+                own = self.cross_teachers.eval_blocks if self.cross_teachers is not None else {}
+                self.state["teachers_ppl"] = [self.perplexity(t, own.get(i))["ppl"]
+                                              for i, t in enumerate(self.teachers)]
                 if self.routes is not None:
                     self.state["teachers_ppl_by_route"] = [[self.perplexity(t, blocks)["ppl"]
-                                                            for blocks in self._route_blocks()] for t in self.teachers]
+                                                            for blocks in self._route_blocks(i)]
+                                                           for i, t in enumerate(self.teachers)]
                 run.log("teachers' perplexity: " + ", ".join(
-                    f"teachers.{i} {p:.3f}" for i, p in enumerate(self.state["teachers_ppl"])))
+                    f"teachers.{i} {p:.3f}" + (" (over its own tokens)" if i in own else "")
+                    for i, p in enumerate(self.state["teachers_ppl"])))
             run.log("perplexity before training: student {:.3f}{}{}".format(
                 self.state["student_ppl_before"],
                 f", teacher {self.state['teacher_ppl']:.3f}" if "teacher_ppl" in self.state else "",
@@ -343,6 +418,9 @@ class LMDistiller(AcceleratedMethod):
 
     def step(self, item) -> dict:
         step, index = item
+        path, teacher = None, None
+        if self.paths is not None:
+            path, index = index
         acc = self.accelerator
         self._lr = lr = self.schedule(step)
         for loss in self.raw.losses.values():
@@ -350,6 +428,8 @@ class LMDistiller(AcceleratedMethod):
                 loss.set_progress(step / self.total_steps)
         if self.cross is not None:
             ids, mask, labels = self._cross_batch(index)
+        elif self.cross_teachers is not None and (self.paths is None or path is not None):
+            ids, mask, labels, teacher = self._alm_batch(path, index)
         else:
             ids = self.train_blocks[index].to(acc.device)
             mask, labels = None, ids
@@ -359,7 +439,8 @@ class LMDistiller(AcceleratedMethod):
             ids, mask, labels = mixed["input_ids"], mixed["attention_mask"], mixed["labels"]
             on_policy = bool(mixed["on_policy"])
             self.state["on_policy_steps"] = self.state.get("on_policy_steps", 0) + int(on_policy)
-        teacher = self._teacher_signal(ids, mask, index)
+        if teacher is None:
+            teacher = self._teacher_signal(ids, mask, index)
         sync = (step + 1) % self.tcfg.grad_accum == 0
         s_features = None if self.cross is None else self.cross_batch["student"]
         terms = self.backward(lambda: self.module(ids, mask, labels, teacher, not on_policy, s_features), sync)
@@ -384,8 +465,10 @@ class LMDistiller(AcceleratedMethod):
         record |= {f"train_{k}": v for k, v in self.window.means(self.accelerator).items()}
         if self.routes is not None:
             record["test_ppl_by_route"] = [self.perplexity(blocks=b)["ppl"] for b in self._route_blocks()]
-        if self.raw.mix is not None:
-            record["teacher_weights"] = [round(float(w), 6) for w in self.raw.mix.weights().detach()]
+        shares = None if self.cross_teachers is None else self.cross_teachers.shares
+        if shares is not None or self.raw.mix is not None:
+            weights = shares if shares is not None else self.raw.mix.weights().detach()
+            record["teacher_weights"] = [round(float(w), 6) for w in weights]
         self.state["history"].append(record)
         run.log(f"step {step}/{self.total_steps}  " + "  ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
@@ -393,8 +476,11 @@ class LMDistiller(AcceleratedMethod):
         self._t0, self._tokens = time.perf_counter(), 0
         return record
 
-    def _route_blocks(self) -> list[torch.Tensor]:
-        """The evaluation blocks of each route (teacher), in teacher order."""
+    def _route_blocks(self, teacher: int | None = None) -> list[torch.Tensor]:
+        """The evaluation blocks of each route (teacher), in teacher order: in the student's tokens, or in the own
+        tokens of `teacher` when it has another tokenizer."""
+        if self.cross_teachers is not None and teacher in self.cross_teachers.batchers:
+            return self.cross_teachers.eval_blocks_by_route[teacher]
         owner = self.routes["test_routes"]
         return [self.eval_blocks[owner == k] for k in range(len(self.teachers))]
 
@@ -443,9 +529,11 @@ class LMDistiller(AcceleratedMethod):
         }
         if "on_policy_steps" in self.state:
             summary["on_policy_steps"] = self.state["on_policy_steps"]
-        for key in ("teachers_ppl", "teachers_ppl_by_route", "blocks_per_teacher"):
+        for key in ("teachers_ppl", "teachers_ppl_by_route", "blocks_per_teacher", "texts_per_teacher"):
             if key in self.state:
                 summary[key] = self.state[key]
+        if self.cross_teachers is not None:  # their perplexities are over their own tokens
+            summary["cross_tokenizer_teachers"] = list(self.cross_teachers.batchers)
         for key in ("test_ppl_by_route", "teacher_weights"):
             if key in final:
                 summary[key.replace("test_", "student_")] = final[key]

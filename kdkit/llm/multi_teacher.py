@@ -7,7 +7,9 @@ its blocks, and the step's signal is theirs put back in block order (`routed_sig
 loss's own temperature (`TeacherMix`), which is MEAL V2's averaged target (Shen & Savvides 2020); learned weights are
 a softmax trained with the student through that target, as the classifier zoo's `multi_teacher` loss does.
 
-Teachers may be local models or served ones (`teachers.N.server`); all must share the student's tokenizer.
+Teachers may be local models or served ones (`teachers.N.server`). All this is token-level, over the student's
+vocabulary; a local teacher with another tokenizer trains through the cross-tokenizer path instead
+(`kdkit.llm.cross_teachers`).
 """
 from __future__ import annotations
 
