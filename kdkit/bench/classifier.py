@@ -147,6 +147,16 @@ def keep_teacher(weights: Path) -> Path:
     return kept.relative_to(REPO) if kept.is_relative_to(REPO) else kept
 
 
+def recipe_digest(recipe) -> str:
+    """What a seed's run trains, as a hash of its resolved recipe without the teacher file's place: a finished seed
+    is reused only while its recipe still says the same (a changed recipe value reruns it)."""
+    import hashlib
+
+    settings = recipe.to_dict()
+    settings["teacher"] = {k: v for k, v in settings["teacher"].items() if k != "checkpoint"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def result_path(opts: ClassifierBenchOptions, epochs: int, seed: int) -> Path:
     cpu = "__cpu" if opts.protocol == "cpu" else ""
     return results_dir(opts.out) / f"{opts.method}__{opts.pair}{cpu}__e{epochs}__s{seed}.json"
@@ -202,7 +212,9 @@ def run_classifier(settings: list[str]) -> list[dict]:
         overrides.append(f"teacher.checkpoint={teacher_row['checkpoint']['path']}")
     from ..train.build import check_recipe
 
-    check_recipe(load_recipe(recipe_name, overrides), verb)  # what each seed's run checks, before any of them
+    resolved = load_recipe(recipe_name, overrides)
+    check_recipe(resolved, verb)  # what each seed's run checks, before any of them
+    digest = recipe_digest(resolved)
 
     seeds, jobs = opts.seeds, opts.jobs
     command = bench_command(opts, extra)
@@ -214,7 +226,7 @@ def run_classifier(settings: list[str]) -> list[dict]:
         row = json.loads(done.read_text()) if done.is_file() else {}
         same_teacher = (row.get("teacher_checkpoint") or {}).get("sha256") == (
             teacher_row["checkpoint"]["sha256"] if teacher_row else None)
-        if row.get("command") == command and same_teacher:
+        if row.get("command") == command and same_teacher and row.get("recipe_digest") == digest:
             print(f"[seed {seed}] done before: {done}", flush=True)
             rows.append(row)
         else:
@@ -238,7 +250,7 @@ def run_classifier(settings: list[str]) -> list[dict]:
                 print(f"[seed {seed}] FAILED (exit {proc.returncode}); log: {run_dir}.log", flush=True)
                 continue
             rows.append(_record(opts, command, verb, recipe_name, overrides, seed, run_dir, t_arch, s_arch,
-                                epochs, fast, teacher_row))
+                                epochs, fast, teacher_row, digest))
     if len(rows) != seeds:
         raise KdkitError(f"{seeds - len(rows)} of {seeds} runs failed; see the logs in {opts.runs}")
     accs = [r["final_acc"] for r in rows]
@@ -250,7 +262,7 @@ def run_classifier(settings: list[str]) -> list[dict]:
 
 
 def _record(opts, command, verb, recipe_name, overrides, seed, run_dir: Path, t_arch, s_arch, epochs, fast,
-            teacher_row) -> dict:
+            teacher_row, digest) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     summary = metrics["summary"]
     weights = run_dir / "model.safetensors"
@@ -266,7 +278,7 @@ def _record(opts, command, verb, recipe_name, overrides, seed, run_dir: Path, t_
                                    else weights), "sha256": sha256(weights)},
         "teacher_checkpoint": teacher_row["checkpoint"] if teacher_row else None,
         "teacher_epochs": teacher_row.get("epochs") if teacher_row else None,
-        "command": command, "run_command": f"kdkit {verb} recipe={recipe_name} " + " ".join(overrides) +
+        "command": command, "recipe_digest": digest, "run_command": f"kdkit {verb} recipe={recipe_name} " + " ".join(overrides) +
         f" trainer.seed={seed}", "git_commit": git_commit(),
         "hardware": hardware(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
