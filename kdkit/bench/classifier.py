@@ -8,7 +8,8 @@ E/240, and the leaderboard shows such rows in their own table, never extrapolate
 
 `protocol=cpu` is the CPU protocol (recipes `cpu-*`: AirNet teacher and small students, all 50,000 images, 20
 epochs of a one-cycle schedule, bf16): its own recipes, its own table, epochs as the recipes set them. A seed
-whose result file exists is skipped, so an interrupted row resumes where it stopped.
+whose result file has the same command, teacher hash and resolved recipe (`recipe_digest`) is skipped, so an
+interrupted row resumes where it stopped and a changed recipe reruns.
 """
 from __future__ import annotations
 
