@@ -180,6 +180,7 @@ BENCHMARKS = {"throughput": ("throughput", "run_throughput"), "classifier": ("cl
               "condense-speed": ("condense_speed", "run_condense_speed"),
               "condense-reference": ("condense_reference", "run_condense_reference"),
               "diffusion": ("diffusion", "run_diffusion_bench"),
+              "diffusion-images": ("diffusion_images", "run_diffusion_images_bench"),
               "signal-compression": ("signal_compression", "run_signal_compression"),
               "served-teacher": ("served_teacher", "run_served_teacher"),
               "multi-teacher": ("multi_teacher", "run_multi_teacher"),

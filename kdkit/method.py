@@ -105,6 +105,11 @@ class Method(abc.ABC):
         few words; '' when nothing."""
         return ""
 
+    def on_log(self, run: Run, step: int, row: dict[str, float]) -> dict[str, float]:
+        """At each log, after the one sync: checks on the averaged terms `row` (the diffusion guards), and any
+        further numbers to record with them."""
+        return {}
+
     def evaluate(self, run: Run, step: int) -> dict:
         """Metrics at `step` (recorded in metrics.jsonl and train.log)."""
         return {}
@@ -159,6 +164,7 @@ def fit(run: Run, method: Method, on_step: Callable[[Method, int], None] | None 
                 if not _finite(row):
                     raise FloatingPointError(f"non-finite loss at step {step} ({row}); lower the learning rate or "
                                              "check the data")
+                row.update(method.on_log(run, step, row))
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(row.items())[:4]})
                 run.record({"step": step, **row})
                 sums, count = {}, 0

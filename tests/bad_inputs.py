@@ -139,6 +139,9 @@ CASES: list[list[str]] = list(itertools.chain(
      DMD2 + ["--dry-run", "fake_steps=0"]],
     _with(TT, "arch=unet", "arch_options={width: 0}", "arch_options={bogus: 1}", "p_mean=inf", "save_every=-1",
           "data=imagenet", "resume={tmp}/empty"),
+    # flow-matching teachers: the objective, SD3's timestep shift (for a flow teacher only), the methods' shift
+    _with(TT, "objective=sd3", "flow_shift=0", "flow_shift=2", "flow_shift=nan"),
+    [TT + ["objective=flow", "flow_shift=-1"], DMD2 + ["flow_shift=0"], ["diffusion", "sid", "flow_shift=inf"]],
     [["bench", "diffusion", "model=vit"], ["bench", "diffusion", "fake_steps=0"], ["bench", "diffusion", "bogus=1"]],
 ))
 

@@ -225,10 +225,12 @@ def test_compiled_step_matches_eager_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_step_matches_eager():
     """The whole iteration captured as one CUDA graph (fused capturable AdamW, foreach EMA) makes the same updates
-    as eager PyTorch, warm-up steps and replays alike."""
+    as eager PyTorch, warm-up steps and replays alike, and the same logs (the guards' readings included)."""
+    from kdkit.diffusion.data import MixtureData
     from kdkit.diffusion.dmd2 import build_dmd2
     from kdkit.diffusion.engine import MethodContext, Schedule
     from kdkit.diffusion.fast_step import make_step
+    from kdkit.diffusion.guards import Guards, GuardSpec
     from kdkit.diffusion.mixture import ring_mixture
     from kdkit.diffusion.mlp import MLPDenoiser, ResidualDenoiser
 
@@ -238,21 +240,23 @@ def test_cuda_graph_step_matches_eager():
         ctx = MethodContext(teacher, Schedule(sigma_data=teacher.sigma_data),
                             lambda: MLPDenoiser(2, 64, 3, teacher.sigma_data),
                             lambda: ResidualDenoiser(teacher, 64, 3), batch_size=256, capturable=capturable)
-        return build_dmd2(ctx, fake_steps=3, gan=False, lr_generator=1e-3, lr_fake=1e-3, ema_decay=0.9).cuda()
+        m = build_dmd2(ctx, fake_steps=3, gan=False, lr_generator=1e-3, lr_fake=1e-3, ema_decay=0.9).cuda()
+        m.plan.guards = Guards(GuardSpec(), MixtureData(ring_mixture(), "cuda"), torch.device("cuda"))
+        return m
 
     eager, graphed = method(False), method(True)
     torch.manual_seed(5)
     for _ in range(3):
         eager.step({})
     torch.manual_seed(6)
-    for _ in range(3):
-        eager.step({})
+    want = [eager.step({}) for _ in range(3)]
     torch.manual_seed(5)
     step = make_step(graphed, "cuda_graph", {})  # 3 eager warm-up steps, then the capture (which runs nothing)
     torch.manual_seed(6)  # replays read the generator's seed and offset as they are now, like eager draws
-    for _ in range(3):
-        step({})
+    got = [{k: v.clone() for k, v in step({}).items()} for _ in range(3)]
     torch.cuda.synchronize()
+    assert {"sample_std_ratio", "modes_reached", "generator_grad_norm"} <= set(got[-1])
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
     for a, b in zip(eager.generator.parameters(), graphed.generator.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     for a, b in zip(eager.ema.parameters(), graphed.ema.parameters()):

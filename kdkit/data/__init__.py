@@ -10,6 +10,7 @@ from ..registry import DATASETS
 from .cifar import CLASSES as CIFAR10_CLASSES
 from .cifar import ImageTensors, load_cifar10
 from .chain_sum import load_chain_sum
+from .mnist import load_mnist
 from .gsm8k import extract_final_answer, load_gsm8k
 from .loader import Batch, TensorLoader
 from .paths import cache_dir, data_dir, is_offline
@@ -44,6 +45,7 @@ __all__ = [
     "load_cifar10",
     "load_dataset_by_name",
     "load_gsm8k",
+    "load_mnist",
     "load_tu",
     "random_crop",
     "random_hflip",

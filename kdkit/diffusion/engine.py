@@ -36,9 +36,9 @@ from ..config import Range
 from ..errors import CheckpointError, ConfigError, ShapeMismatchError
 from ..method import Method
 from ..registry import Registry
-from .edm import (SIGMA_MAX, SIGMA_MIN, Denoiser, loss_weight, pseudo_huber, sample_grid_sigma,
-                  sample_lognormal_sigma)
+from .edm import Denoiser, Schedule, loss_weight, pseudo_huber
 from .fast_step import make_step
+from .guards import grad_norm
 from .samplers import Generator, GuidedDenoiser, heun_sample
 from .teachers import save_weights
 
@@ -62,16 +62,6 @@ Decay = Annotated[float, Range(ge=0, lt=1)]  # EMA decays (0: no averaging)
 
 
 @dataclass
-class Schedule:
-    """The noise range a method works in (EDM's defaults) and the data scale."""
-
-    sigma_data: float = 0.5
-    sigma_min: float = SIGMA_MIN
-    sigma_max: float = SIGMA_MAX
-    rho: float = 7.0
-
-
-@dataclass
 class MethodContext:
     """What a method factory gets from the runner: the (frozen) teacher, the schedule, fresh networks for the
     generator and the fake score (copies of the teacher, or new MLPs beside an analytic teacher), a GAN head
@@ -90,10 +80,9 @@ class MethodContext:
 
 def generator_sigmas(steps: int, sched: Schedule, first: float | None = None) -> list[float]:
     """A K-step generator's sigmas: `first` (default sigma_max) then the Karras ramp at k/K, k = 1..K-1 (DMD2's
-    4-step 999/749/499/249 timesteps in sigma form)."""
-    lo, hi = sched.sigma_min ** (1 / sched.rho), sched.sigma_max ** (1 / sched.rho)
+    4-step 999/749/499/249 timesteps in sigma form; a flow teacher's shifted uniform t, see `edm.Schedule`)."""
     out = [first if first is not None else sched.sigma_max]
-    out += [float((hi + (k / steps) * (lo - hi)) ** sched.rho) for k in range(1, steps)]
+    out += [float(sched.sigma_at(k / steps)) for k in range(1, steps)]
     return out
 
 
@@ -187,6 +176,7 @@ class Plan:
     batch_size: int = 64
     real: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
     evaluation: Any = None
+    guards: Any = None  # a `guards.Guards`: readings logged every log_every steps, thresholds checked there
 
 
 # the frozen teacher is loaded from its own file, never checkpointed
@@ -299,7 +289,8 @@ class DistillMethod(nn.Module, Method):
 
     def state_dict(self) -> dict:  # the Method contract's (nn.Module's own is `networks()`)
         return {"networks": self.networks(), "reports": self.reports,
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()}}
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+                "guards": self.plan.guards.state_dict() if self.plan.guards is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         saved, own = state["networks"], self.networks()
@@ -319,6 +310,27 @@ class DistillMethod(nn.Module, Method):
         for k, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][k])
         self.reports = list(state["reports"])
+        if self.plan.guards is not None:
+            self.plan.guards.load_state_dict(state.get("guards"))
+
+    # ------------------------------------------------------------ guards (`guards.py`)
+
+    def read_samples(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The guards' readings of a batch the step generated (tensors; none without guards)."""
+        return self.plan.guards.read(x) if self.plan.guards is not None else {}
+
+    def on_log(self, run, step: int, row: dict) -> dict:
+        """At each log: the sample readings of G (not its EMA, as in a step) on a fixed-noise batch when the step
+        made none, then the guards' checks on the logged numbers."""
+        guards = self.plan.guards
+        if guards is None:
+            return {}
+        extra = {}
+        if "sample_std_ratio" not in row:
+            extra = guards.read_sampler(self.generator.eval(), self.sample_shape, self.num_classes)
+            self.train()
+        guards.check(run, step, {**row, **extra})
+        return extra
 
     def is_eval_step(self, step: int) -> bool:
         """Evaluations, and the sample pictures between them."""
@@ -333,6 +345,8 @@ class DistillMethod(nn.Module, Method):
         if Method.is_eval_step(self, step):
             rep = ev.report(self.sampler().eval(), step, run)
             self.reports.append(rep)
+            if self.plan.guards is not None:
+                self.plan.guards.check(run, step, rep)
             run.log(f"step {step}: " + "  ".join(f"{k}={v:.4g}" for k, v in rep.items() if isinstance(v, float)))
         else:
             ev.picture(self.sampler().eval(), step, run)
@@ -358,6 +372,7 @@ class DistillMethod(nn.Module, Method):
         return {"method": self.name, "device": str(run.device),
                 "teacher": ev.teacher_report() if ev is not None else None, "evals": self.reports,
                 "final": self.reports[-1] if self.reports else None,
+                "guards": self.plan.guards.summary() if self.plan.guards is not None else None,
                 "it_s": steps / train_s if steps and train_s > 0 else None, "wall_s_this_session": wall}
 
 
@@ -424,7 +439,7 @@ class ScoreDistillation(DistillMethod):
             return
         s = self.sched
         self.pair_z, self.pair_x, self.pair_y = teacher_pairs(self, pairs, self.generator.sigmas.device, lambda z, y: (
-            z, heun_sample(self.real_score, z, teacher_steps, y, s.sigma_min, s.sigma_max, s.rho)))
+            z, heun_sample(self.real_score, z, teacher_steps, y, sched=s)))
         if resuming or not steps:
             return
         regression_warm_start(run, self.generator.parameters(), self._regression, steps, self.warmup_lr,
@@ -445,9 +460,9 @@ class ScoreDistillation(DistillMethod):
     def _sample_sigma(self, n: int, device, kind: str) -> torch.Tensor:
         s = self.sched
         if kind == "lognormal":
-            return sample_lognormal_sigma(n, device=device).clamp(s.sigma_min, s.sigma_max)
+            return s.sample_training(n, device)
         lo, hi = self.fake_sigma_range
-        return sample_grid_sigma(n, lo, hi, sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho, device=device)
+        return s.sample_grid(n, lo, hi, device=device)
 
     def fake_loss(self, real: torch.Tensor | None, real_labels: torch.Tensor | None):
         """F learns to denoise G's current samples (and, with a GAN head, to tell noisy real from noisy fake)."""
@@ -482,6 +497,7 @@ class ScoreDistillation(DistillMethod):
         labels = self.random_labels(n, device)
         x, _ = self.generator.simulate(self.noise(n, device), labels)
         loss, logs = self.loss_fn(x, self.real_score, self.fake, labels, self.sched, **self.loss_options)
+        logs = {**logs, **self.read_samples(x)}
         if self.regression_weight:
             reg = self._regression()
             logs = {**logs, "regression": reg.detach()}
@@ -519,9 +535,11 @@ class ScoreDistillation(DistillMethod):
         self.opt_gen.zero_grad(set_to_none=True)
         loss_g.backward()
         self._set_fake_trainable(True)
+        g_norm = grad_norm(self.generator.parameters())
         self.opt_gen.step()
         if self.ema is not None:
             self.ema.update(self.generator)
         logs.update(lg)
         logs["generator"] = loss_g.detach()
+        logs["generator_grad_norm"] = g_norm
         return logs

@@ -1,7 +1,8 @@
 """Evaluating a few-step generator during a distillation run, against the true data and the teacher's many-step
 samples from the same noise: sliced-W2 (and its ratio to the teacher's), mass off the modes, per-mode coverage,
-MMD and per-mode mass on the 2-D mixture, FD (kdkit features) / FID and
-precision/recall on images, and a picture of the samples (`samples/step-N.png`).
+MMD and per-mode mass on the 2-D mixture, FD (kdkit features) / FID, precision/recall and (with the FD
+classifier) the normalised entropy of the predicted classes on images, and a picture of the samples
+(`samples/step-N.png`).
 
 The evaluation noise, labels, true samples and the teacher's reference are fixed by the run's seed and made once,
 at the first evaluation. Every draw happens under a forked RNG, so evaluating never changes the training stream:
@@ -13,7 +14,7 @@ import time
 
 import torch
 
-from .metrics import mixture_report
+from .metrics import mixture_report, normalised_entropy
 from .samplers import SAMPLERS, nfe
 
 
@@ -86,6 +87,8 @@ class Evaluation:
                                  reference_sw2=self._teacher["sw2"])
         else:
             rep = self._image_report(x, ev)
+            if self.cfg.fd_classifier:
+                rep["class_entropy"] = class_entropy(self.cfg.fd_classifier, x, self.device)
         rep |= {"step": step, "nfe": gen.steps, "sample_s": round(sample_s, 3)}
         self.picture(gen, step, run, x)
         return rep
@@ -105,3 +108,20 @@ class Evaluation:
             return scatter_png(path, {"true": ev["true"], f"teacher ({self.cfg.teacher_steps}-step {self.cfg.sampler})":
                                       ev["teacher"], f"{self.cfg.method} ({gen.steps}-step), step {step}": x})
         return image_grid_png(path, x[:64])
+
+
+@torch.no_grad()
+def class_entropy(classifier: str, x: torch.Tensor, device, batch: int = 500) -> float:
+    """The normalised entropy of the classes a kdkit classifier (`fd_classifier`) predicts for images `x`: 1 =
+    every class equally often, 0 = one class only (a collapse guard, `guards.py`). The logits are the classifier's
+    last linear layer applied to the features FD reads."""
+    from torch import nn
+
+    from .features import _extractor
+
+    ext = _extractor("fd", classifier, device)
+    head = [m for m in ext.model.modules() if isinstance(m, nn.Linear)][-1]
+    counts = torch.zeros(head.out_features, dtype=torch.long, device=device)
+    for i in range(0, x.shape[0], batch):
+        counts += torch.bincount(head(ext(x[i:i + batch])).argmax(1), minlength=head.out_features)
+    return normalised_entropy(counts)

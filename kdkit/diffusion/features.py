@@ -1,7 +1,8 @@
 """Image features for Frechet distance and precision/recall.
 
-"FD (kdkit features)": the penultimate features of a CIFAR-10 classifier trained with kdkit (`kdkit train`;
-its run folder or `model.safetensors`). It is *not* FID: the numbers are comparable with each other, never
+"FD (kdkit features)": the penultimate features of a classifier trained with kdkit on the same data (`kdkit
+train`; its run folder or `model.safetensors`): CIFAR-10, or `mnist16` for the CPU image benchmark (recipe
+`train-mnist16-features`). Gray samples are repeated to the classifier's three channels. It is *not* FID: the numbers are comparable with each other, never
 with published Inception FIDs. The standard FID needs the user's TorchScript Inception-v3 file
 (`inception-2015-12-05.pt`, the one StyleGAN/EDM's metrics use); kdkit never downloads it.
 """
@@ -25,7 +26,7 @@ class ClassifierFeatures(nn.Module):
 
     def __init__(self, path: str | Path):
         super().__init__()
-        from ..data.cifar import MEAN, STD
+        from ..data import load_dataset_by_name
         from ..models import build_model
         from .. import checkpoint as ckpt
         from ..train.build import model_file
@@ -43,13 +44,18 @@ class ClassifierFeatures(nn.Module):
             raise ConfigError(f"classifier {meta['model']} has no linear layer to take features from")
         self._feats: list[torch.Tensor] = []
         last[-1].register_forward_hook(lambda mod, args, out: self._feats.append(args[0].flatten(1)))
-        self.register_buffer("mean", torch.tensor(MEAN).reshape(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(STD).reshape(1, 3, 1, 1))
+        # the normalisation the classifier was trained with: its dataset's (recorded by `kdkit train`)
+        ds = load_dataset_by_name(meta.get("dataset", "cifar10"), "test")
+        self.register_buffer("mean", torch.tensor(ds.mean).reshape(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(ds.std).reshape(1, -1, 1, 1))
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._feats.clear()
-        self.model(((x.float().clamp(-1, 1) + 1) / 2 - self.mean) / self.std)
+        x = x.float().clamp(-1, 1)
+        if x.shape[1] == 1 and self.mean.shape[1] == 3:
+            x = x.expand(-1, 3, -1, -1)
+        self.model(((x + 1) / 2 - self.mean) / self.std)
         return self._feats[-1]
 
 

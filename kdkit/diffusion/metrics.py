@@ -196,3 +196,32 @@ def mixture_headline(rep: dict, label: str = "student") -> str:
     return (f"{label}: sliced-W2 {rep['sw2']:.4f}{ratio}, off-mode mass {rep['off_mode_pct']:.1f}% (true data "
             f"{rep['true_off_mode_pct']:.1f}%), {rep['modes_covered']}/{len(rep['mode_coverage'])} modes covered "
             f"(fewest {100 * rep['min_mode_coverage']:.0f}%), mode-mass error {rep['mode_mass_max_err']:.1f} pts")
+
+
+# ---------------------------------------------------------------- per-step readings (pure tensor work, any device)
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (`[C]`), channel = dim 1: a 2-D point's coordinates, an image's colours."""
+    dims = [0, *range(2, x.ndim)]
+    x = x.float()
+    return x.mean(dims), x.std(dims)
+
+
+def sample_drift(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sample batch against the data's per-channel `mean` and `std`: the largest per-channel std ratio (above 1:
+    spread out / saturating) and the largest per-channel mean shift in data stds."""
+    m, s = channel_stats(x)
+    return (s / std).max(), ((m - mean).abs() / std).max()
+
+
+def modes_reached(x: torch.Tensor, means: torch.Tensor, stds: torch.Tensor, k: float = OFF_MODE_K) -> torch.Tensor:
+    """Share of the modes with at least one sample within `k` std (a scalar tensor: 1 = every mode reached)."""
+    return _within(x, means, stds, k).any(0).float().mean()
+
+
+def normalised_entropy(counts: torch.Tensor) -> float:
+    """Entropy of a histogram over its maximum, log(bins): 1 = uniform over the bins, 0 = one bin holds all."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    h = -(p * p.clamp_min(1e-300).log()).sum()
+    return float(h / torch.log(torch.tensor(float(max(counts.numel(), 2)), dtype=torch.float64)))

@@ -3,7 +3,8 @@ method's networks and the data, and train with `kdkit.method.fit` in a `kdkit.ru
 
     config.yaml            every resolved setting (the method's options included)
     metrics.jsonl          loss terms every `log_every` steps, the evaluations
-    metrics.json           the summary: the teacher's and each evaluation's numbers, `final`, it/s, NFE
+    metrics.json           the summary: the teacher's and each evaluation's numbers, `final`, it/s, NFE, and
+                           `guards` (the saturation/collapse readings and any warning: `guards.py`)
     train.log              what the console showed
     checkpoints/step-N/    the one checkpoint format; `resume=auto` continues exactly
     samples/step-N.png     scatter plots (2-D) or image grids, at evaluations and every `sample_every` steps
@@ -30,6 +31,7 @@ from .edm import Denoiser
 from .engine import MethodContext, Plan, Schedule, check_shapes
 from .evaluation import Evaluation
 from .fast_step import FastMode
+from .guards import Guards, GuardSpec
 from .metrics import mixture_headline
 from .mlp import ResidualDenoiser
 from .settings import PILLAR, method_settings, resolve
@@ -69,9 +71,10 @@ class RunConfig:
     name: RunName | None = None
     resume: str | None = None  # a run folder or checkpoint folder, or "auto" (latest in this run's folder)
     progress: bool = True
-    fd_classifier: ExistingPath | None = None  # a kdkit-trained CIFAR-10 classifier run: "FD (kdkit features)"
+    fd_classifier: ExistingPath | None = None  # a kdkit-trained classifier of the same data: "FD (kdkit features)"
     inception: ExistingPath | None = None  # TorchScript Inception-v3 (inception-2015-12-05.pt): standard FID
     train_limit: PositiveInt | None = None  # use the first N training images (smoke tests)
+    guards: GuardSpec = field(default_factory=GuardSpec)  # thresholds of the saturation/collapse warnings (guards.py)
     options: dict[str, Any] = field(default_factory=dict)  # the method's own options (`kdkit diffusion --help`)
 
     PILLAR: ClassVar[str] = PILLAR
@@ -80,7 +83,7 @@ class RunConfig:
     RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = (
         "description", "resume", "output_dir", "progress", "log_every", "keep_checkpoints", "save_every", "threads",
         "eval_every", "eval_samples", "teacher_steps", "sampler", "sample_every", "fd_classifier", "inception",
-        "fast", "compile_mode", "steps", "name")
+        "fast", "compile_mode", "steps", "name", "guards")
 
     def validate(self, at: str) -> None:
         check_resume(self.resume, f"{at}resume")
@@ -122,7 +125,7 @@ def build_teacher(cfg: RunConfig) -> Denoiser:
 def build_context(cfg: RunConfig, teacher: Denoiser) -> MethodContext:
     """Generator and fake-score networks: copies of the teacher when it has weights, else (the analytic
     teacher) a fresh MLP generator and a fake score that is the teacher plus a zero-initialised residual."""
-    sched = Schedule(sigma_data=teacher.sigma_data)
+    sched = Schedule.of(teacher)  # a flow-matching teacher's own (shifted) schedule, else EDM's
     has_weights = any(True for _ in teacher.parameters())
 
     def copy_teacher():
@@ -174,7 +177,8 @@ def distill(cfg: RunConfig) -> dict:
     method.plan = Plan(name=cfg.method, steps=cfg.steps, log_every=cfg.log_every, eval_every=cfg.eval_every,
                        save_every=cfg.save_every, sample_every=cfg.sample_every, fast=cfg.fast,
                        compile_mode=cfg.compile_mode, channels_last=cfg.channels_last, batch_size=cfg.batch_size,
-                       real=data.batch, evaluation=Evaluation(cfg, teacher, data, run.device))
+                       real=data.batch, evaluation=Evaluation(cfg, teacher, data, run.device),
+                       guards=Guards(cfg.guards, data, run.device, cfg.batch_size, cfg.seed))
     summary = {"data": cfg.data, **fit(run, method)}
     summary["wall_s"] = time.perf_counter() - t0  # everything: networks, warm-up, training, evaluations
     run.write_json("metrics.json", summary)

@@ -1,11 +1,12 @@
-"""Many-step ODE samplers for a teacher (EDM's Heun and Euler on the Karras grid), the few-step sampler of
-a distilled generator, and classifier-free guidance folded into one denoiser call."""
+"""Many-step ODE samplers for a teacher (EDM's Heun and Euler on the Karras grid, or on a flow-matching
+teacher's shifted uniform time: its own Euler sampler), the few-step sampler of a distilled generator, and
+classifier-free guidance folded into one denoiser call."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .edm import SIGMA_MAX, SIGMA_MIN, Denoiser, karras_sigmas
+from .edm import SIGMA_MAX, SIGMA_MIN, Denoiser, Schedule, karras_sigmas
 
 
 class GuidedDenoiser(Denoiser):
@@ -16,6 +17,7 @@ class GuidedDenoiser(Denoiser):
         super().__init__()
         self.model, self.scale = model, float(scale)
         self.sigma_data, self.num_classes, self.sample_shape = model.sigma_data, model.num_classes, model.sample_shape
+        self.flow_shift = getattr(model, "flow_shift", None)
 
     def forward(self, x, sigma, labels=None, return_features=False):
         if labels is None or self.scale == 1.0 or not self.num_classes:
@@ -30,11 +32,21 @@ class GuidedDenoiser(Denoiser):
         return (out, None) if return_features else out
 
 
+def sampler_sigmas(denoiser: nn.Module, steps: int, noise: torch.Tensor, sigma_min: float, sigma_max: float,
+                   rho: float, sched: Schedule | None) -> torch.Tensor:
+    """A many-step sampler's sigmas with the trailing 0: `sched`'s grid, else the denoiser's own (`Schedule.of`: a
+    flow-matching teacher's shifted uniform t, EDM's Karras ramp otherwise) over [sigma_min, sigma_max]."""
+    sched = sched or Schedule.of(denoiser, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    return torch.cat([sched.sigmas(steps, noise.device), noise.new_zeros(1)])
+
+
 @torch.no_grad()
 def heun_sample(denoiser: nn.Module, noise: torch.Tensor, steps: int = 64, labels: torch.Tensor | None = None,
-                sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = 7.0) -> torch.Tensor:
-    """EDM Algorithm 1 (deterministic Heun, 2*steps - 1 denoiser calls) from `noise ~ N(0, I)`."""
-    sigmas = torch.cat([karras_sigmas(steps, sigma_min, sigma_max, rho, noise.device), noise.new_zeros(1)])
+                sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = 7.0,
+                sched: Schedule | None = None) -> torch.Tensor:
+    """EDM Algorithm 1 (deterministic Heun, 2*steps - 1 denoiser calls) from `noise ~ N(0, I)`, on `sched`'s grid
+    or the denoiser's own (see `sampler_sigmas`)."""
+    sigmas = sampler_sigmas(denoiser, steps, noise, sigma_min, sigma_max, rho, sched)
     x = noise * sigmas[0]
     for i in range(steps):
         s, s_next = sigmas[i], sigmas[i + 1]
@@ -68,9 +80,11 @@ def heun_trajectory(denoiser: nn.Module, noise: torch.Tensor, sigmas: torch.Tens
 
 @torch.no_grad()
 def euler_sample(denoiser: nn.Module, noise: torch.Tensor, steps: int = 64, labels: torch.Tensor | None = None,
-                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = 7.0) -> torch.Tensor:
-    """First-order Euler on the probability-flow ODE (`steps` denoiser calls)."""
-    sigmas = torch.cat([karras_sigmas(steps, sigma_min, sigma_max, rho, noise.device), noise.new_zeros(1)])
+                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = 7.0,
+                 sched: Schedule | None = None) -> torch.Tensor:
+    """First-order Euler on the probability-flow ODE (`steps` denoiser calls). On a flow teacher's grid this is
+    its own sampler, Euler on `dx_t/dt = v` at the shifted times: `x_t' = (t'/t) x_t + (1 - t'/t) x_0` either way."""
+    sigmas = sampler_sigmas(denoiser, steps, noise, sigma_min, sigma_max, rho, sched)
     x = noise * sigmas[0]
     for i in range(steps):
         s = sigmas[i]

@@ -5,6 +5,9 @@ sample is `(f_r - f_f) . ((f_r - x) - alpha (f_r - f_f)) / mean|x - f_r|`, alpha
 gradient flows through both denoisers into x (their weights stay fixed). It needs no real data. SiD's own
 settings: one fake-score update per generator update, EDM's log-normal sigma for the fake score, the
 generator evaluated at sigma_init = 2.5, generator sigmas from the Karras ramp's t in [0, t_max = 0.8].
+
+From a flow-matching teacher, t is flow matching's time (uniform, then SD3's shift `flow_shift`, the teacher's
+own by default) and the fake score learns at SD3's logit-normal times: the teacher's own schedule (`edm.Schedule`).
 """
 from __future__ import annotations
 
@@ -20,11 +23,10 @@ from .samplers import Generator
 
 
 def sid_sigma(n: int, sched: Schedule, t_min: float, t_max: float, device) -> torch.Tensor:
-    """sigma on the Karras ramp at position `1 - t`, t ~ U(t_min, t_max) (SiD: t_min = 0, t_max = 0.8, i.e. sigma
-    from sigma_min up to the ramp's 20% point, ~24 for EDM's range)."""
+    """sigma on the schedule's path at position `1 - t`, t ~ U(t_min, t_max) (SiD: t_min = 0, t_max = 0.8, i.e.
+    sigma from sigma_min up to the Karras ramp's 20% point, ~24 for EDM's range; a flow teacher: its shifted t)."""
     t = t_min + torch.rand(n, device=device) * (t_max - t_min)
-    lo, hi = sched.sigma_min ** (1 / sched.rho), sched.sigma_max ** (1 / sched.rho)
-    return (hi + (1 - t) * (lo - hi)) ** sched.rho
+    return sched.sigma_at(1 - t)
 
 
 @GENERATOR_LOSSES.register("sid")
@@ -52,14 +54,16 @@ def build_sid(ctx: MethodContext, *, alpha: NonNegFloat = 1.2, t_min: Probabilit
               betas: Betas = (0.0, 0.999), ema_decay: Decay | None = 0.999, warmup_steps: NonNegInt = 0,
               warmup_pairs: PositiveInt = 20000, warmup_teacher_steps: PositiveInt = 32,
               warmup_lr: PositiveFloat = 1e-3, regression_weight: NonNegFloat = 0.0,
-              regression_loss: Literal["mse", "huber"] = "mse", bf16: bool = False) -> ScoreDistillation:
+              regression_loss: Literal["mse", "huber"] = "mse", flow_shift: PositiveFloat | None = None,
+              bf16: bool = False) -> ScoreDistillation:
     """SiD with the paper's CIFAR-10 settings: alpha 1.2, Adam lr 1e-5 (betas 0, 0.999) for both networks, one
     fake-score update per generator update, sigma_init 2.5, t_max 0.8; data-free (no GAN head). As for DMD2, a
     generator with no teacher weights to start from (the 2-D mixture) can be warmed up by regression onto teacher
     ODE pairs (`warmup_steps`, ...) and keep that regression as a term (`regression_weight`): see
-    `engine.ScoreDistillation.prepare`."""
-    gen = Generator(ctx.student_net(), generator_sigmas(generator_steps, ctx.sched, generator_sigma))
-    return ScoreDistillation(ctx.teacher, gen, ctx.fake_net(), ctx.sched, generator_loss="sid",
+    `engine.ScoreDistillation.prepare`. `flow_shift`: as DMD2's (None: the teacher's own)."""
+    sched = ctx.sched.with_shift(flow_shift)
+    gen = Generator(ctx.student_net(), generator_sigmas(generator_steps, sched, generator_sigma))
+    return ScoreDistillation(ctx.teacher, gen, ctx.fake_net(), sched, generator_loss="sid",
                              loss_options={"alpha": alpha, "t_min": t_min, "t_max": t_max}, fake_steps=fake_steps,
                              guidance_scale=guidance_scale, lr_generator=lr_generator, lr_fake=lr_fake,
                              betas=tuple(betas), fake_sigma="lognormal", ema_decay=ema_decay,

@@ -1,8 +1,11 @@
 """Teachers: the analytic mixture denoiser, denoisers trained by kdkit (`kdkit diffusion train-teacher`:
-an MLP for 2-D data, the U-Net for 32x32 images), and a user's diffusers model through `VPAdapter`.
+an MLP for 2-D data, the U-Net for 32x32 images; EDM denoisers or flow-matching velocity models), and a user's
+diffusers model through `VPAdapter`.
 
 A kdkit teacher file is `model.safetensors` with its architecture in the metadata (`diffusion_arch` and the
-JSON `diffusion_options`), so `load_teacher(path)` rebuilds it without pickled code.
+JSON `diffusion_options`), so `load_teacher(path)` rebuilds it without pickled code. A flow-matching teacher's
+file also says `diffusion_param: flow` and its `flow_shift`: the network is then a velocity model
+(`edm.FlowVelocity`), loaded inside a `FlowMatchingAdapter`, so every method distils it as any other denoiser.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from torch import nn
 from ..config import bad_value
 from ..errors import CheckpointError, ConfigError
 from .. import checkpoint as ckpt
-from .edm import Denoiser, as_sigma
+from .edm import Denoiser, FlowMatchingAdapter, FlowVelocity, as_sigma
 from .mlp import MLPDenoiser
 from .unet import UNetDenoiser
 
@@ -51,8 +54,18 @@ def save_denoiser(net: Denoiser, path: Path, extra: dict | None = None) -> None:
     ckpt.save_model(net, Path(path), meta)
 
 
+def flow_model(net: Denoiser, flow_shift: float) -> FlowMatchingAdapter:
+    """A kdkit network trained as a flow-matching velocity model (`train-teacher objective=flow`), as a denoiser."""
+    return FlowMatchingAdapter(FlowVelocity(net), net.sample_shape, net.sigma_data, net.num_classes,
+                               flow_shift=flow_shift)
+
+
 def save_weights(net: nn.Module, path: Path, meta: dict[str, str]) -> None:
-    """A network's weights with its architecture when kdkit built it (`save_denoiser`), else the weights alone."""
+    """A network's weights with its architecture when kdkit built it (`save_denoiser`; a `flow_model` as its
+    velocity network, with `diffusion_param: flow` and its shift), else the weights alone."""
+    if isinstance(net, FlowMatchingAdapter) and isinstance(net.velocity, FlowVelocity):
+        meta = {**meta, "diffusion_param": "flow", "flow_shift": repr(net.flow_shift)}
+        net = net.velocity.net
     if getattr(net, "kdkit_spec", None) is not None:
         save_denoiser(net, path, meta)
     else:
@@ -89,7 +102,8 @@ def check_teacher(spec: str, key: str = "teacher") -> dict[str, str]:
 
 
 def load_teacher(path: str | Path) -> Denoiser:
-    """A frozen kdkit-trained denoiser from a run folder or its `model.safetensors`."""
+    """A frozen kdkit-trained denoiser from a run folder or its `model.safetensors` (a flow-matching teacher
+    inside its `FlowMatchingAdapter`, with its shift)."""
     f = teacher_file(path)
     _, meta = ckpt.read_safetensors(f)
     if "diffusion_arch" not in meta:
@@ -97,6 +111,11 @@ def load_teacher(path: str | Path) -> Denoiser:
                               "with `kdkit diffusion train-teacher`, or pass diffusers:PATH for a diffusers model")
     net = make_denoiser(meta["diffusion_arch"], **json.loads(meta.get("diffusion_options", "{}")))
     ckpt.load_model(net, f)
+    param = meta.get("diffusion_param", "edm")
+    if param == "flow":
+        net = flow_model(net, float(meta.get("flow_shift", "1.0")))
+    elif param != "edm":
+        raise CheckpointError(f"{f} says diffusion_param={param}; this kdkit reads edm or flow teachers")
     return net.requires_grad_(False).eval()
 
 

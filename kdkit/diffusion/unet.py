@@ -19,7 +19,9 @@ from .edm import Denoiser, EvenInt, as_sigma, fourier_embedding, precondition
 
 
 def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, c // 4) if c >= 8 else 1, c)
+    """GroupNorm with up to 32 groups of at least 4 channels: the largest such count that divides `c` (so any
+    `channels`, e.g. 48, builds)."""
+    return nn.GroupNorm(next(g for g in range(min(32, max(c // 4, 1)), 0, -1) if c % g == 0), c)
 
 
 class ResBlock(nn.Module):
