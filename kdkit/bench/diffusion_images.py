@@ -117,7 +117,7 @@ def _run_row(row: str, opts: DiffusionImagesBench, paths: dict) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
     fields = {"row": row, "seed": s, "run_dir": str(run_dir), "recipe": recipe}
     if row == "classifier":
-        fields["test_acc"] = metrics.get("final_acc")
+        fields["test_acc"] = metrics.get("summary", {}).get("final_acc")
     elif row == "teacher":
         fields["steps"] = metrics.get("steps")
     else:
