@@ -60,6 +60,21 @@ def test_one_step_dmd2_beats_the_plain_one_step_baseline(trained):
     assert m["guards"]["readings"], "the per-step guard diagnostics are recorded on the image path too"
 
 
+def test_an_fd_classifier_of_other_data_is_refused_before_any_work(trained, tmp_path, capsys):
+    """FD on a CIFAR-10 classifier's features says little of digits: the mismatch is one `kdkit: error:` line."""
+    from kdkit.checkpoint import save_model
+    from kdkit.models import build_model
+
+    save_model(build_model("convnet3", width=8), tmp_path / "cifar.safetensors",
+               {"model": "convnet3", "options": json.dumps({"width": 8}), "num_classes": "10", "dataset": "cifar10"})
+    capsys.readouterr()
+    rc = main(["diffusion", "dmd2", *DMD2, f"teacher={trained}/t", f"fd_classifier={tmp_path / 'cifar.safetensors'}",
+               f"output_dir={tmp_path}", "name=never", "steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("kdkit: error:"), err
+    assert "trained on cifar10, but data=mnist16" in err[0] and not (tmp_path / "never").exists()
+
+
 def test_image_run_resumes_bit_exact(trained):
     common = [*DMD2, f"teacher={trained}/t", f"output_dir={trained}", "warmup_steps=0", "eval_samples=16",
               "save_every=3"]
@@ -80,10 +95,47 @@ def _record(row, fd, nfe, **extra):
 
 def test_table_compares_with_the_teacher_and_the_plain_baseline():
     md = render([_record("teacher-35", 4.0, 35), _record("plain-1", 40.0, 1), _record("dmd2", 5.0, 1),
-                 _record("sid", 50.0, 1, guards={"readings": {"sample_std_ratio": {"tripped": True}}})])
+                 _record("sid", 50.0, 1, guards={"readings": {"sample_std_ratio": {"tripped": True}}},
+                         train_wall_s=1300.0)])
     dmd2 = next(line for line in md.splitlines() if line.startswith("| DMD2, one step"))
     assert "| 5.00 | 1.25× |" in dmd2 and "| yes |" in dmd2
     sid = next(line for line in md.splitlines() if line.startswith("| SiD"))
-    assert "| **no** |" in sid and "sample_std_ratio" in sid
+    assert "| **no** |" in sid and "sample_std_ratio" in sid and "**21.7 min** (over 20 min)" in sid
     assert "1.25×, meets it" in md
     assert render([]).endswith("No results yet: run `kdkit bench diffusion-images`.\n")
+
+
+def test_bench_keeps_its_networks_and_reruns_only_what_changed(tmp_path, monkeypatch, capsys):
+    """The image bench at a tiny scale: the classifier's and teacher's weights are kept beside the results and
+    named by the later rows' commands; a second call trains nothing; a row whose recipe value changes reruns."""
+    import kdkit.bench.diffusion_images as bench
+
+    results = tmp_path / "results"
+    monkeypatch.setattr(bench, "RESULTS_DIR", results)
+    monkeypatch.setattr(bench, "TABLE", tmp_path / "table.md")
+    monkeypatch.setattr(bench, "FIGURES", tmp_path / "figures")
+    monkeypatch.setattr("kdkit.bench.results.RESULTS_DIR", results)
+    monkeypatch.setattr(bench, "EVAL_SAMPLES", 64)
+    opts = ["rows=classifier,teacher,plain-1", f"output_dir={tmp_path / 'runs'}", "steps_scale=0.0005",
+            "threads=1"]
+    assert main(["bench", "diffusion-images", *opts]) == 0
+    recs = {r: json.loads((results / "diffusion-images" / f"{r}__s0.json").read_text())
+            for r in ("classifier", "teacher", "plain-1")}
+    for r in ("classifier", "teacher"):
+        kept = tmp_path / "teachers" / f"{recs[r]['weights']['sha256'][:16]}.safetensors"
+        assert kept.is_file() and str(kept.name) in recs["plain-1"]["run_command"]
+    assert recs["teacher"]["run_command"].endswith("steps=4")  # 7,000 x 0.0005, from the resolved recipe
+    assert recs["plain-1"]["final"]["nfe"] == 1 and "FD (kdkit features)" in recs["plain-1"]["final"]
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # a fresh machine: run folders gone, kept weights and results still there
+    capsys.readouterr()
+    assert main(["bench", "diffusion-images", *opts]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done before") == 3 and not (tmp_path / "runs").exists(), out
+    monkeypatch.setattr(bench, "_HOUSEKEEPING", bench._HOUSEKEEPING - {"threads"})  # as if a computed value
+    assert main(["bench", "diffusion-images", *opts, "rows=plain-1", "threads=2"]) == 0
+    again = json.loads((results / "diffusion-images" / "plain-1__s0.json").read_text())
+    assert again["settings_digest"] != recs["plain-1"]["settings_digest"]
+    assert again["final"]["FD (kdkit features)"] == pytest.approx(recs["plain-1"]["final"]["FD (kdkit features)"],
+                                                                  rel=1e-9)  # 2 threads reduce in another order

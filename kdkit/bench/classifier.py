@@ -25,7 +25,7 @@ from typing import Literal
 from ..checkpoint import sha256
 from ..config import ExistingPath, NonNegInt, PositiveInt, list_recipes, load_recipe
 from ..errors import ConfigError, KdkitError
-from .results import REPO, RESULTS_DIR, bench_options, git_commit, hardware
+from .results import REPO, RESULTS_DIR, bench_options, git_commit, hardware, keep_weights
 
 KIND = "classifier-cifar10"
 STANDARD_EPOCHS = 240
@@ -133,19 +133,6 @@ def find_teacher(arch: str, out: str | None = None, protocol: str = "standard") 
             if path.is_file() and sha256(path) == row["checkpoint"]["sha256"]:
                 return row | {"checkpoint": {**row["checkpoint"], "path": str(path)}}
     return None
-
-
-def keep_teacher(weights: Path) -> Path:
-    """A CPU-protocol teacher's weights (2 MB) copied into the repository, `leaderboards/teachers/`, so a later
-    session on a fresh machine continues the table with the same teacher instead of training another."""
-    import shutil
-
-    digest = sha256(weights)
-    kept = RESULTS_DIR.parent / "teachers" / f"{digest[:16]}.safetensors"
-    if not (kept.is_file() and sha256(kept) == digest):
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(weights, kept)
-    return kept.relative_to(REPO) if kept.is_relative_to(REPO) else kept
 
 
 def recipe_digest(recipe) -> str:
@@ -275,7 +262,7 @@ def _record(opts, command, verb, recipe_name, overrides, seed, run_dir: Path, t_
         "final_acc": summary["final_acc"], "best_acc": summary["best_acc"],
         "teacher_acc": summary.get("teacher_acc"), "train_seconds": summary["train_seconds"],
         "images_per_s": summary["images_per_s"], "run_dir": str(run_dir),
-        "checkpoint": {"path": str(keep_teacher(weights) if opts.method == "teacher" and opts.protocol == "cpu"
+        "checkpoint": {"path": str(keep_weights(weights) if opts.method == "teacher" and opts.protocol == "cpu"
                                    else weights), "sha256": sha256(weights)},
         "teacher_checkpoint": teacher_row["checkpoint"] if teacher_row else None,
         "teacher_epochs": teacher_row.get("epochs") if teacher_row else None,

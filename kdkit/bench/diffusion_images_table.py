@@ -15,6 +15,7 @@ LABEL = {"teacher-35": "Teacher, 18 Heun steps", "plain-1": "Plain denoiser, 1 E
          "sid": "SiD, one step", "cd": "Consistency distillation, one step",
          "rectflow": "Rectified flow (paired regression), one step"}
 GOAL = 1.5  # one-step DMD2 within 1.5x the teacher's 35-step FD
+BUDGET_S = 20 * 60  # each student's training, on 2 cores (issue 23)
 SAMPLER_ROWS = ("teacher-35", "plain-1", "plain-4")  # the teacher's network under a sampler: nothing trained
 
 
@@ -64,8 +65,11 @@ def render(records: list[dict]) -> str:
                                 if v.get("tripped")) or ("none" if r.get("guards") else "—")
             sampler = key in SAMPLER_ROWS
             train = "—" if sampler else _minutes(r.get("train_wall_s"))
+            if not sampler and (r.get("train_wall_s") or 0) > BUDGET_S:
+                train = f"**{train}** (over {BUDGET_S // 60} min)"
             cmd = r["command"] if sampler else f"kdkit {r['run_command']}"
-            out.append(f"| {label} | {f.get('nfe')} | {fd:.2f} | {ratio} | {f.get('precision', 0):.3f} | "
+            fd_cell = "—" if fd is None else f"{fd:.2f}"
+            out.append(f"| {label} | {f.get('nfe')} | {fd_cell} | {ratio} | {f.get('precision', 0):.3f} | "
                        f"{f.get('recall', 0):.3f} | {f.get('sample_s', 0):.1f} s | {train} | {beats} | "
                        f"{'—' if sampler else tripped} | `{cmd}` |")
         dmd = (rows.get("dmd2") or {}).get("final", {}).get(FD)

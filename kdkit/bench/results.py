@@ -64,6 +64,23 @@ def write_result(kind: str, record: dict, directory: Path | None = None, path: P
     return path
 
 
+def keep_weights(weights: Path) -> Path:
+    """A bench's trained weights (a CPU-protocol teacher, 2 MB; the image bench's teacher and feature classifier)
+    copied into the repository as `leaderboards/teachers/SHA256[:16].safetensors`, so a later session on a fresh
+    machine continues a table with the same networks instead of training others. Returns the kept path (relative
+    to the repository when inside it)."""
+    import shutil
+
+    from ..checkpoint import sha256
+
+    digest = sha256(weights)
+    kept = RESULTS_DIR.parent / "teachers" / f"{digest[:16]}.safetensors"
+    if not (kept.is_file() and sha256(kept) == digest):
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(weights, kept)
+    return kept.relative_to(REPO) if kept.is_relative_to(REPO) else kept
+
+
 def read_results(kind: str, directory: Path | None = None) -> list[dict]:
     directory = Path(directory or RESULTS_DIR / kind)
     return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]

@@ -21,6 +21,24 @@ from .metrics import frechet_distance, gaussian_stats, precision_recall
 FD_LABEL = "FD (kdkit features)"
 
 
+def check_fd_classifier(path: str | Path, data: str, key: str = "fd_classifier") -> None:
+    """Before any work: `path` is a kdkit classifier (its header names the model) trained on `data`'s images, so
+    its features measure the distribution being generated (a CIFAR-10 classifier says little of MNIST digits)."""
+    from .. import checkpoint as ckpt
+    from ..train.build import model_file
+
+    if data == "mixture":
+        raise ConfigError(f"{key}={path}: an image metric, but data=mixture is 2-D (drop {key})")
+    meta = ckpt.read_metadata(model_file(path))
+    if "model" not in meta:
+        raise CheckpointError(f"{model_file(path)} does not record its classifier architecture ({key}): pass a "
+                              "`kdkit train` run folder or its model.safetensors")
+    trained_on = meta.get("dataset", "cifar10")
+    if trained_on != data:
+        raise ConfigError(f"{key}={path} was trained on {trained_on}, but data={data}: pass a classifier trained "
+                          f"on {data} (`kdkit train` with dataset {data}; for mnist16 recipe=train-mnist16-features)")
+
+
 class ClassifierFeatures(nn.Module):
     """The input of a kdkit classifier's last linear layer, for images in [-1, 1]."""
 

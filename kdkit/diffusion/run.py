@@ -31,6 +31,7 @@ from .edm import Denoiser
 from .engine import MethodContext, Plan, Schedule, check_shapes
 from .evaluation import Evaluation
 from .fast_step import FastMode
+from .features import check_fd_classifier
 from .guards import Guards, GuardSpec
 from .metrics import mixture_headline
 from .mlp import ResidualDenoiser
@@ -87,6 +88,8 @@ class RunConfig:
 
     def validate(self, at: str) -> None:
         check_resume(self.resume, f"{at}resume")
+        if self.fd_classifier:
+            check_fd_classifier(self.fd_classifier, self.data, f"{at}fd_classifier")
         meta = check_teacher(self.teacher, f"{at}teacher")
         if self.data == "mixture" and meta and (meta["diffusion_arch"] != "mlp" or
                                                 json.loads(meta.get("diffusion_options", "{}")).get("dim", 2) != 2):
