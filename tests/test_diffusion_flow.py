@@ -141,6 +141,25 @@ def test_dmd2_and_sid_take_the_teachers_shift_or_an_override():
     assert edm.sched.flow_shift is None and edm.sched.with_shift(2.0).flow_shift == 2.0
 
 
+def test_cd_walks_the_flow_teachers_own_grid():
+    """Consistency distillation's N grid points are the teacher's own discretisation: EDM's Karras sigmas for an
+    EDM teacher (as in the paper), the shifted uniform times for a flow teacher."""
+    from kdkit.diffusion.consistency import build_cd
+    from kdkit.diffusion.edm import karras_sigmas
+    from kdkit.diffusion.engine import MethodContext
+    import copy
+
+    teacher = _flow_teacher(3.0)
+    sched = Schedule.of(teacher)
+    m = build_cd(MethodContext(teacher, sched, lambda: copy.deepcopy(teacher).requires_grad_(True),
+                               lambda: None, batch_size=8), grid=6)
+    ts = torch.tensor([sched.sigma_at(k / 5) for k in range(6)]).flip(0)
+    torch.testing.assert_close(m.grid_sigmas, ts.float())
+    assert not torch.allclose(m.grid_sigmas, karras_sigmas(6, sched.sigma_min, sched.sigma_max, sched.rho).flip(0))
+    edm = Schedule.of(torch.nn.Module())
+    torch.testing.assert_close(edm.sigmas(6), karras_sigmas(6, edm.sigma_min, edm.sigma_max, edm.rho))
+
+
 def test_flow_teacher_trains_on_images_and_distils_with_a_gan_head(tmp_path):
     """The image path: a tiny U-Net trained as a velocity model on real CIFAR-10 images, then DMD2 from it with
     classifier-free guidance and the GAN head on the fake score's (velocity network's) features. Numbers are

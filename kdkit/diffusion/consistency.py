@@ -21,7 +21,7 @@ import torch
 
 from ..config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range
 from ..method import register_method
-from .edm import Denoiser, as_sigma, karras_sigmas, pseudo_huber
+from .edm import Denoiser, as_sigma, pseudo_huber
 from .engine import (EMA, Betas, Decay, DistillMethod, MethodContext, Schedule, generator_sigmas, make_adam,
                      regression_warm_start, teacher_pairs)
 from .samplers import Generator, heun_trajectory
@@ -59,7 +59,8 @@ class ConsistencyDistillation(DistillMethod):
         f = ConsistencyFunction(student_net, sched.sigma_min)
         super().__init__(teacher, Generator(f, sample_sigmas or [sched.sigma_max]), sched, ema_decay)
         self.target = EMA(f, target_decay)
-        self.register_buffer("grid_sigmas", karras_sigmas(grid, sched.sigma_min, sched.sigma_max, sched.rho).flip(0))
+        # the teacher's own discretisation (EDM's Karras ramp; a flow teacher's shifted uniform times), ascending
+        self.register_buffer("grid_sigmas", sched.sigmas(grid).flip(0))
         self.huber_c, self.batch_size = huber_c, batch_size
         self.warmup = (warmup_steps, warmup_pairs, warmup_substeps)
         self.warmup_lr, self.regression_weight = warmup_lr, regression_weight
