@@ -106,8 +106,11 @@ def test_table_compares_with_the_teacher_and_the_plain_baseline():
 
 
 def test_bench_keeps_its_networks_and_reruns_only_what_changed(tmp_path, monkeypatch, capsys):
-    """The image bench at a tiny scale: the classifier's and teacher's weights are kept beside the results and
-    named by the later rows' commands; a second call trains nothing; a row whose recipe value changes reruns."""
+    """The image bench at a tiny scale (the flow-matching teacher's rows): the classifier's and teacher's weights are
+    kept beside the results and named by the later rows' commands; a second call trains nothing; a row whose
+    resolved settings change reruns; a row whose teacher was never trained is refused in one line."""
+    import shutil
+
     import kdkit.bench.diffusion_images as bench
 
     results = tmp_path / "results"
@@ -116,17 +119,17 @@ def test_bench_keeps_its_networks_and_reruns_only_what_changed(tmp_path, monkeyp
     monkeypatch.setattr(bench, "FIGURES", tmp_path / "figures")
     monkeypatch.setattr("kdkit.bench.results.RESULTS_DIR", results)
     monkeypatch.setattr(bench, "EVAL_SAMPLES", 64)
-    opts = ["rows=classifier,teacher,plain-1", f"output_dir={tmp_path / 'runs'}", "steps_scale=0.0005",
-            "threads=1"]
+    opts = ["rows=classifier,teacher-flow,teacher-flow-35", f"output_dir={tmp_path / 'runs'}",
+            "steps_scale=0.0005", "threads=1"]
     assert main(["bench", "diffusion-images", *opts]) == 0
     recs = {r: json.loads((results / "diffusion-images" / f"{r}__s0.json").read_text())
-            for r in ("classifier", "teacher", "plain-1")}
-    for r in ("classifier", "teacher"):
+            for r in ("classifier", "teacher-flow", "teacher-flow-35")}
+    for r in ("classifier", "teacher-flow"):
         kept = tmp_path / "teachers" / f"{recs[r]['weights']['sha256'][:16]}.safetensors"
-        assert kept.is_file() and str(kept.name) in recs["plain-1"]["run_command"]
-    assert recs["teacher"]["run_command"].endswith("steps=4")  # 7,000 x 0.0005, from the resolved recipe
-    assert recs["plain-1"]["final"]["nfe"] == 1 and "FD (kdkit features)" in recs["plain-1"]["final"]
-    import shutil
+        assert kept.is_file() and kept.name in recs["teacher-flow-35"]["run_command"]
+    assert recs["teacher-flow"]["run_command"].endswith("steps=4")  # 7,000 x 0.0005, from the resolved recipe
+    assert recs["teacher-flow-35"]["final"]["nfe"] == 35 and "FD (kdkit features)" in recs["teacher-flow-35"]["final"]
+    assert "Flow-matching teacher, 18 Heun steps" in (tmp_path / "table.md").read_text()
 
     shutil.rmtree(tmp_path / "runs")  # a fresh machine: run folders gone, kept weights and results still there
     capsys.readouterr()
@@ -134,8 +137,12 @@ def test_bench_keeps_its_networks_and_reruns_only_what_changed(tmp_path, monkeyp
     out = capsys.readouterr().out
     assert out.count("done before") == 3 and not (tmp_path / "runs").exists(), out
     monkeypatch.setattr(bench, "_HOUSEKEEPING", bench._HOUSEKEEPING - {"threads"})  # as if a computed value
-    assert main(["bench", "diffusion-images", *opts, "rows=plain-1", "threads=2"]) == 0
-    again = json.loads((results / "diffusion-images" / "plain-1__s0.json").read_text())
-    assert again["settings_digest"] != recs["plain-1"]["settings_digest"]
-    assert again["final"]["FD (kdkit features)"] == pytest.approx(recs["plain-1"]["final"]["FD (kdkit features)"],
-                                                                  rel=1e-9)  # 2 threads reduce in another order
+    assert main(["bench", "diffusion-images", *opts, "rows=teacher-flow-35", "threads=2"]) == 0
+    again = json.loads((results / "diffusion-images" / "teacher-flow-35__s0.json").read_text())
+    assert again["settings_digest"] != recs["teacher-flow-35"]["settings_digest"]
+    fd = "FD (kdkit features)"  # the same networks and noise; 2 threads only reduce in another order
+    assert again["final"][fd] == pytest.approx(recs["teacher-flow-35"]["final"][fd], rel=1e-6)
+    capsys.readouterr()
+    assert main(["bench", "diffusion-images", *opts, "rows=plain-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "row plain-1 needs the teacher row(s) first" in err[0], err

@@ -7,6 +7,8 @@ channel). Rows, each one process and one result file, in order:
 - `classifier`: the ResNet-8 whose penultimate features give "FD (kdkit features)" and precision/recall
   (recipe `train-mnist16-features`);
 - `teacher`: an EDM U-Net trained by `kdkit diffusion train-teacher` (recipe `diffusion-train-teacher-mnist16`);
+- `teacher-flow`: the same U-Net trained as a flow-matching velocity model (SD3's objective; recipe
+  `diffusion-train-teacher-flow-mnist16`), with its own 35-step row `teacher-flow-35` and student `dmd2-flow`;
 - `teacher-35`, `plain-1`, `plain-4`: the teacher sampled with 18 Heun steps (35 network evaluations, EDM's
   CIFAR-10 sampler), and the same network with one and four Euler steps: the plain denoising-loss baseline a
   distilled student must beat;
@@ -41,10 +43,17 @@ from .results import REPO, RESULTS_DIR, bench_options, keep_weights, name_list, 
 
 KIND = "diffusion-images"
 DATA = "mnist16"
-SAMPLERS = {"teacher-35": ("heun", 18), "plain-1": ("euler", 1), "plain-4": ("euler", 4)}
-STUDENTS = {"dmd2": ("dmd2", []), "dmd2-4step": ("dmd2", ["generator_steps=4"]), "sid": ("sid", []),
-            "cd": ("cd", []), "rectflow": ("rectflow", [])}
-ROWS = ("classifier", "teacher", *SAMPLERS, *STUDENTS)
+# the trained networks the other rows use, and their recipes
+NETWORKS = {"classifier": "train-mnist16-features", "teacher": f"diffusion-train-teacher-{DATA}",
+            "teacher-flow": f"diffusion-train-teacher-flow-{DATA}"}
+# row: (teacher row, sampler, steps)
+SAMPLERS = {"teacher-35": ("teacher", "heun", 18), "plain-1": ("teacher", "euler", 1),
+            "plain-4": ("teacher", "euler", 4), "teacher-flow-35": ("teacher-flow", "heun", 18)}
+# row: (method, extra settings, teacher row)
+STUDENTS = {"dmd2": ("dmd2", [], "teacher"), "dmd2-4step": ("dmd2", ["generator_steps=4"], "teacher"),
+            "sid": ("sid", [], "teacher"), "cd": ("cd", [], "teacher"), "rectflow": ("rectflow", [], "teacher"),
+            "dmd2-flow": ("dmd2", [], "teacher-flow")}
+ROWS = (*NETWORKS, *SAMPLERS, *STUDENTS)
 EVAL_SAMPLES = 1000  # the test split's size
 FIGURES = REPO / "leaderboards" / "figures" / KIND
 TABLE = REPO / "leaderboards" / f"{KIND}.md"
@@ -151,15 +160,14 @@ def _finished_here(run_dir: Path, digest: str) -> bool:
 
 
 def _network_row(row: str, opts: DiffusionImagesBench) -> dict:
-    """`classifier` or `teacher`: a trained network the other rows use, its weights kept in the repository."""
+    """`classifier`, `teacher` or `teacher-flow`: a trained network the other rows use, its weights kept in the
+    repository."""
     out, s = opts.output_dir, opts.seed
-    name = f"{row}-s{s}"
+    name, recipe = f"{row}-s{s}", NETWORKS[row]
     if row == "classifier":
-        recipe = "train-mnist16-features"
         args = ["train", f"recipe={recipe}", f"output_dir={out}", f"name={name}", f"trainer.seed={s}",
                 f"trainer.threads={opts.threads}", "trainer.progress=false"]
     else:
-        recipe = f"diffusion-train-teacher-{DATA}"
         args = ["diffusion", "train-teacher", f"recipe={recipe}", f"output_dir={out}", f"name={name}", f"seed={s}",
                 f"threads={opts.threads}", "progress=false"]
     args += _scaled(args, opts.steps_scale)
@@ -207,9 +215,9 @@ def _bench_command(opts: DiffusionImagesBench, row: str) -> str:
 def _student_row(row: str, opts: DiffusionImagesBench, paths: dict) -> dict:
     out, s = opts.output_dir, opts.seed
     name = f"{row}-s{s}"
-    method, extra = STUDENTS[row]
+    method, extra, teacher = STUDENTS[row]
     recipe = f"diffusion-{method}-{DATA}"
-    args = ["diffusion", method, f"recipe={recipe}", f"teacher={paths['teacher']}",
+    args = ["diffusion", method, f"recipe={recipe}", f"teacher={paths[teacher]}",
             f"fd_classifier={paths['classifier']}", f"eval_samples={EVAL_SAMPLES}", f"output_dir={out}",
             f"name={name}", f"seed={s}", f"threads={opts.threads}", "progress=false", *extra]
     args += _scaled(args, opts.steps_scale)
@@ -249,8 +257,8 @@ def _sampler_row(row: str, opts: DiffusionImagesBench, paths: dict) -> dict:
     from ..diffusion.run import resolve_config
     from ..diffusion.teachers import load_teacher
 
-    sampler, steps = SAMPLERS[row]
-    args = ["dmd2", f"data={DATA}", f"teacher={paths['teacher']}", f"fd_classifier={paths['classifier']}",
+    teacher, sampler, steps = SAMPLERS[row]
+    args = ["dmd2", f"data={DATA}", f"teacher={paths[teacher]}", f"fd_classifier={paths['classifier']}",
             f"eval_samples={EVAL_SAMPLES}", f"sampler={sampler}", f"teacher_steps={steps}", f"seed={opts.seed}"]
     torch.set_num_threads(opts.threads)
     cfg = resolve_config(args[0], args[1:])
@@ -275,17 +283,18 @@ def run_diffusion_images_bench(settings: list[str]) -> Path:
     opts = bench_options(DiffusionImagesBench, settings)
     rows = name_list(opts.rows, "rows", ROWS)
     paths: dict[str, str] = {}
-    for row in ("classifier", "teacher"):  # the networks the other rows use: trained, or kept from before
+    for row in NETWORKS:  # the networks the other rows use: trained, or kept from before
         rec = _network_row(row, opts) if row in rows else _record(row, opts.seed)
         if row in rows:
             print(_line(rec))
             write_table()
         if rec.get("weights") and _kept(rec["weights"]):
             paths[row] = os.path.relpath(REPO / rec["weights"]["path"])
-    for row in ROWS[2:]:
-        if row not in rows:
+    for row in ROWS:
+        if row not in rows or row in NETWORKS:
             continue
-        missing = [k for k in ("classifier", "teacher") if k not in paths]
+        needs = ("classifier", SAMPLERS[row][0] if row in SAMPLERS else STUDENTS[row][2])
+        missing = [k for k in needs if k not in paths]
         if missing:
             raise ConfigError(f"row {row} needs the {' and '.join(missing)} row(s) first (no kept weights recorded "
                               f"in {', '.join(str(_result_file(k, opts.seed)) for k in missing)}): add them to rows=")

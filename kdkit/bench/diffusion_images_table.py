@@ -1,6 +1,6 @@
 """Render `leaderboards/diffusion-images.md` from the result files of `kdkit bench diffusion-images`.
 
-One row per sampler or student: NFE, FD (kdkit features) and its ratio to the teacher's 35-step FD, precision and
+One row per sampler or student: NFE, FD (kdkit features) and its ratio to its teacher's 35-step FD, precision and
 recall, sampling wall time for the 1,000 evaluation samples, training wall time, whether it beats the plain
 one-step baseline, the guards that tripped, and the command. FD here is measured on a kdkit classifier's features,
 never Inception's: it compares rows of this table, not papers' FIDs.
@@ -13,10 +13,13 @@ FD = "FD (kdkit features)"
 LABEL = {"teacher-35": "Teacher, 18 Heun steps", "plain-1": "Plain denoiser, 1 Euler step",
          "plain-4": "Plain denoiser, 4 Euler steps", "dmd2": "DMD2, one step", "dmd2-4step": "DMD2, four steps",
          "sid": "SiD, one step", "cd": "Consistency distillation, one step",
-         "rectflow": "Rectified flow (paired regression), one step"}
+         "rectflow": "Rectified flow (paired regression), one step",
+         "teacher-flow-35": "Flow-matching teacher, 18 Heun steps", "dmd2-flow": "DMD2 from the flow teacher, one step"}
+# the many-step row each row's FD is divided by: its own teacher's
+REFERENCE = {"teacher-flow-35": "teacher-flow-35", "dmd2-flow": "teacher-flow-35"}
 GOAL = 1.5  # one-step DMD2 within 1.5x the teacher's 35-step FD
 BUDGET_S = 20 * 60  # each student's training, on 2 cores (issue 23)
-SAMPLER_ROWS = ("teacher-35", "plain-1", "plain-4")  # the teacher's network under a sampler: nothing trained
+SAMPLER_ROWS = ("teacher-35", "plain-1", "plain-4", "teacher-flow-35")  # the teacher's network under a sampler: nothing trained
 
 
 def _minutes(s) -> str:
@@ -48,9 +51,14 @@ def render(records: list[dict]) -> str:
         if teacher:
             out.append(f"- Teacher: EDM U-Net, {teacher.get('steps')} steps, trained in "
                        f"{_minutes(teacher['wall_seconds'])} (`{teacher['run_command']}`).")
-        ref = (rows.get("teacher-35") or {}).get("final", {}).get(FD)
+        if rows.get("teacher-flow"):
+            flow = rows["teacher-flow"]
+            out.append(f"- Flow-matching teacher: the same U-Net as a velocity model, {flow.get('steps')} steps, "
+                       f"trained in {_minutes(flow['wall_seconds'])} (`{flow['run_command']}`).")
+        refs = {k: (rows.get(k) or {}).get("final", {}).get(FD) for k in ("teacher-35", "teacher-flow-35")}
+        ref = refs["teacher-35"]
         plain = (rows.get("plain-1") or {}).get("final", {}).get(FD)
-        out += ["", f"| Row | NFE | {FD} | × teacher's 35-step | Precision | Recall | Sampling (1,000) | "
+        out += ["", f"| Row | NFE | {FD} | × its teacher's 35-step | Precision | Recall | Sampling (1,000) | "
                 "Training | Beats plain 1-step | Guards tripped | Command |", "|" + "---|" * 11]
         for key, label in LABEL.items():
             r = rows.get(key)
@@ -58,7 +66,8 @@ def render(records: list[dict]) -> str:
                 continue
             f = r["final"]
             fd = f.get(FD)
-            ratio = f"{fd / ref:.2f}×" if fd is not None and ref else "—"
+            own = refs[REFERENCE.get(key, "teacher-35")]
+            ratio = f"{fd / own:.2f}×" if fd is not None and own else "—"
             beats = "—" if key in ("teacher-35", "plain-1") or fd is None or plain is None else (
                 "yes" if fd < plain else "**no**")
             tripped = ", ".join(k for k, v in ((r.get("guards") or {}).get("readings") or {}).items()
