@@ -193,7 +193,8 @@ def _network_row(row: str, opts: DiffusionImagesBench) -> dict:
         own_wall = metrics["summary"]["train_seconds"]
     else:
         fields["steps"] = metrics.get("steps")
-        own_wall = metrics.get("wall_s")
+        # a run made before teachers recorded their wall time: from its config (written first) to its weights
+        own_wall = metrics.get("wall_s") or (weights.stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime)
     prior = _record(row, s)
     if prior.get("run_command") == " ".join(args) and prior.get("wall_seconds"):
         # the same command timed before (its weights lost with a fresh machine's run folder): that timing stands,

@@ -15,6 +15,7 @@ checkpoints, same resume rule.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -241,10 +242,12 @@ def train(cfg: TeacherConfig) -> dict:
     run = Run(cfg, run_folder(cfg.output_dir, cfg.name, f"diffusion-teacher-{cfg.data}"), resume=cfg.resume,
               seed=cfg.seed, device=cfg.device, threads=cfg.threads, progress=cfg.progress,
               keep_checkpoints=cfg.keep_checkpoints, may_change=TeacherConfig.RESUME_MAY_CHANGE, console=cfg.progress)
+    t0 = time.perf_counter()
     run.start()  # the resume rule and the run folder first; then the network is drawn from the seed
     data = load_real_data(cfg.data, run.device, cfg.mixture, limit=cfg.train_limit)
     method = build_method(PILLAR, NAME, TeacherContext(data, run.device, cfg), cfg.options)
     summary = fit(run, method)
+    summary["wall_s"] = time.perf_counter() - t0  # this process's: a resumed run counts from its resume
     run.write_json("metrics.json", summary)
     return {**summary, "run_dir": str(run.run_dir)}
 
