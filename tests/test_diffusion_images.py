@@ -103,6 +103,13 @@ def test_table_compares_with_the_teacher_and_the_plain_baseline():
     assert "| **no** |" in sid and "sample_std_ratio" in sid and "**21.7 min** (over 20 min)" in sid
     assert "1.25×, meets it" in md
     assert render([]).endswith("No results yet: run `kdkit bench diffusion-images`.\n")
+    teacher = {"row": "teacher", "seed": 0, "weights": {"path": "leaderboards/teachers/abc.safetensors"},
+               "hardware": {"cpu": "test cpu", "threads": 2, "device": "cpu"}, "run_command": "x",
+               "wall_seconds": 60.0}
+    fresh = _record("teacher-35", 4.0, 35, run_command="dmd2 teacher=leaderboards/teachers/abc.safetensors")
+    md = render([teacher, fresh, _record("dmd2", 5.0, 1)])  # this DMD2 row names another teacher's file
+    assert "| Teacher, 18 Heun steps |" in md and "| DMD2, one step |" not in md
+    assert "Not shown, made with an earlier teacher" in md and "Goal:" not in md
 
 
 def test_bench_keeps_its_networks_and_reruns_only_what_changed(tmp_path, monkeypatch, capsys):

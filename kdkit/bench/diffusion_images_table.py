@@ -8,6 +8,7 @@ never Inception's: it compares rows of this table, not papers' FIDs.
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 FD = "FD (kdkit features)"
 LABEL = {"teacher-35": "Teacher, 18 Heun steps", "plain-1": "Plain denoiser, 1 Euler step",
@@ -24,6 +25,13 @@ SAMPLER_ROWS = ("teacher-35", "plain-1", "plain-4", "teacher-flow-35")  # the te
 
 def _minutes(s) -> str:
     return f"{s / 60:.1f} min" if s else "—"
+
+
+def _made_with(row: dict, *networks: dict | None) -> bool:
+    """Whether `row` was made with these networks' kept weights (its command names their files); a network
+    recorded without kept weights (made before they were kept) matches anything."""
+    return all(n is None or not n.get("weights") or Path(n["weights"]["path"]).name in row.get("run_command", "")
+               for n in networks)
 
 
 def render(records: list[dict]) -> str:
@@ -60,9 +68,13 @@ def render(records: list[dict]) -> str:
         plain = (rows.get("plain-1") or {}).get("final", {}).get(FD)
         out += ["", f"| Row | NFE | {FD} | × its teacher's 35-step | Precision | Recall | Sampling (1,000) | "
                 "Training | Beats plain 1-step | Guards tripped | Command |", "|" + "---|" * 11]
+        stale = []
         for key, label in LABEL.items():
             r = rows.get(key)
             if not r or not r.get("final"):
+                continue
+            if not _made_with(r, rows.get("teacher-flow" if key in REFERENCE else "teacher"), rows.get("classifier")):
+                stale.append(label)
                 continue
             f = r["final"]
             fd = f.get(FD)
@@ -81,11 +93,14 @@ def render(records: list[dict]) -> str:
             out.append(f"| {label} | {f.get('nfe')} | {fd_cell} | {ratio} | {f.get('precision', 0):.3f} | "
                        f"{f.get('recall', 0):.3f} | {f.get('sample_s', 0):.1f} s | {train} | {beats} | "
                        f"{'—' if sampler else tripped} | `{cmd}` |")
-        dmd = (rows.get("dmd2") or {}).get("final", {}).get(FD)
+        if stale:
+            out += ["", f"Not shown, made with an earlier teacher or classifier than the rows above (rerun them): "
+                    f"{', '.join(stale)}."]
+        dmd = None if "DMD2, one step" in stale else (rows.get("dmd2") or {}).get("final", {}).get(FD)
         if dmd is not None and ref:
             ok = "meets" if dmd <= GOAL * ref else "misses"
             out += ["", f"Goal: one-step DMD2 within {GOAL}× the teacher's 35-step FD: {dmd / ref:.2f}×, {ok} it."]
-        grids = [k for k in LABEL if k in rows]
+        grids = [k for k in LABEL if k in rows and LABEL[k] not in stale]
         if grids:
             out += ["", "Samples (first 64 of the evaluation draws):", ""]
             out += [f"- {LABEL[k]}: ![{k}](figures/diffusion-images/{k}.png)" for k in grids]
